@@ -1,0 +1,272 @@
+"""
+The configuration: TOML file plus environment overrides -> one frozen Config.
+
+Every error names the key (``section.key``) or the path that is wrong, in one
+line, so that startup can stop with a message an operator can act on.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from typing import Any, Mapping
+
+import attrs
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key or path."""
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@attrs.frozen
+class NodeConfig:
+    id: str = ""
+    data_dir: str = "/var/lib/plexagent"
+    secret_key_file: str = "/etc/plexagent/node-secret-key"
+    shutdown_timeout: float = 5.0
+
+
+@attrs.frozen
+class ControlPlaneConfig:
+    url: str = ""
+    token_file: str = "/etc/plexagent/node-token"
+    ca_file: str = ""
+    signing_public_key: str = ""
+    events: bool = True
+    reconcile_interval: float = 60.0
+    heartbeat_interval: float = 30.0
+    report_debounce: float = 5.0
+    request_timeout: float = 30.0
+    connect_timeout: float = 10.0
+
+
+@attrs.frozen
+class NodeAPIConfig:
+    socket: str = "/var/run/plexd/api.sock"
+    socket_mode: str = "0660"
+    socket_group: str = "plexd"
+    secrets_group: str = "plexd-secrets"
+    http_enabled: bool = False
+    http_listen: str = "127.0.0.1:9100"
+    http_token_file: str = "/etc/plexd/api-token"
+    max_body_bytes: int = 1048576
+
+
+@attrs.frozen
+class AgentAPIConfig:
+    enabled: bool = True
+    listen: str = "0.0.0.0:9999"
+    api_key_file: str = "/etc/node-agent/api-key"
+    allowed_ips: tuple[str, ...] = ()
+    require_auth_always: bool = True
+    allowed_paths: tuple[str, ...] = ("/local/", "/app/", "/etc/nginx/", "/tmp/")
+    allowed_services: tuple[str, ...] = ("nginx", "docker", "node-agent")
+    max_upload_bytes: int = 10737418240
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@attrs.frozen
+class DockerConfig:
+    host: str = ""
+    threads: int = 10
+
+
+@attrs.frozen
+class Config:
+    """The whole, immutable configuration of one agent."""
+
+    node: NodeConfig = NodeConfig()
+    control_plane: ControlPlaneConfig = ControlPlaneConfig()
+    node_api: NodeAPIConfig = NodeAPIConfig()
+    agent_api: AgentAPIConfig = AgentAPIConfig()
+    docker: DockerConfig = DockerConfig()
+
+    @property
+    def standalone(self) -> bool:
+        return not self.control_plane.url
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeConfig,
+    "control_plane": ControlPlaneConfig,
+    "node_api": NodeAPIConfig,
+    "agent_api": AgentAPIConfig,
+    "docker": DockerConfig,
+}
+
+
+def _type_name(t: Any) -> str:
+    return {
+        str: "a string",
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+    }.get(t, "a list of strings")
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    else:  # tuple[str, ...]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    raise ConfigError(f"{key}: must be {_type_name(kind)}, got {value!r}")
+
+
+def _field_kinds(cls: type) -> dict[str, Any]:
+    kinds = {}
+    for field in attrs.fields(cls):
+        default = field.default
+        kinds[field.name] = tuple if isinstance(default, tuple) else type(default)
+    return kinds
+
+
+def parse_bool(key: str, text: str) -> bool:
+    """Parse an environment boolean (``1/true/yes`` or ``0/false/no``)."""
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{key}: must be one of 1/true/yes or 0/false/no, got {text!r}")
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_config(
+    document: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build a Config from a parsed TOML document and the environment."""
+    environ = environ or {}
+    sections: dict[str, Any] = {}
+    for name, table in document.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(_SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: must be a table")
+        cls = _SECTIONS[name]
+        kinds = _field_kinds(cls)
+        values = {}
+        for key, value in table.items():
+            if key not in kinds:
+                raise ConfigError(f"{name}.{key}: unknown key")
+            values[key] = _coerce(f"{name}.{key}", value, kinds[key])
+        sections[name] = values
+
+    agent = sections.setdefault("agent_api", {})
+    if "NODE_AGENT_ALLOWED_IPS" in environ:
+        agent["allowed_ips"] = _split_list(environ["NODE_AGENT_ALLOWED_IPS"])
+    if "NODE_AGENT_REQUIRE_AUTH_ALWAYS" in environ:
+        agent["require_auth_always"] = parse_bool(
+            "NODE_AGENT_REQUIRE_AUTH_ALWAYS", environ["NODE_AGENT_REQUIRE_AUTH_ALWAYS"]
+        )
+    docker = sections.setdefault("docker", {})
+    if not docker.get("host") and environ.get("DOCKER_HOST"):
+        docker["host"] = environ["DOCKER_HOST"]
+
+    config = Config(**{name: _SECTIONS[name](**vals) for name, vals in sections.items()})
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    cp = config.control_plane
+    if cp.url:
+        if not (cp.url.startswith("http://") or cp.url.startswith("https://")):
+            raise ConfigError(f"control_plane.url: must start with http:// or https://, got {cp.url!r}")
+        if not config.node.id:
+            raise ConfigError("node.id: required when control_plane.url is set")
+    for key in ("reconcile_interval", "heartbeat_interval", "request_timeout", "connect_timeout"):
+        if getattr(cp, key) <= 0:
+            raise ConfigError(f"control_plane.{key}: must be greater than 0")
+    if cp.report_debounce < 0:
+        raise ConfigError("control_plane.report_debounce: must not be negative")
+    if config.node.shutdown_timeout < 0:
+        raise ConfigError("node.shutdown_timeout: must not be negative")
+    if not config.node.data_dir:
+        raise ConfigError("node.data_dir: must not be empty")
+    mode = config.node_api.socket_mode
+    try:
+        parsed_mode = int(mode, 8)
+    except ValueError:
+        parsed_mode = -1
+    if not 0 <= parsed_mode <= 0o777:
+        raise ConfigError(f"node_api.socket_mode: must be an octal mode such as \"0660\", got {mode!r}")
+    if not config.node_api.socket:
+        raise ConfigError("node_api.socket: must not be empty")
+    if config.node_api.max_body_bytes <= 0:
+        raise ConfigError("node_api.max_body_bytes: must be greater than 0")
+    for entry in config.agent_api.allowed_ips:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"agent_api.allowed_ips: {entry!r} is not an IP address or CIDR network"
+            ) from None
+    for root in config.agent_api.allowed_paths:
+        if not root.startswith("/"):
+            raise ConfigError(f"agent_api.allowed_paths: {root!r} must be an absolute path")
+    if config.agent_api.max_upload_bytes <= 0:
+        raise ConfigError("agent_api.max_upload_bytes: must be greater than 0")
+    if bool(config.agent_api.tls_cert) != bool(config.agent_api.tls_key):
+        raise ConfigError("agent_api.tls_cert: tls_cert and tls_key must be set together")
+    if config.docker.threads < 1:
+        raise ConfigError("docker.threads: must be at least 1")
+
+
+def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file at ``path`` (or none: built-in defaults)."""
+    document: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                document = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return parse_config(document, environ)
+
+
+def read_key_file(key: str, path: str, warn: Any = None) -> str:
+    """
+    Read a secret key file, stripped of surrounding whitespace.
+
+    ``warn`` is called with a message when the file is readable by group or
+    others. Errors name the config key and the path, never the content.
+    """
+    import os
+    import stat
+
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            raw = f.read(65536)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+    if warn is not None and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        warn(f"{key}: {path} is readable by group or others; chmod 600 it")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(f"{key}: {path} is empty")
+    return text

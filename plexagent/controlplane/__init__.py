@@ -1,0 +1,1 @@
+"""Talking to the control plane: the HTTP client, the event stream, and sync."""

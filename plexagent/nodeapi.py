@@ -1,0 +1,173 @@
+"""
+The Local Node API route tree (seed local-node-api.md): parse, call, render.
+
+Authentication happens before these routes (``auth.GuardedResource``); the
+listener's policy is on ``request.plexagent_policy`` for the one decision a
+route makes itself: whether the client may read secret values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.web.iweb import IRequest
+
+from plexagent import errors, web
+from plexagent.reports import ReportStore
+from plexagent.secrets import DecryptionFailed, SecretBox
+from plexagent.state import StateCache
+
+FORBIDDEN_SECRETS = "forbidden: insufficient privileges for secret access"
+
+
+def parse_if_match(request: IRequest) -> int | None:
+    raw = request.getHeader(b"if-match")
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not text.isdigit() or len(text) > 18:
+        raise errors.InvalidInput("If-Match must be an integer")
+    return int(text)
+
+
+def parse_report_body(body: Any) -> tuple[str, Any]:
+    if not isinstance(body, dict):
+        raise errors.InvalidInput("invalid JSON body", "the body must be a JSON object")
+    content_type = body.get("content_type")
+    if not isinstance(content_type, str) or not content_type:
+        raise errors.InvalidInput("content_type is required")
+    if "payload" not in body:
+        raise errors.InvalidInput("payload must be valid JSON")
+    return content_type, body["payload"]
+
+
+class SecretReader:
+    """
+    Reads one secret value: checks the cached index, fetches the ciphertext
+    from the control plane, decrypts it. Nothing is kept afterwards.
+    """
+
+    def __init__(self, cache: StateCache, client: Any, box: SecretBox | None) -> None:
+        self._cache = cache
+        self._client = client
+        self._box = box
+
+    async def read(self, key: str) -> dict[str, Any]:
+        from plexagent.controlplane.client import ControlPlaneError
+
+        if key not in self._cache.current.secret_refs:
+            raise errors.NotFound("not found")
+        if self._client is None:
+            raise errors.Unavailable("control plane unavailable")
+        try:
+            doc = await self._client.fetch_secret(key)
+        except ControlPlaneError:
+            raise errors.Unavailable("control plane unavailable") from None
+        if self._box is None or not isinstance(doc, dict):
+            raise errors.UpstreamFailed("decryption failed")
+        try:
+            plaintext = self._box.decrypt(doc.get("ciphertext"), doc.get("nonce"))
+        except DecryptionFailed:
+            raise errors.UpstreamFailed("decryption failed") from None
+        version = doc.get("version", self._cache.current.secret_refs.get(key))
+        try:
+            return {"key": key, "value": plaintext.decode("utf-8"), "version": version}
+        except UnicodeDecodeError:
+            import base64
+
+            # Binary secrets cannot be a JSON string: say how they are encoded.
+            return {
+                "key": key,
+                "value": base64.b64encode(plaintext).decode("ascii"),
+                "encoding": "base64",
+                "version": version,
+            }
+
+
+class NodeAPI:
+    """Routes of the Local Node API over the shared domain objects."""
+
+    app = Klein()
+    web.install_error_handlers(app)
+
+    def __init__(self, cache: StateCache, reports: ReportStore, secrets: SecretReader) -> None:
+        self.cache = cache
+        self.reports = reports
+        self.secrets = secrets
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    @app.route("/v1/state", methods=["GET"])
+    def state(self, request: IRequest) -> bytes:
+        current = self.cache.current
+        return web.respond(
+            request,
+            {
+                "metadata": dict(current.metadata),
+                "data_keys": current.data_summaries(),
+                "secret_keys": current.secret_summaries(),
+                "report_keys": self.reports.list(),
+            },
+        )
+
+    @app.route("/v1/state/metadata", methods=["GET"])
+    def metadata(self, request: IRequest) -> bytes:
+        return web.respond(request, dict(self.cache.current.metadata))
+
+    @app.route("/v1/state/metadata/<path:key>", methods=["GET"])
+    def metadata_key(self, request: IRequest, key: str) -> bytes:
+        value = self.cache.current.metadata.get(key)
+        if value is None:
+            raise errors.NotFound("not found")
+        return web.respond(request, {"key": key, "value": value})
+
+    @app.route("/v1/state/data", methods=["GET"])
+    def data(self, request: IRequest) -> bytes:
+        return web.respond(request, self.cache.current.data_summaries())
+
+    @app.route("/v1/state/data/<path:key>", methods=["GET"])
+    def data_key(self, request: IRequest, key: str) -> bytes:
+        entry = self.cache.current.data.get(key)
+        if entry is None:
+            raise errors.NotFound("not found")
+        return web.respond(request, entry)
+
+    @app.route("/v1/state/secrets", methods=["GET"])
+    def secrets_index(self, request: IRequest) -> bytes:
+        return web.respond(request, self.cache.current.secret_summaries())
+
+    @app.route("/v1/state/secrets/<path:key>", methods=["GET"])
+    async def secret(self, request: IRequest, key: str) -> bytes:
+        if not request.plexagent_policy.may_read_secrets(request):
+            raise errors.Forbidden(FORBIDDEN_SECRETS)
+        value = await self.secrets.read(key)
+        request.setHeader(b"cache-control", b"no-store")
+        return web.respond(request, value)
+
+    @app.route("/v1/state/report", methods=["GET"])
+    def report_index(self, request: IRequest) -> bytes:
+        return web.respond(request, self.reports.list())
+
+    @app.route("/v1/state/report/<path:key>", methods=["GET"])
+    def report_get(self, request: IRequest, key: str) -> bytes:
+        return web.respond(request, self.reports.get(key))
+
+    @app.route("/v1/state/report/<path:key>", methods=["PUT"])
+    def report_put(self, request: IRequest, key: str) -> defer.Deferred[bytes]:
+        content_type, payload = parse_report_body(web.read_json(request))
+        if_match = parse_if_match(request)
+        d = self.reports.put(key, content_type, payload, if_match)
+        return d.addCallback(lambda entry: web.respond(request, entry))
+
+    @app.route("/v1/state/report/<path:key>", methods=["DELETE"])
+    def report_delete(self, request: IRequest, key: str) -> defer.Deferred[bytes]:
+        if_match = parse_if_match(request)
+
+        def deleted(_: Any) -> bytes:
+            request.setResponseCode(204)
+            return b""
+
+        return self.reports.delete(key, if_match).addCallback(deleted)

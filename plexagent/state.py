@@ -1,0 +1,189 @@
+"""
+The node state cache (metadata, data entries, secret index) and its
+persistence under ``node.data_dir``.
+
+A NodeState is an immutable snapshot; the cache swaps whole snapshots, so a
+reader never sees half of one state and half of another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import attrs
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from plexagent import errors
+from plexagent.fileio import atomic_write, ensure_private_dir
+
+log = Logger()
+
+
+class InvalidState(ValueError):
+    """A state document from the control plane or the disk has a bad shape."""
+
+
+def _check_entry(entry: Any, where: str) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise InvalidState(f"{where}: must be an object")
+    key = entry.get("key")
+    if not isinstance(key, str) or not key:
+        raise InvalidState(f"{where}.key: must be a non-empty string")
+    version = entry.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InvalidState(f"{where}.version: must be an integer")
+    return entry
+
+
+def parse_data_entries(raw: Any) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        raise InvalidState("data: must be a list")
+    out = {}
+    for i, entry in enumerate(raw):
+        entry = _check_entry(entry, f"data[{i}]")
+        content_type = entry.get("content_type", "")
+        updated_at = entry.get("updated_at", "")
+        if not isinstance(content_type, str) or not isinstance(updated_at, str):
+            raise InvalidState(f"data[{i}]: content_type and updated_at must be strings")
+        out[entry["key"]] = {
+            "key": entry["key"],
+            "content_type": content_type,
+            "payload": entry.get("payload"),
+            "version": entry["version"],
+            "updated_at": updated_at,
+        }
+    return out
+
+
+def parse_secret_refs(raw: Any) -> dict[str, int]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        raise InvalidState("secret_refs: must be a list")
+    out = {}
+    for i, ref in enumerate(raw):
+        ref = _check_entry(ref, f"secret_refs[{i}]")
+        out[ref["key"]] = ref["version"]
+    return out
+
+
+def parse_metadata(raw: Any) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidState("metadata: must be an object")
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise InvalidState(f"metadata.{key}: must be a string")
+    return dict(raw)
+
+
+@attrs.frozen
+class NodeState:
+    """One consistent snapshot of what the control plane says about the node."""
+
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
+    data: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    secret_refs: Mapping[str, int] = attrs.field(factory=dict)
+
+    @classmethod
+    def from_document(cls, doc: Any) -> "NodeState":
+        """Parse a control-plane state document; unknown fields are ignored."""
+        if not isinstance(doc, dict):
+            raise InvalidState("state: must be an object")
+        return cls(
+            metadata=parse_metadata(doc.get("metadata")),
+            data=parse_data_entries(doc.get("data")),
+            secret_refs=parse_secret_refs(doc.get("secret_refs")),
+        )
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "metadata": dict(self.metadata),
+            "data": [dict(self.data[k]) for k in sorted(self.data)],
+            "secret_refs": [
+                {"key": k, "version": self.secret_refs[k]} for k in sorted(self.secret_refs)
+            ],
+        }
+
+    def data_summaries(self) -> list[dict[str, Any]]:
+        return [
+            {"key": k, "version": e["version"], "content_type": e["content_type"]}
+            for k, e in sorted(self.data.items())
+        ]
+
+    def secret_summaries(self) -> list[dict[str, Any]]:
+        return [{"key": k, "version": v} for k, v in sorted(self.secret_refs.items())]
+
+
+class StateCache:
+    """
+    The current NodeState, served from memory and persisted to
+    ``<data_dir>/state.json`` (0600, in a 0700 directory).
+
+    ``replace`` swaps the snapshot at once and writes it in a thread;
+    ``update`` replaces only some parts (as events do).
+    """
+
+    FILENAME = "state.json"
+
+    def __init__(
+        self,
+        data_dir: str,
+        run_in_thread: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
+    ) -> None:
+        self._dir = data_dir
+        self._path = os.path.join(data_dir, self.FILENAME)
+        self._run_in_thread = run_in_thread
+        self.current = NodeState()
+        self._write_lock = defer.DeferredLock()
+        self._listeners: list[Callable[[NodeState], None]] = []
+
+    def load(self) -> None:
+        """Load the persisted snapshot (at start; a missing file is empty state)."""
+        ensure_private_dir(self._dir)
+        try:
+            with open(self._path, "rb") as f:
+                doc = json.loads(f.read())
+            self.current = NodeState.from_document(doc)
+        except FileNotFoundError:
+            self.current = NodeState()
+        except (OSError, ValueError) as e:
+            # A corrupt cache is not fatal: the control plane is the source
+            # of truth; start empty and let the next fetch fill it.
+            log.warn("ignoring unreadable state cache {path}: {error}", path=self._path, error=str(e))
+            self.current = NodeState()
+
+    def subscribe(self, listener: Callable[[NodeState], None]) -> None:
+        self._listeners.append(listener)
+
+    def replace(self, state: NodeState) -> defer.Deferred[None]:
+        """Serve ``state`` from now on and persist it durably."""
+        self.current = state
+        for listener in self._listeners:
+            listener(state)
+        return self._persist()
+
+    def update(self, **changes: Any) -> defer.Deferred[None]:
+        return self.replace(attrs.evolve(self.current, **changes))
+
+    def _persist(self) -> defer.Deferred[None]:
+        def write() -> defer.Deferred[None]:
+            # Serialise the snapshot that is current when the write starts:
+            # concurrent replaces coalesce into the newest one.
+            payload = json.dumps(self.current.to_document(), ensure_ascii=False).encode("utf-8")
+            return self._run_in_thread(atomic_write, self._path, payload)
+
+        d = self._write_lock.run(write)
+
+        def failed(f: Any) -> None:
+            f.trap(errors.PlexError)
+            log.error("could not persist node state: {details}", details=f.value.details)
+
+        d.addErrback(failed)
+        return d

@@ -1,0 +1,293 @@
+"""
+Shared HTTP plumbing: JSON responses, the one error -> status mapping, body
+limits, and a Site that knows its in-flight requests (for graceful stop).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from io import BytesIO
+from typing import Any, Callable, Iterable
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
+
+from plexagent import errors
+
+log = Logger()
+
+JSON_CONTENT_TYPE = b"application/json"
+
+#: The one place where error types become status codes.
+STATUS_FOR_ERROR: dict[type[errors.PlexError], int] = {
+    errors.InvalidInput: 400,
+    errors.Unauthorized: 401,
+    errors.Forbidden: 403,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.TooLarge: 413,
+    errors.StorageError: 500,
+    errors.UpstreamFailed: 500,
+    errors.Unavailable: 503,
+    errors.StorageFull: 507,
+}
+
+
+def status_for(error: errors.PlexError) -> int:
+    for cls in type(error).__mro__:
+        if cls in STATUS_FOR_ERROR:
+            return STATUS_FOR_ERROR[cls]
+    return 500
+
+
+def encode_json(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def respond(request: IRequest, value: Any, code: int = 200) -> bytes:
+    """Set status and JSON content type; return the encoded body."""
+    body = encode_json(value)
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+def error_document(message: str, details: Any = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"error": message}
+    if details is not None:
+        doc["details"] = details
+    return doc
+
+
+def respond_error(request: IRequest, error: errors.PlexError) -> bytes:
+    return respond(request, error_document(error.message, error.details), status_for(error))
+
+
+def read_body(request: IRequest) -> bytes:
+    """The (already size-limited) request body."""
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    return content.read()
+
+
+def read_json(request: IRequest) -> Any:
+    """Parse the request body as JSON or raise ``invalid JSON body``."""
+    raw = read_body(request)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise errors.InvalidInput("invalid JSON body") from None
+
+
+def install_error_handlers(app: Klein) -> None:
+    """Make every failure on ``app`` a JSON error; never an HTML traceback."""
+
+    # Handlers take *args: on an app bound to an instance (a Klein app in a
+    # class body), Klein passes the instance first.
+
+    @app.handle_errors(errors.PlexError)
+    def plex_error(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        return respond_error(request, failure.value)
+
+    @app.handle_errors(RouteNotFound)
+    def route_not_found(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        return respond(request, {"error": "not found"}, 404)
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        allowed = failure.value.valid_methods or []
+        if allowed:
+            request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
+        return respond(request, {"error": "method not allowed"}, 405)
+
+    @app.handle_errors(Exception)
+    def unexpected(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        log.failure(
+            "unhandled error in {method} {path}",
+            failure,
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+        )
+        return respond(request, {"error": "internal error"}, 500)
+
+
+class _LimitedContent:
+    """
+    A request-body sink that stops storing past ``limit`` bytes.
+
+    Small bodies stay in memory, larger ones spill to a temporary file; past
+    the limit the rest of the body is counted and discarded, so an oversized
+    upload costs neither memory nor disk.
+    """
+
+    _SPILL = 256 * 1024
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.received = 0
+        self.exceeded = False
+        self._file: Any = BytesIO()
+        self._spilled = False
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.exceeded:
+            return
+        if self.received > self.limit:
+            self.exceeded = True
+            self._file.close()
+            self._file = BytesIO()
+            return
+        if not self._spilled and self.received > self._SPILL:
+            spill = tempfile.TemporaryFile()
+            spill.write(self._file.getvalue())
+            self._file = spill
+            self._spilled = True
+        self._file.write(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+#: A hook that may give a request its own body sink (for streaming routes).
+#: Called as ``factory(request, method, path, length)``; returns a file-like
+#: object with ``write`` or None to use the default limited sink.
+ContentFactory = Callable[[Any, bytes, bytes, "int | None"], Any]
+
+
+class PlexRequest(server.Request):
+    """A Request whose body is bounded and which its Site can count."""
+
+    _counted = False
+
+    def gotLength(self, length: int | None) -> None:
+        site = self.channel.site
+        limit = site.max_body_bytes
+        if length is not None and length > limit and site.content_factory is None:
+            # Refuse before storing a byte.
+            self.content = _LimitedContent(0)
+            self.content.exceeded = True
+            return
+        if site.content_factory is not None:
+            # The channel knows the request line before the body arrives.
+            method = getattr(self.channel, "_command", b"")
+            path = getattr(self.channel, "_path", b"")
+            sink = site.content_factory(self, method, path, length)
+            if sink is not None:
+                self.content = sink
+                return
+            if length is not None and length > limit:
+                self.content = _LimitedContent(0)
+                self.content.exceeded = True
+                return
+        self.content = _LimitedContent(limit)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.content.write(data)
+
+    def process(self) -> None:
+        site = self.channel.site
+        site._inflight += 1
+        self._counted = True
+        self._plex_site = site
+        if getattr(self.content, "exceeded", False):
+            self.setResponseCode(413)
+            self.setHeader(b"content-type", JSON_CONTENT_TYPE)
+            body = encode_json({"error": "request body too large",
+                                "details": f"the limit is {site.max_body_bytes} bytes"})
+            self.setHeader(b"content-length", str(len(body)).encode())
+            self.write(body)
+            self.finish()
+            return
+        super().process()
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._plex_site._request_done()
+
+    def finish(self) -> Any:
+        result = super().finish()
+        self._uncount()
+        return result
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._uncount()
+
+
+class PlexSite(server.Site):
+    """
+    A Site with JSON body limits and graceful draining.
+
+    ``drain(timeout)`` waits until every in-flight request has finished, or
+    the timeout (on the given clock) passes.
+    """
+
+    requestFactory = PlexRequest
+    # No access log line per request through twisted.web's combined log: the
+    # agent logs requests itself where needed; this keeps the hot path cheap.
+    noisy = False
+
+    def __init__(
+        self,
+        resource: Any,
+        max_body_bytes: int,
+        content_factory: ContentFactory | None = None,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        super().__init__(resource, timeout=idle_timeout)
+        self.max_body_bytes = max_body_bytes
+        self.content_factory = content_factory
+        self._inflight = 0
+        self._drained: list[defer.Deferred[None]] = []
+
+    def log(self, request: Any) -> None:
+        pass
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def _request_done(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def drain(self, timeout: float, clock: Any) -> defer.Deferred[None]:
+        if self._inflight == 0:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(d)
+        d.addTimeout(timeout, clock, onTimeoutCancel=lambda *a: None)
+        return d
+
+
+def iter_routes(app: Klein) -> Iterable[tuple[str, tuple[str, ...]]]:
+    """(path pattern, methods) for every route of ``app`` (for docs and tests)."""
+    for rule in app.url_map.iter_rules():
+        yield rule.rule, tuple(sorted(rule.methods or ()))

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="plexagent",
+    version="0.1.0",
+    description="Node agent: the Local Node API and the Node Agent API in one Twisted daemon",
+    python_requires=">=3.11",
+    packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/plexagent_plugin.py"]},
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=23.10",
+        "klein>=23.5",
+        "treq>=23.11",
+        "docker>=7.0",
+        "pyopenssl>=23.0",
+        "service-identity>=21.1",
+        "cryptography>=41",
+        "attrs>=23.1",
+        "croniter>=2.0",
+        "psutil>=5.9",
+        "prometheus_client>=0.19",
+    ],
+    extras_require={
+        "test": ["hypothesis>=6.90", "mypy>=1.8"],
+    },
+    entry_points={"console_scripts": ["plexagent = plexagent.cli:main"]},
+)
