@@ -178,10 +178,51 @@ class Agent:
         self.reports = ReportStore(config.node.data_dir, reactor)
         self.client: Any = None
         self.box: SecretBox | None = None
+        #: domain objects the agent API's route modules use, by name
+        self.agent_services: dict[str, Any] = {}
+        self.agent_api: Any = None
 
 
 def _warn(message: str) -> None:
     log.warn("{message}", message=message)
+
+
+def tls_endpoint_description(listen: str, cert: str, key: str) -> str:
+    """The ``ssl:`` description for a HOST:PORT listener with a PEM pair."""
+    description = endpoint_description(listen)
+    if not description.startswith(("tcp:", "tcp6:")):
+        raise ConfigError("agent_api.listen: with tls_cert and tls_key, listen must be HOST:PORT")
+
+    def esc(value: str) -> str:
+        return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+    head, rest = description.split(":", 1)
+    if head == "tcp6":
+        raise ConfigError("agent_api.listen: TLS on an IPv6 HOST:PORT needs an ssl: endpoint description")
+    return f"ssl:{rest}:certKey={esc(cert)}:privateKey={esc(key)}"
+
+
+def build_agent_api(config: Config, reactor: Any, agent: "Agent") -> "ListenerService":
+    """The Node Agent API listener with its security layers and route modules."""
+    from plexagent.agentapi import AgentAPI, AgentContext
+
+    aapi = config.agent_api
+    api_key = read_key_file("agent_api.api_key_file", aapi.api_key_file, _warn)
+    policy = auth.AgentAPIPolicy(aapi.allowed_ips, api_key, aapi.require_auth_always)
+    context = AgentContext(config=config, reactor=reactor)
+    context.services.update(agent.agent_services)
+    api = AgentAPI(context, policy)
+    agent.agent_api = api
+    if aapi.tls_cert:
+        for key, path in (("agent_api.tls_cert", aapi.tls_cert), ("agent_api.tls_key", aapi.tls_key)):
+            if not os.access(path, os.R_OK):
+                raise ConfigError(f"{key}: cannot read {path}")
+        endpoint = server_endpoint(
+            reactor, "agent_api.listen", tls_endpoint_description(aapi.listen, aapi.tls_cert, aapi.tls_key)
+        )
+    else:
+        endpoint = server_endpoint(reactor, "agent_api.listen", aapi.listen)
+    return ListenerService("agent_api.listen", endpoint, api.site(), reactor, config.node.shutdown_timeout)
 
 
 def makeService(config: Config, reactor: Any = None) -> service.MultiService:
@@ -260,6 +301,9 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
             reactor,
             config.node.shutdown_timeout,
         ).setServiceParent(top)
+
+    if config.agent_api.enabled:
+        build_agent_api(config, reactor, agent).setServiceParent(top)
 
     if sync is not None:
         # After the listeners: the socket answers from the persisted cache

@@ -171,6 +171,27 @@ class _LimitedContent:
         self._file.close()
 
 
+class DiscardingContent:
+    """A body sink that keeps nothing (for requests refused before routing)."""
+
+    exceeded = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def tell(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 #: A hook that may give a request its own body sink (for streaming routes).
 #: Called as ``factory(request, method, path, length)``; returns a file-like
 #: object with ``write`` or None to use the default limited sink.

@@ -1,0 +1,86 @@
+"""
+The Node Agent API (seed node-agent-api.md): one Klein app assembled from
+one module per seed section.
+
+Each route module exposes ``register(app, context)``, adding its routes to
+the shared app, and may claim request bodies that must stream (uploads,
+image loads) with ``context.stream_body(method, path, factory)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import attrs
+from klein import Klein
+
+from plexagent import auth, web
+from plexagent.config import Config
+
+#: Route modules, in the seed's order. Each has ``register(app, context)``.
+ROUTE_MODULES: list[str] = []
+
+#: ``factory(request, length) -> sink``: a file-like object (``write``) that
+#: receives the body as it arrives; the route later finds it as
+#: ``request.content``.
+BodySinkFactory = Callable[[Any, "int | None"], Any]
+
+
+@attrs.define
+class AgentContext:
+    """What the agent API's route modules share, built once by service.py."""
+
+    config: Config
+    reactor: Any
+    #: extra domain objects route modules need, by name (dockerpool, paths, ...)
+    services: dict[str, Any] = attrs.field(factory=dict)
+    _streaming: dict[tuple[bytes, bytes], BodySinkFactory] = attrs.field(factory=dict)
+
+    def stream_body(self, method: bytes, path: bytes, factory: BodySinkFactory) -> None:
+        """Have the body of ``method path`` streamed into ``factory(...)``'s sink."""
+        self._streaming[(method, path)] = factory
+
+    def streaming_factory(self, method: bytes, path: bytes) -> BodySinkFactory | None:
+        return self._streaming.get((method.upper(), path.split(b"?", 1)[0]))
+
+
+class AgentAPI:
+    """The assembled Klein app and the Site that serves it."""
+
+    def __init__(self, context: AgentContext, policy: auth.AgentAPIPolicy, modules: list[str] | None = None) -> None:
+        self.context = context
+        self.policy = policy
+        self.app = Klein()
+        web.install_error_handlers(self.app)
+        for name in ROUTE_MODULES if modules is None else modules:
+            module = importlib.import_module(name)
+            module.register(self.app, context)
+
+    def content_factory(self, request: Any, method: bytes, path: bytes, length: int | None) -> Any:
+        """
+        Give streaming routes their body sink, but only for requests that pass
+        the listener's policy: an unauthenticated client cannot make the agent
+        process a byte of its body.
+        """
+        # The request line is known but not yet on the request: set it for
+        # the policy (requestReceived sets both again later).
+        request.path = path.split(b"?", 1)[0]
+        request.method = method
+        try:
+            self.policy.authenticate(request)
+        except Exception:
+            # Refused anyway by GuardedResource: store nothing of the body.
+            return web.DiscardingContent()
+        factory = self.context.streaming_factory(method, path)
+        if factory is None:
+            return None
+        return factory(request, length)
+
+    def site(self) -> web.PlexSite:
+        guarded = auth.GuardedResource(self.policy, self.app.resource())
+        return web.PlexSite(
+            guarded,
+            self.context.config.agent_api.max_upload_bytes,
+            content_factory=self.content_factory,
+        )
