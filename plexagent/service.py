@@ -105,6 +105,7 @@ class ListenerService(service.Service):
             port, self.port = self.port, None
             await port.stopListening()
         await self.site.drain(self.shutdown_timeout, self.clock)
+        self.site.close_connections()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import weakref
 from io import BytesIO
 from typing import Any, Callable, Iterable
 
@@ -284,6 +285,19 @@ class PlexSite(server.Site):
         self.content_factory = content_factory
         self._inflight = 0
         self._drained: list[defer.Deferred[None]] = []
+        self._channels: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        self._channels.add(channel)
+        return channel
+
+    def close_connections(self) -> None:
+        """Close every connection (after draining: idle keep-alives remain)."""
+        for channel in list(self._channels):
+            transport = getattr(getattr(channel, "_channel", channel), "transport", None)
+            if transport is not None:
+                transport.loseConnection()
 
     def log(self, request: Any) -> None:
         pass

@@ -160,7 +160,9 @@ class ControlPlaneSimulator:
             await port.stopListening()
             # Also cut connections the agent holds open (pooled, streams).
             for channel in list(self._site.channels):
-                channel.transport.abortConnection()
+                transport = getattr(getattr(channel, "_channel", channel), "transport", None)
+                if transport is not None:
+                    transport.abortConnection()
 
     # -- control-plane side changes --------------------------------------
 
