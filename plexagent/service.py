@@ -103,7 +103,7 @@ class ListenerService(service.Service):
     async def _stop(self) -> None:
         if self.port is not None:
             port, self.port = self.port, None
-            await port.stopListening()
+            await defer.maybeDeferred(port.stopListening)
         await self.site.drain(self.shutdown_timeout, self.clock)
         self.site.close_connections()
 
@@ -186,6 +186,32 @@ class Agent:
 
 def _warn(message: str) -> None:
     log.warn("{message}", message=message)
+
+
+class GracefulTermination(service.Service):
+    """
+    SIGTERM stops the reactor like twistd's own handler, but as an ordinary
+    shutdown: services stop (listeners drain), and the process exits 0
+    instead of re-raising the signal on itself.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.setName("graceful-termination")
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        # After the reactor has installed its own handlers (during startup).
+        self.reactor.callWhenRunning(self.reactor.callLater, 0, self._install)
+
+    def _install(self) -> None:
+        import signal
+
+        def terminate(signum: int, frame: Any) -> None:
+            log.info("received SIGTERM: finishing in-flight requests, then exiting")
+            self.reactor.callFromThread(self.reactor.stop)
+
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def tls_endpoint_description(listen: str, cert: str, key: str) -> str:
@@ -275,6 +301,8 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     socket_path = napi.socket
 
     def chgrp_socket() -> None:
+        if not os.path.exists(socket_path):  # a reactor that binds nothing (tests)
+            return
         gid = group_id(napi.socket_group)
         if gid is not None:
             os.chown(socket_path, -1, gid)

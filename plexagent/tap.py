@@ -20,10 +20,16 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None, environ: Any = None) -> Any:
     from plexagent import service
 
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
     try:
         config = load_config(options["config"], os.environ if environ is None else environ)
-        return service.makeService(config, reactor)
+        top = service.makeService(config, reactor)
     except ConfigError as e:
         # One line naming the key or path; twistd exits non-zero.
         print(f"plexagent: configuration error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    service.GracefulTermination(reactor).setServiceParent(top)
+    return top

@@ -177,7 +177,7 @@ class AgentProcess:
 
     def start(self) -> None:
         self.watcher = _ProcessWatcher()
-        argv = [sys.executable, "-m", "twisted", "-n", "--pidfile=", "plexagent", "--config", self.config_path]
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "plexagent", "--config", self.config_path]
         self.transport = self.reactor.spawnProcess(self.watcher, argv[0], argv, env=self.env)
 
     @property
