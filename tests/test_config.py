@@ -1,0 +1,144 @@
+"""The configuration contract of spec/config.md."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial import unittest
+
+from plexagent.config import Config, ConfigError, load_config, parse_config, read_key_file
+
+
+class DefaultsTests(unittest.TestCase):
+    def test_defaults_are_the_contract(self) -> None:
+        c = parse_config({})
+        self.assertEqual(c.node.data_dir, "/var/lib/plexagent")
+        self.assertEqual(c.node.secret_key_file, "/etc/plexagent/node-secret-key")
+        self.assertEqual(c.node.shutdown_timeout, 5.0)
+        self.assertEqual(c.control_plane.url, "")
+        self.assertTrue(c.standalone)
+        self.assertEqual(
+            (c.control_plane.reconcile_interval, c.control_plane.heartbeat_interval,
+             c.control_plane.report_debounce, c.control_plane.request_timeout),
+            (60.0, 30.0, 5.0, 30.0),
+        )
+        self.assertEqual(c.node_api.socket, "/var/run/plexd/api.sock")
+        self.assertEqual((c.node_api.socket_mode, c.node_api.socket_group, c.node_api.secrets_group),
+                         ("0660", "plexd", "plexd-secrets"))
+        self.assertEqual((c.node_api.http_enabled, c.node_api.http_listen), (False, "127.0.0.1:9100"))
+        self.assertEqual(c.node_api.http_token_file, "/etc/plexd/api-token")
+        self.assertEqual((c.agent_api.enabled, c.agent_api.listen), (True, "0.0.0.0:9999"))
+        self.assertEqual(c.agent_api.api_key_file, "/etc/node-agent/api-key")
+        self.assertEqual(c.agent_api.allowed_ips, ())
+        self.assertTrue(c.agent_api.require_auth_always)
+        self.assertEqual(c.agent_api.allowed_paths, ("/local/", "/app/", "/etc/nginx/", "/tmp/"))
+        self.assertEqual(c.agent_api.allowed_services, ("nginx", "docker", "node-agent"))
+        self.assertEqual(c.agent_api.max_upload_bytes, 10737418240)
+        self.assertEqual((c.docker.host, c.docker.threads), ("", 10))
+
+    def test_no_config_file_means_defaults(self) -> None:
+        self.assertEqual(load_config(None, {}), Config())
+
+    def test_config_is_immutable(self) -> None:
+        c = parse_config({})
+        with self.assertRaises(Exception):
+            c.node.data_dir = "/x"  # type: ignore[misc]
+
+
+class ErrorTests(unittest.TestCase):
+    def assertConfigError(self, doc: dict, message: str, environ: dict | None = None) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(doc, environ or {})
+        self.assertEqual(str(caught.exception), message)
+
+    def test_unknown_section(self) -> None:
+        self.assertConfigError({"nodes": {}}, "nodes: unknown section (known: node, control_plane, node_api, agent_api, docker)")
+
+    def test_unknown_key(self) -> None:
+        self.assertConfigError({"node": {"idd": "x"}}, "node.idd: unknown key")
+
+    def test_wrong_types_name_the_key(self) -> None:
+        self.assertConfigError({"node": {"shutdown_timeout": "5"}}, "node.shutdown_timeout: must be a number, got '5'")
+        self.assertConfigError({"control_plane": {"events": 1}}, "control_plane.events: must be true or false, got 1")
+        self.assertConfigError({"docker": {"threads": 2.5}}, "docker.threads: must be an integer, got 2.5")
+        self.assertConfigError({"agent_api": {"allowed_ips": "10.0.0.1"}},
+                               "agent_api.allowed_ips: must be a list of strings, got '10.0.0.1'")
+
+    def test_node_id_required_with_control_plane(self) -> None:
+        self.assertConfigError({"control_plane": {"url": "https://cp"}}, "node.id: required when control_plane.url is set")
+
+    def test_url_scheme(self) -> None:
+        self.assertConfigError({"node": {"id": "n"}, "control_plane": {"url": "ftp://cp"}},
+                               "control_plane.url: must start with http:// or https://, got 'ftp://cp'")
+
+    def test_bad_allowed_ip(self) -> None:
+        self.assertConfigError({"agent_api": {"allowed_ips": ["10.0.0.0/33"]}},
+                               "agent_api.allowed_ips: '10.0.0.0/33' is not an IP address or CIDR network")
+
+    def test_bad_socket_mode(self) -> None:
+        self.assertConfigError({"node_api": {"socket_mode": "rw"}},
+                               'node_api.socket_mode: must be an octal mode such as "0660", got \'rw\'')
+
+    def test_tls_needs_both_files(self) -> None:
+        self.assertConfigError({"agent_api": {"tls_cert": "/c.pem"}},
+                               "agent_api.tls_cert: tls_cert and tls_key must be set together")
+
+    def test_invalid_toml_names_the_file(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[node\n")
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path, {})
+        self.assertTrue(str(caught.exception).startswith(f"{path}: invalid TOML"))
+
+
+class EnvironmentTests(unittest.TestCase):
+    def test_allowed_ips_from_environment(self) -> None:
+        c = parse_config({}, {"NODE_AGENT_ALLOWED_IPS": "10.120.0.5, 192.168.1.0/24,"})
+        self.assertEqual(c.agent_api.allowed_ips, ("10.120.0.5", "192.168.1.0/24"))
+
+    def test_require_auth_always_from_environment(self) -> None:
+        for text, value in (("1", True), ("yes", True), ("false", False), ("0", False), ("No", False)):
+            c = parse_config({}, {"NODE_AGENT_REQUIRE_AUTH_ALWAYS": text})
+            self.assertEqual(c.agent_api.require_auth_always, value, text)
+
+    def test_bad_boolean_in_environment(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({}, {"NODE_AGENT_REQUIRE_AUTH_ALWAYS": "maybe"})
+        self.assertIn("NODE_AGENT_REQUIRE_AUTH_ALWAYS", str(caught.exception))
+
+    def test_docker_host_fills_an_empty_key_only(self) -> None:
+        self.assertEqual(parse_config({}, {"DOCKER_HOST": "unix:///d.sock"}).docker.host, "unix:///d.sock")
+        self.assertEqual(
+            parse_config({"docker": {"host": "tcp://x:2375"}}, {"DOCKER_HOST": "unix:///d.sock"}).docker.host,
+            "tcp://x:2375",
+        )
+
+
+class KeyFileTests(unittest.TestCase):
+    def write(self, content: str, mode: int = 0o600) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(content)
+        os.chmod(path, mode)
+        return path
+
+    def test_surrounding_whitespace_is_ignored(self) -> None:
+        self.assertEqual(read_key_file("k", self.write("  token \n")), "token")
+
+    def test_group_readable_file_warns(self) -> None:
+        warnings: list[str] = []
+        read_key_file("node_api.http_token_file", self.write("t", 0o640), warnings.append)
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("node_api.http_token_file", warnings[0])
+        self.assertNotIn("t\n", warnings[0])
+
+    def test_private_file_does_not_warn(self) -> None:
+        warnings: list[str] = []
+        read_key_file("k", self.write("t", 0o600), warnings.append)
+        self.assertEqual(warnings, [])
+
+    def test_errors_never_contain_the_content(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            read_key_file("k", self.write("   \n"))
+        self.assertEqual(str(caught.exception).split(": ")[0], "k")
