@@ -142,3 +142,11 @@ class KeyFileTests(unittest.TestCase):
         with self.assertRaises(ConfigError) as caught:
             read_key_file("k", self.write("   \n"))
         self.assertEqual(str(caught.exception).split(": ")[0], "k")
+
+
+class ExampleConfigTests(unittest.TestCase):
+    def test_the_shipped_example_config_parses(self) -> None:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        config = load_config(os.path.join(here, "etc", "plexagent.toml"), {})
+        self.assertEqual(config.node.id, "edge-us-west-42")
+        self.assertEqual(config.node_api.socket, "/var/run/plexd/api.sock")

@@ -1,0 +1,119 @@
+"""
+A self-contained demo: the bundled control-plane simulator serving the Local
+Node API guide's example node, and an agent talking to it, with its socket
+and data under one directory. No root needed.
+
+    python -m plexagent.demo [--dir demo-run] [--http-port 9100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import os
+import sys
+
+from twisted.internet import defer, reactor
+from twisted.logger import globalLogBeginner, textFileLogObserver
+
+from plexagent.service import GracefulTermination, makeService
+from plexagent.testing import ControlPlaneSimulator
+from plexagent.testing.fixtures import dump_toml, write_secret_file
+
+
+def demo_document(directory: str, sim: ControlPlaneSimulator, http_port: int) -> dict:
+    group = grp.getgrgid(os.getgid()).gr_name
+    return {
+        "node": {
+            "id": sim.node_id,
+            "data_dir": os.path.join(directory, "data"),
+            "secret_key_file": os.path.join(directory, "node-secret-key"),
+        },
+        "control_plane": {"url": sim.url, "token_file": os.path.join(directory, "node-token")},
+        "node_api": {
+            "socket": os.path.join(directory, "api.sock"),
+            "socket_group": group,
+            # So that you, not only root, may read the example secrets.
+            "secrets_group": group,
+            "http_enabled": True,
+            "http_listen": f"127.0.0.1:{http_port}",
+            "http_token_file": os.path.join(directory, "api-token"),
+        },
+        "agent_api": {"enabled": False},
+    }
+
+
+def instructions(directory: str, http_port: int) -> str:
+    sock = os.path.join(directory, "api.sock")
+    token = os.path.join(directory, "api-token")
+    c = f"curl -s --unix-socket {sock}"
+    return f"""
+plexagent demo is running.
+  socket:  {sock}
+  TCP:     http://127.0.0.1:{http_port} (bearer token in {token})
+  config:  {os.path.join(directory, "plexagent.toml")}
+
+Try the guide's examples:
+  {c} http://localhost/v1/state
+  {c} http://localhost/v1/state/metadata
+  {c} http://localhost/v1/state/metadata/region
+  {c} http://localhost/v1/state/data
+  {c} http://localhost/v1/state/data/routes.json
+  {c} http://localhost/v1/state/secrets
+  {c} http://localhost/v1/state/secrets/db%2Fpassword
+  {c} -X PUT -H "Content-Type: application/json" http://localhost/v1/state/report/health \\
+      -d '{{"content_type": "application/json", "payload": {{"status": "healthy", "uptime_s": 86400}}}}'
+  {c} -X PUT -H "Content-Type: application/json" -H "If-Match: 1" http://localhost/v1/state/report/health \\
+      -d '{{"content_type": "application/json", "payload": {{"status": "degraded", "uptime_s": 90000}}}}'
+  {c} http://localhost/v1/state/report/health
+  {c} http://localhost/v1/state/report
+  {c} -X DELETE http://localhost/v1/state/report/health
+  curl -s -H "Authorization: Bearer $(cat {token})" http://127.0.0.1:{http_port}/v1/state
+
+Stop with Ctrl-C.
+"""
+
+
+async def start(directory: str, http_port: int) -> None:
+    os.makedirs(directory, exist_ok=True)
+    sim = ControlPlaneSimulator.example()
+    await sim.start(reactor)
+    write_secret_file(os.path.join(directory, "node-token"), sim.token)
+    write_secret_file(os.path.join(directory, "node-secret-key"), sim.nsk_b64)
+    token_path = os.path.join(directory, "api-token")
+    if not os.path.exists(token_path):
+        write_secret_file(token_path, os.urandom(24).hex())
+    document = demo_document(directory, sim, http_port)
+    config_path = os.path.join(directory, "plexagent.toml")
+    with open(config_path, "w") as f:
+        f.write(dump_toml(document))
+    from plexagent.config import load_config
+
+    top = makeService(load_config(config_path, {}), reactor)
+    GracefulTermination(reactor).setServiceParent(top)
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    print(instructions(directory, http_port), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="demo-run", help="where the socket, config and data go")
+    parser.add_argument("--http-port", type=int, default=9100, help="port of the bearer-token TCP listener")
+    parser.add_argument("--log", action="store_true", help="print the agent's log")
+    args = parser.parse_args(argv)
+    directory = os.path.abspath(args.dir)
+    if args.log:
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    d = defer.ensureDeferred(start(directory, args.http_port))
+
+    def failed(f: object) -> None:
+        print(f"plexagent demo: {getattr(f, 'value', f)}", file=sys.stderr)
+        reactor.stop()
+
+    d.addErrback(failed)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
