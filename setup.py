@@ -6,7 +6,7 @@ setup(
     description="Node agent: the Local Node API and the Node Agent API in one Twisted daemon",
     python_requires=">=3.11",
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/plexagent_plugin.py"]},
+    package_data={"twisted": ["plugins/plexagent_plugin.py"], "plexagent": ["openapi/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "twisted[tls]>=23.10",
@@ -20,9 +20,10 @@ setup(
         "croniter>=2.0",
         "psutil>=5.9",
         "prometheus_client>=0.19",
+        "pyyaml>=6.0",
     ],
     extras_require={
-        "test": ["hypothesis>=6.90", "mypy>=1.8"],
+        "test": ["hypothesis>=6.90", "mypy>=1.8", "openapi-spec-validator>=0.7"],
     },
     entry_points={"console_scripts": ["plexagent = plexagent.cli:main"]},
 )

@@ -116,6 +116,13 @@ def wait_ready(sock: str, port: int, proc: subprocess.Popen, timeout: float = 20
     raise SystemExit("server never became ready")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -197,10 +204,12 @@ def main() -> None:
         for _, method, path, body in ROUTES:
             bodies[f"{method} {path}"] = raw_request(sandbox.socket, method, path, {}, body).decode()
         servers = {"agent": ({"unix": sandbox.socket}, {"host": "127.0.0.1", "port": agent_port})}
+        pids = {"agent": agent.pid}
         for kind in ("bare", "klein"):
             proc, sock, port = start_baseline(kind, workdir, bodies)
             procs.append(proc)
             servers[kind] = ({"unix": sock}, {"host": "127.0.0.1", "port": port})
+            pids[kind] = proc.pid
 
         rows = []
         for label, method, path, body in ROUTES:
@@ -210,8 +219,12 @@ def main() -> None:
                 for _ in range(args.repeat):
                     for kind in ("bare", "klein", "agent"):
                         headers = auth if transport == "tcp" else {}
+                        before = cpu_seconds(pids[kind])
                         result = load(servers[kind][t_index], method, path, headers, body, concurrency,
                                       args.seconds)
+                        # Includes the warm-up: CPU per request over all requests served.
+                        result["cpu_us"] = (cpu_seconds(pids[kind]) - before) * 1e6 / max(
+                            1, result["requests"] * (1 + 0.5 / args.seconds))
                         if result["errors"]:
                             raise SystemExit(f"{kind} {label} {transport}: errors {result['error_codes']}")
                         rounds[kind].append(result)
@@ -219,13 +232,15 @@ def main() -> None:
                 rows.append((label, transport, concurrency, results))
         peak_rss = rss_mib(agent.pid)
 
-        print(f"| route | transport | clients | bare rps | klein rps | agent rps | agent p50 ms | agent p99 ms "
-              f"| agent / klein | klein / bare |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| route | transport | clients | bare rps | klein rps | agent rps | agent p50 ms | agent p99 ms "
+              "| agent / klein rps | klein / bare rps | CPU µs/req bare / klein / agent | agent / klein by CPU |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for label, transport, concurrency, r in rows:
             print(f"| {label} | {transport} | {concurrency} | {r['bare']['rps']:.0f} | {r['klein']['rps']:.0f} "
                   f"| {r['agent']['rps']:.0f} | {r['agent']['p50_ms']:.2f} | {r['agent']['p99_ms']:.2f} "
-                  f"| {r['agent']['rps'] / r['klein']['rps']:.0%} | {r['klein']['rps'] / r['bare']['rps']:.0%} |")
+                  f"| {r['agent']['rps'] / r['klein']['rps']:.0%} | {r['klein']['rps'] / r['bare']['rps']:.0%} "
+                  f"| {r['bare']['cpu_us']:.0f} / {r['klein']['cpu_us']:.0f} / {r['agent']['cpu_us']:.0f} "
+                  f"| {r['klein']['cpu_us'] / r['agent']['cpu_us']:.0%} |")
         print()
         print(f"agent RSS: idle {idle_rss:.1f} MiB, after the run {peak_rss:.1f} MiB")
     finally:

@@ -100,6 +100,15 @@ class NodeAPI:
     def resource(self) -> Any:
         return self.app.resource()
 
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        from plexagent.openapi import document_json
+
+        body = document_json("local-node-api")
+        request.setHeader(b"content-type", web.JSON_CONTENT_TYPE)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
+
     @app.route("/v1/state", methods=["GET"])
     def state(self, request: IRequest) -> bytes:
         current = self.cache.current

@@ -132,6 +132,11 @@ class StateRoutesTests(AgentCase):
             (200, [{"key": "db/password", "version": 2}, {"key": "tls/server.key", "version": 1}]),
         )
 
+    async def test_openapi_document_is_served(self) -> None:
+        code, body = await self.get("/openapi.json")
+        self.assertEqual((code, body["openapi"]), (200, "3.1.0"))
+        self.assertIn("/v1/state/report/{key}", body["paths"])
+
     async def test_unknown_path_is_json_404(self) -> None:
         self.assertEqual(await self.get("/v1/nothing"), (404, {"error": "not found"}))
 
