@@ -15,7 +15,7 @@ from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
 
@@ -260,6 +260,64 @@ class PlexRequest(server.Request):
         self._uncount()
 
 
+def _raw_json_response(code: int, reason: bytes, error: str) -> bytes:
+    body = encode_json({"error": error})
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % (code, reason, len(body))
+    ) + body
+
+
+class PlexChannel(http.HTTPChannel):
+    """
+    An HTTPChannel that answers malformed and oversized requests with JSON,
+    and gives each request ``header_timeout`` seconds from its first byte to
+    its last header line, so a client trickling headers (slowloris) cannot
+    hold a connection forever.
+    """
+
+    header_timeout = 10.0
+    _header_deadline: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._header_deadline is None and self.line_mode and not self.requests:
+            self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_header_deadline()
+        super().allHeadersReceived()
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            if self._header_deadline.active():
+                self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        self.transport.write(_raw_json_response(408, b"Request Timeout", "request headers not received in time"))
+        self.transport.loseConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            response = _raw_json_response(413, b"Request Entity Too Large", "request headers too large")
+        else:
+            response = _raw_json_response(400, b"Bad Request", "malformed HTTP request")
+        self.transport.write(response)
+        self.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_header_deadline()
+        super().connectionLost(reason)
+
+
+def _plex_channel() -> Any:
+    # twisted.web wraps every channel in this (private) protocol switcher;
+    # Site has no public hook for the channel class.
+    return http._GenericHTTPChannelProtocol(PlexChannel())
+
+
 class PlexSite(server.Site):
     """
     A Site with JSON body limits and graceful draining.
@@ -269,6 +327,7 @@ class PlexSite(server.Site):
     """
 
     requestFactory = PlexRequest
+    protocol = staticmethod(_plex_channel)
     # No access log line per request through twisted.web's combined log: the
     # agent logs requests itself where needed; this keeps the hot path cheap.
     noisy = False
