@@ -8,6 +8,7 @@ line, so that startup can stop with a message an operator can act on.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from typing import Any, Mapping
 
@@ -136,6 +137,14 @@ def _field_kinds(cls: type) -> dict[str, Any]:
     return kinds
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _name(*parts: str) -> str:
+    """A dotted key name for messages; odd names are quoted so a message stays one line."""
+    return ".".join(p if _PLAIN_KEY.match(p) else repr(p) for p in parts)
+
+
 def parse_bool(key: str, text: str) -> bool:
     """Parse an environment boolean (``1/true/yes`` or ``0/false/no``)."""
     lowered = text.strip().lower()
@@ -158,16 +167,16 @@ def parse_config(
     sections: dict[str, Any] = {}
     for name, table in document.items():
         if name not in _SECTIONS:
-            raise ConfigError(f"{name}: unknown section (known: {', '.join(_SECTIONS)})")
+            raise ConfigError(f"{_name(name)}: unknown section (known: {', '.join(_SECTIONS)})")
         if not isinstance(table, dict):
-            raise ConfigError(f"{name}: must be a table")
+            raise ConfigError(f"{_name(name)}: must be a table")
         cls = _SECTIONS[name]
         kinds = _field_kinds(cls)
         values = {}
         for key, value in table.items():
             if key not in kinds:
-                raise ConfigError(f"{name}.{key}: unknown key")
-            values[key] = _coerce(f"{name}.{key}", value, kinds[key])
+                raise ConfigError(f"{_name(name, key)}: unknown key")
+            values[key] = _coerce(_name(name, key), value, kinds[key])
         sections[name] = values
 
     agent = sections.setdefault("agent_api", {})
