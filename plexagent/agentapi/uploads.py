@@ -175,13 +175,14 @@ class MultipartArchive:
                     self._in_file = True
                     return self.fields
             elif event is None:
-                if segment is not None:
+                if segment is not None and segment.filename is None:
                     try:
                         self.fields[segment.name] = value.decode("utf-8")
                     except UnicodeDecodeError:
                         raise errors.InvalidInput("invalid form field", f"{segment.name} must be UTF-8") from None
                 segment = None
-            else:
+            elif segment is not None and segment.filename is None:
+                # Other files are ignored; ordinary fields are kept, bounded.
                 value += event
                 if len(value) > MAX_FORM_FIELD:
                     raise errors.TooLarge("form field too large", f"fields other than {self._field} are limited to {MAX_FORM_FIELD} bytes")
