@@ -286,7 +286,9 @@ class GitCloner:
             argv += ["--", req.url, "repo"]
             result = await self._run(argv, env, staging)
             if result.exit_code != 0:
-                message = scrub(result.stderr.decode("utf-8", "replace"), hidden).strip()
+                text = scrub(result.stderr.decode("utf-8", "replace"), hidden)
+                # git's own words, minus the progress line naming our staging directory.
+                message = "\n".join(l for l in text.splitlines() if not l.startswith("Cloning into")).strip()
                 raise errors.UpstreamFailed("git clone failed", message[-4000:] or f"git exited with {result.exit_code}")
             head = await self._run([self.git, "rev-parse", "HEAD"], {"PATH": env["PATH"], "HOME": env["HOME"],
                                                                       "GIT_CONFIG_NOSYSTEM": "1"},
