@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from typing import Any, Callable
 
@@ -191,6 +192,8 @@ class ChunkStore:
         self.clock = clock
         #: chunk ids being assembled right now (touched on the reactor only)
         self.assembling: set[str] = set()
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
 
     def upload_dir(self, chunk_id: str) -> str:
         return os.path.join(self.directory, chunk_id)
@@ -237,6 +240,16 @@ class ChunkStore:
 
     def accept(self, writer: ChunkWriter, extract_path: str | None) -> UploadStatus:
         """Check the chunk against the upload, commit it, and return the status."""
+        with self._lock_for(writer.chunk_id):
+            return self._accept(writer, extract_path)
+
+    def _lock_for(self, chunk_id: str) -> threading.Lock:
+        # Chunks of one upload arrive in parallel: their meta.json updates
+        # (and the total_chunks check) must not interleave.
+        with self._locks_guard:
+            return self._locks.setdefault(chunk_id, threading.Lock())
+
+    def _accept(self, writer: ChunkWriter, extract_path: str | None) -> UploadStatus:
         directory = writer.directory
         meta = self._read_meta(directory)
         try:
@@ -271,6 +284,8 @@ class ChunkStore:
 
     def remove(self, chunk_id: str) -> None:
         shutil.rmtree(self.upload_dir(chunk_id), ignore_errors=True)
+        with self._locks_guard:
+            self._locks.pop(chunk_id, None)
 
     def collect_garbage(self) -> list[str]:
         """Remove uploads untouched for longer than ``max_age``; their ids."""

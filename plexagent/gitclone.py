@@ -30,6 +30,7 @@ from twisted.internet import threads
 from plexagent import errors, processes
 from plexagent.fileio import ensure_private_dir, storage_error
 from plexagent.paths import PathPolicy
+from plexagent.tarsafe import chmod_directory_at
 
 _ALLOWED_SCHEMES = ("https", "http", "ssh", "git", "file")
 _SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^/\\]")
@@ -135,7 +136,7 @@ def _move_into_place(policy: PathPolicy, source: str, target_path: str) -> str:
         _check_empty_target(pfd, name, shown)
         try:
             os.rename(source, name, dst_dir_fd=pfd)
-            os.chmod(name, 0o755, dir_fd=pfd, follow_symlinks=False)
+            chmod_directory_at(pfd, name, 0o755)
             return real
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
@@ -151,7 +152,7 @@ def _move_into_place(policy: PathPolicy, source: str, target_path: str) -> str:
             finally:
                 os.close(sfd)
             os.rename(staging, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-            os.chmod(name, 0o755, dir_fd=pfd, follow_symlinks=False)
+            chmod_directory_at(pfd, name, 0o755)
         except OSError as e:
             shutil.rmtree(staging, dir_fd=pfd, ignore_errors=True)
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):

@@ -8,6 +8,7 @@ import os
 import tarfile
 import zlib
 
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from plexagent.agentapi.uploads import BodyPipe
@@ -162,6 +163,12 @@ class ChunkedTests(unittest.TestCase):
         code, _ = await self.agent.get("/upload/tar/chunked", chunk_id="up-1")
         self.assertEqual(code, 404)
         self.assertEqual(os.listdir(os.path.join(self.agent.data_dir, "uploads")), [])
+
+    async def test_chunks_sent_in_parallel_are_all_held(self) -> None:
+        results = await defer.gatherResults([defer.ensureDeferred(self.send(i)) for i in range(3)])
+        self.assertEqual(sorted(code for code, _ in results), [200, 200, 200])
+        code, body = await self.agent.get("/upload/tar/chunked", chunk_id="up-1")
+        self.assertEqual((body["received"], body["complete"]), ([0, 1, 2], True))
 
     async def test_completion_without_extract_path_waits_for_it(self) -> None:
         for i in range(3):
