@@ -83,13 +83,13 @@ def validate_chunk_params(chunk_id: object, index: object, total: object) -> tup
             "invalid chunk_id", "chunk_id must be 1-128 letters, digits, '.', '_' or '-', not starting with '.', '_' or '-'"
         )
     try:
-        total_n = int(total)  # type: ignore[arg-type]
+        total_n = int(total)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         raise errors.InvalidInput("invalid total_chunks", "total_chunks must be an integer") from None
     if not 1 <= total_n <= MAX_CHUNKS:
         raise errors.InvalidInput("invalid total_chunks", f"total_chunks must be between 1 and {MAX_CHUNKS}")
     try:
-        index_n = int(index)  # type: ignore[arg-type]
+        index_n = int(index)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         raise errors.InvalidInput("invalid chunk_index", "chunk_index must be an integer") from None
     if not 0 <= index_n < total_n:
@@ -289,7 +289,7 @@ class ChunkStore:
 
     def collect_garbage(self) -> list[str]:
         """Remove uploads untouched for longer than ``max_age``; their ids."""
-        removed = []
+        removed: list[str] = []
         now = self.clock()
         try:
             names = os.listdir(self.directory)
