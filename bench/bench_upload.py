@@ -118,12 +118,74 @@ def run_agent(archive: str, port: int, target: str) -> tuple[float, dict]:
     return elapsed, json.loads(out.stdout)
 
 
+def emit_tar(total: int, member_size: int = 256 << 20) -> None:
+    """Write a generated tar of ``total`` bytes of zeros (in members) to stdout."""
+    import tarfile
+
+    out = sys.stdout.buffer
+    zeros = bytes(1 << 20)
+    written = 0
+    n = 0
+    while written < total:
+        size = min(member_size, total - written)
+        info = tarfile.TarInfo(f"gen/part{n:04d}.bin")
+        info.size = size
+        out.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        left = size
+        while left:
+            piece = zeros[: min(left, len(zeros))]
+            out.write(piece)
+            left -= len(piece)
+        out.write(bytes((512 - size % 512) % 512))
+        written += size
+        n += 1
+    out.write(bytes(1024))
+    out.flush()
+
+
+def run_generated(gib: int, workdir: str, root: str) -> None:
+    """Stream a generated multi-GiB .tar.gz (chunked, never on disk) and report peak RSS."""
+    proc, port = start_agent(workdir, root)
+    target = os.path.join(root, "generated")
+    try:
+        start = time.perf_counter()
+        pipeline = (
+            f"{sys.executable} {os.path.abspath(__file__)} --emit-tar {gib << 30} | gzip -1 | "
+            f"curl -sS -X POST -T - -H 'X-API-Key: {API_KEY}' -H 'Content-Type: application/gzip' "
+            f"'http://127.0.0.1:{port}/upload/tar/stream?extract_path={target}'"
+        )
+        out = subprocess.run(["sh", "-c", pipeline], check=True, capture_output=True)
+        elapsed = time.perf_counter() - start
+        body = json.loads(out.stdout)
+        rss = peak_rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(target, ignore_errors=True)
+    print(f"generated stream: {body['bytes'] / (1 << 30):.1f} GiB extracted in {elapsed:.1f} s "
+          f"({body['bytes'] / (1 << 20) / elapsed:.0f} MiB/s); agent peak RSS {rss:.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024, help="approximate compressed size")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--generated-gib", type=int, default=0,
+                        help="instead: stream a generated tar.gz of this many GiB (memory check)")
+    parser.add_argument("--emit-tar", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.emit_tar:
+        emit_tar(args.emit_tar)
+        return
+    if args.generated_gib:
+        workdir = os.path.realpath(args.workdir or tempfile.mkdtemp(prefix="bench-upload-"))
+        root = os.path.join(workdir, "root")
+        os.makedirs(root, exist_ok=True)
+        run_generated(args.generated_gib, workdir, root)
+        if args.workdir is None:
+            shutil.rmtree(workdir)
+        return
     workdir = os.path.realpath(args.workdir or tempfile.mkdtemp(prefix="bench-upload-"))
     os.makedirs(workdir, exist_ok=True)
     archive = os.path.join(workdir, "bundle.tar.gz")

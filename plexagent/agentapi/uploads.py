@@ -40,6 +40,8 @@ CHUNKED_PATH = b"/upload/tar/chunked"
 #: the connection is paused, and the level at which it is resumed.
 PIPE_HIGH_WATER = 8 << 20
 PIPE_LOW_WATER = 2 << 20
+#: Extractions running at once; more are refused with 503 (each has a thread).
+MAX_CONCURRENT_EXTRACTIONS = 8
 #: Largest ordinary form field accepted beside ``tar_file``.
 MAX_FORM_FIELD = 64 << 10
 
@@ -314,7 +316,12 @@ class StreamingExtraction(_NoContent):
     def close(self) -> None:
         if not self._finished:
             # The connection went away mid-body: stop and clean up.
-            self.pipe.abort(UploadInterrupted("upload interrupted", "the connection closed before the whole body arrived"))
+            interrupted = UploadInterrupted("upload interrupted", "the connection closed before the whole body arrived")
+            if not self._started:
+                self._started = True
+                self.done.errback(interrupted)
+            else:
+                self.pipe.abort(interrupted)
             self.done.addErrback(lambda f: None)
 
 
@@ -333,6 +340,23 @@ def register(app: Klein, context: Any) -> None:
 
     def in_thread(f: Any, *args: Any) -> Any:
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    running = [0]
+
+    def streaming(request: Any, work: Callable[[Any], tarsafe.ExtractionResult]) -> Any:
+        if running[0] >= MAX_CONCURRENT_EXTRACTIONS:
+            return RefusedBody(errors.Unavailable(
+                "too many uploads in progress", f"at most {MAX_CONCURRENT_EXTRACTIONS} run at once; retry shortly"
+            ))
+        running[0] += 1
+        sink = StreamingExtraction(request, context, work)
+
+        def done(result: Any) -> Any:
+            running[0] -= 1
+            return result
+
+        sink.done.addBoth(done)
+        return sink
 
     def extract_into(extract_path: str | None) -> Callable[[Any], tarsafe.ExtractionResult]:
         def work(raw: Any) -> tarsafe.ExtractionResult:
@@ -359,7 +383,7 @@ def register(app: Klein, context: Any) -> None:
             extract_path = checked_extract_path(_query(request))
         except errors.PlexError as e:
             return RefusedBody(e)
-        return StreamingExtraction(request, context, extract_into(extract_path))
+        return streaming(request, extract_into(extract_path))
 
     context.stream_body(b"POST", STREAM_PATH, stream_sink)
 
@@ -394,7 +418,7 @@ def register(app: Klein, context: Any) -> None:
             target = extract_path or fields.get("extract_path")
             return extract_into(target)(form)
 
-        return StreamingExtraction(request, context, work)
+        return streaming(request, work)
 
     context.stream_body(b"POST", TAR_PATH, tar_sink)
 

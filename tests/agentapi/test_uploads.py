@@ -8,12 +8,13 @@ import os
 import tarfile
 import zlib
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from plexagent.agentapi.uploads import BodyPipe
+from plexagent.agentapi.uploads import BodyPipe, UploadInterrupted
 from plexagent.chunks import ChunkStore
-from tests.agentapi.support import RunningAgentAPI, tree
+from tests.agentapi.support import API_KEY, RunningAgentAPI, tree
 from tests.test_tarsafe import archive, member
 
 SITE = archive(member("index.html", data=b"<h1>hi</h1>"), member("css/site.css", data=b"body{}"))
@@ -91,6 +92,35 @@ class StreamTests(unittest.TestCase):
     async def test_garbage_body_is_400_invalid_archive(self) -> None:
         code, body = await self.stream(b"not a tarball at all" * 100, extract_path=self.agent.p("g"))
         self.assertEqual((code, body["error"]), (400, "invalid archive"))
+        self.assertEqual(os.listdir(self.agent.root), [])
+
+    async def test_client_disconnecting_mid_body_leaves_nothing(self) -> None:
+        factory = self.agent.context.streaming_factory(b"POST", b"/upload/tar/stream")
+        got_data: defer.Deferred = defer.Deferred()
+
+        def observed(request, length):
+            sink = factory(request, length)
+            write = sink.write
+
+            def first_write(data: bytes) -> None:
+                write(data)
+                if not got_data.called:
+                    got_data.callback(sink)
+
+            sink.write = first_write
+            return sink
+
+        self.agent.context.stream_body(b"POST", b"/upload/tar/stream", observed)
+        data = archive(member("first", data=b"complete member"), member("second", data=os.urandom(200_000)))
+        target = self.agent.p("cut")
+        head = (f"POST /upload/tar/stream?extract_path={target} HTTP/1.1\r\nHost: x\r\n"
+                f"X-API-Key: {API_KEY}\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+        client = protocol.Protocol()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.agent.port.getHost().port), client)
+        client.transport.write(head + data[: len(data) * 2 // 3])
+        sink = await got_data
+        client.transport.loseConnection()
+        await self.assertFailure(sink.done, UploadInterrupted)
         self.assertEqual(os.listdir(self.agent.root), [])
 
     async def test_unauthenticated_upload_extracts_nothing(self) -> None:
