@@ -447,8 +447,14 @@ def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max
             reader = InputReader(raw, limits.max_bytes if max_input is None else max_input, count_decompressed)
             try:
                 with tarfile.open(fileobj=reader, mode="r|", bufsize=_COPY_BUFFER) as tar:  # type: ignore[call-overload]
-                    for info in tar:
+                    while True:
+                        info = tar.next()
+                        if info is None:
+                            break
                         extractor.member(tar, info)
+                        # TarFile remembers every member it read: with many
+                        # members that alone would grow without bound.
+                        tar.members.clear()
             except (tarfile.TarError, EOFError) as e:
                 raise errors.InvalidInput("invalid archive", f"not a readable tar or tar.gz stream ({_describe(e)})") from None
             except OSError as e:
