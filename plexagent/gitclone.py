@@ -263,7 +263,7 @@ class GitCloner:
         hidden = [s for s in (req.password,) if s]
         try:
             env = {
-                "PATH": os.environ.get("PATH", processes.DEFAULT_PATH),
+                "PATH": processes.DEFAULT_PATH,
                 "HOME": os.path.join(staging, "home"),
                 "XDG_CONFIG_HOME": os.path.join(staging, "home"),
                 "GIT_CONFIG_NOSYSTEM": "1",

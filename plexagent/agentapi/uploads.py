@@ -17,6 +17,7 @@ import base64
 import binascii
 import collections
 import io
+import os
 import threading
 from typing import Any, Callable
 from urllib.parse import parse_qs
@@ -29,6 +30,7 @@ from twisted.python.failure import Failure
 
 from plexagent import chunks, errors, tarsafe, web
 from plexagent.agentapi.files import path_policy, query_arg, read_json_object
+from plexagent.fileio import storage_error
 
 log = Logger()
 
@@ -332,8 +334,6 @@ def register(app: Klein, context: Any) -> None:
     limits = tarsafe.Limits(max_bytes=aapi.max_upload_bytes, max_members=aapi.max_archive_members)
     store = context.services.get("chunks")
     if store is None:
-        import os
-
         store = context.services["chunks"] = chunks.ChunkStore(
             os.path.join(context.config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age
         )
@@ -458,8 +458,6 @@ def register(app: Klein, context: Any) -> None:
         except errors.PlexError as e:
             return RefusedBody(e)
         except OSError as e:
-            from plexagent.fileio import storage_error
-
             return RefusedBody(storage_error(e, "upload chunk"))
 
     context.stream_body(b"POST", CHUNKED_PATH, chunk_sink)
