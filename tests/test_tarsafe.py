@@ -209,6 +209,26 @@ class HostileArchiveTests(ExtractCase):
         self.assertNothingOutside()
 
 
+class RaceTests(ExtractCase):
+    def test_parent_swapped_for_a_symlink_after_the_check_cannot_redirect_extraction(self) -> None:
+        parent = os.path.join(self.root, "sites")
+        os.makedirs(parent)
+        real_resolve = self.policy.resolve
+
+        def resolve_then_swap(path: object, field: str = "path") -> str:
+            result = real_resolve(path, field)
+            if not os.path.islink(parent):
+                os.rename(parent, parent + "-moved")
+                os.symlink(self.outside, parent)
+            return result
+
+        self.policy.resolve = resolve_then_swap  # type: ignore[method-assign]
+        e = self.assertRaises(errors.Forbidden, self.extract, archive(member("f", data=b"x")),
+                              os.path.join(parent, "site"))
+        self.assertEqual(e.message, "path not allowed")
+        self.assertNothingOutside()
+
+
 class BoundsTests(ExtractCase):
     def test_gzip_bomb_is_cut_off_and_cleaned_up(self) -> None:
         # ~64 MiB of zeros in one member, compressed to ~64 KiB, against a 1 MiB limit.

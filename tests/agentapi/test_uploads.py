@@ -143,6 +143,30 @@ class TarTests(unittest.TestCase):
         self.assertEqual((code, body["files"], body["path"]), (200, 2, target))
         self.assertEqual(tree(target)["index.html"], b"<h1>hi</h1>")
 
+    async def test_multipart_extract_path_may_be_a_form_field(self) -> None:
+        target = self.agent.p("from-form")
+        code, body = await self.agent.call(
+            "POST", "/upload/tar",
+            data={"extract_path": target},
+            files={"tar_file": ("site.tar.gz", "application/gzip", io.BytesIO(SITE))},
+        )
+        self.assertEqual((code, body["path"]), (200, target))
+
+    async def test_multipart_form_field_outside_allowed_paths_is_403(self) -> None:
+        target = os.path.join(self.agent.outside, "t")
+        code, body = await self.agent.call(
+            "POST", "/upload/tar", data={"extract_path": target},
+            files={"tar_file": ("site.tar.gz", "application/gzip", io.BytesIO(SITE))},
+        )
+        self.assertEqual((code, body["error"]), (403, "path not allowed"))
+        self.assertEqual(os.listdir(self.agent.outside), [])
+
+    async def test_legacy_json_over_its_limit_is_413(self) -> None:
+        agent = RunningAgentAPI(self, max_json_bytes=1000)
+        code, body = await agent.post_json("/upload/tar", {"data": "A" * 2000}, params={"extract_path": agent.p("x")})
+        self.assertEqual(code, 413)
+        self.assertEqual(os.listdir(agent.root), [])
+
     async def test_multipart_without_tar_file_is_400(self) -> None:
         code, body = await self.agent.call(
             "POST", "/upload/tar", params={"extract_path": self.agent.p("s")},
