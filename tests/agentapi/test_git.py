@@ -166,6 +166,20 @@ class FileCloneTests(CloneCase):
         self.assertEqual(os.listdir(os.path.join(self.agent.data_dir, "git-staging")), [])
 
 
+class StagingTests(unittest.TestCase):
+    def test_staging_older_than_twice_the_timeout_is_removed(self) -> None:
+        from plexagent.gitclone import GitCloner
+        from plexagent.paths import PathPolicy
+
+        work = os.path.realpath(self.mktemp())
+        for name, age in (("old", 700), ("running", 100)):
+            os.makedirs(os.path.join(work, name))
+            os.utime(os.path.join(work, name), (1_000_000 - age, 1_000_000 - age))
+        cloner = GitCloner(PathPolicy([work]), work, reactor, timeout=300)
+        self.assertEqual(cloner.remove_stale_staging(now=1_000_000), ["old"])
+        self.assertEqual(os.listdir(work), ["running"])
+
+
 class HTTPCloneTests(CloneCase):
     def setUp(self) -> None:
         super().setUp()
