@@ -6,13 +6,15 @@ import base64
 import io
 import os
 import tarfile
+import threading
 import zlib
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from plexagent.agentapi.uploads import BodyPipe, UploadInterrupted
+from plexagent import tarsafe
+from plexagent.agentapi.uploads import PIPE_HIGH_WATER, BodyPipe, UploadInterrupted
 from plexagent.chunks import ChunkStore
 from tests.agentapi.support import API_KEY, RunningAgentAPI, tree
 from tests.test_tarsafe import archive, member
@@ -51,6 +53,50 @@ class StreamTests(unittest.TestCase):
         self.assertEqual((code, body["bytes"]), (200, 3 << 20))
         with open(self.agent.p("big", "blob"), "rb") as f:
             self.assertEqual(f.read(), payload)
+
+    async def test_a_slow_extraction_pauses_the_connection_and_bounds_the_buffer(self) -> None:
+        release = threading.Event()
+
+        def slow_extract(raw, policy, extract_path, limits, max_input=None, journal=None):
+            release.wait(30)  # a safety bound only: the test sets it
+            total = 0
+            while True:
+                piece = raw.read(1 << 20)
+                if not piece:
+                    return tarsafe.ExtractionResult(path=extract_path, bytes=total)
+                total += len(piece)
+
+        self.patch(tarsafe, "extract", slow_extract)
+        factory = self.agent.context.streaming_factory(b"POST", b"/upload/tar/stream")
+        paused: defer.Deferred = defer.Deferred()
+        most = [0]
+
+        def observed(request, length):
+            sink = factory(request, length)
+            pipe = sink.pipe
+            pause, write = pipe._pause, pipe.write
+
+            def pause_and_tell() -> None:
+                pause()
+                if not paused.called:
+                    paused.callback(None)
+
+            def write_and_measure(data: bytes) -> None:
+                write(data)
+                most[0] = max(most[0], pipe._size)
+
+            pipe._pause = pause_and_tell
+            pipe.write = write_and_measure
+            return sink
+
+        self.agent.context.stream_body(b"POST", b"/upload/tar/stream", observed)
+        body = os.urandom(1 << 20) * 32
+        response = defer.ensureDeferred(self.stream(body, extract_path=self.agent.p("slow")))
+        await paused
+        release.set()
+        code, result = await response
+        self.assertEqual((code, result["bytes"]), (200, len(body)))
+        self.assertLess(most[0], PIPE_HIGH_WATER + (1 << 20))
 
     async def test_hostile_members_are_skipped_and_reported(self) -> None:
         data = archive(
