@@ -297,6 +297,20 @@ class ChunkedTests(unittest.TestCase):
         code, _ = await self.agent.get("/upload/tar/chunked", chunk_id="up-1")
         self.assertEqual(code, 404)
 
+    async def test_chunks_over_the_upload_limit_are_413_and_not_held(self) -> None:
+        agent = RunningAgentAPI(self, max_upload_bytes=1000)
+        params = {"chunk_id": "big", "total_chunks": "2"}
+        code, _ = await agent.call("POST", "/upload/tar/chunked", data=b"x" * 2000, params={**params, "chunk_index": "0"})
+        self.assertEqual(code, 413)
+        code, _ = await agent.call("POST", "/upload/tar/chunked", data=b"x" * 600, params={**params, "chunk_index": "0"})
+        self.assertEqual(code, 200)
+        code, body = await agent.call("POST", "/upload/tar/chunked", data=b"x" * 600, params={**params, "chunk_index": "1"})
+        self.assertEqual((code, body["error"]), (413, "upload too large"))
+        code, body = await agent.get("/upload/tar/chunked", chunk_id="big")
+        self.assertEqual((body["received"], body["bytes"]), ([0], 600))
+        leftovers = [n for n in os.listdir(os.path.join(agent.data_dir, "uploads", "big")) if n.startswith(".incoming")]
+        self.assertEqual(leftovers, [])
+
     async def test_unknown_upload_status_is_404(self) -> None:
         code, body = await self.agent.get("/upload/tar/chunked", chunk_id="nothing")
         self.assertEqual((code, body["error"]), (404, "upload not found"))
