@@ -14,7 +14,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
 from plexagent import tarsafe
-from plexagent.agentapi.uploads import PIPE_HIGH_WATER, BodyPipe, UploadInterrupted
+from plexagent.agentapi.uploads import MAX_CONCURRENT_EXTRACTIONS, PIPE_HIGH_WATER, BodyPipe, UploadInterrupted
 from plexagent.chunks import ChunkStore
 from tests.agentapi.support import API_KEY, RunningAgentAPI, tree
 from tests.test_tarsafe import archive, member
@@ -97,6 +97,30 @@ class StreamTests(unittest.TestCase):
         code, result = await response
         self.assertEqual((code, result["bytes"]), (200, len(body)))
         self.assertLess(most[0], PIPE_HIGH_WATER + (1 << 20))
+
+    async def test_extractions_beyond_the_cap_are_503_and_slots_are_released(self) -> None:
+        release = threading.Event()
+        started: list[defer.Deferred] = [defer.Deferred() for _ in range(MAX_CONCURRENT_EXTRACTIONS)]
+
+        def blocked_extract(raw, policy, extract_path, limits, max_input=None, journal=None):
+            index = int(extract_path.rsplit("-", 1)[1])
+            reactor.callFromThread(started[index].callback, None)
+            release.wait(30)  # a safety bound only: the test sets it
+            while raw.read(1 << 20):
+                pass
+            return tarsafe.ExtractionResult(path=extract_path)
+
+        self.patch(tarsafe, "extract", blocked_extract)
+        running = [defer.ensureDeferred(self.stream(SITE, extract_path=self.agent.p(f"slot-{i}")))
+                   for i in range(MAX_CONCURRENT_EXTRACTIONS)]
+        await defer.gatherResults(started)
+        code, body = await self.stream(SITE, extract_path=self.agent.p("one-too-many"))
+        self.assertEqual((code, body["error"]), (503, "too many uploads in progress"))
+        release.set()
+        self.assertEqual([code for code, _ in await defer.gatherResults(running)], [200] * MAX_CONCURRENT_EXTRACTIONS)
+        self.patch(tarsafe, "extract", lambda raw, policy, path, *a: tarsafe.ExtractionResult(path=path))
+        code, _ = await self.stream(SITE, extract_path=self.agent.p("after"))
+        self.assertEqual(code, 200)
 
     async def test_hostile_members_are_skipped_and_reported(self) -> None:
         data = archive(
