@@ -21,6 +21,7 @@ setup(
         "psutil>=5.9",
         "prometheus_client>=0.19",
         "pyyaml>=6.0",
+        "multipart>=1.0",
     ],
     extras_require={
         "test": ["hypothesis>=6.90", "mypy>=1.8", "openapi-spec-validator>=0.7"],

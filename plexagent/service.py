@@ -97,6 +97,8 @@ class ListenerService(service.Service):
 
     def _listening(self, port: Any) -> None:
         self.port = port
+        # Operators (and tests, with port 0) learn the bound address here.
+        log.info("{name} listening on {address}", name=self.name, address=str(port.getHost()))
         if self._after_listen is not None:
             self._after_listen()
 
@@ -252,6 +254,28 @@ def build_agent_api(config: Config, reactor: Any, agent: "Agent") -> "ListenerSe
     return ListenerService("agent_api.listen", endpoint, api.site(), reactor, config.node.shutdown_timeout)
 
 
+def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service.MultiService) -> None:
+    """The path policy, chunked-upload store (with its GC) and git cloner of the agent API."""
+    from plexagent.chunks import ChunkGarbageCollector, ChunkStore
+    from plexagent.gitclone import GitCloner
+    from plexagent.paths import PathPolicy
+    from plexagent.tarsafe import StagingJournal
+
+    aapi = config.agent_api
+    policy = PathPolicy(aapi.allowed_paths)
+    store = ChunkStore(os.path.join(config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age)
+    agent.agent_services.setdefault("paths", policy)
+    agent.agent_services["chunks"] = store
+    agent.agent_services["git"] = GitCloner(
+        agent.agent_services["paths"], os.path.join(config.node.data_dir, "git-staging"), reactor, aapi.git_timeout
+    )
+    journal = StagingJournal(os.path.join(config.node.data_dir, "extracting"))
+    agent.agent_services["staging_journal"] = journal
+    ChunkGarbageCollector(
+        store, reactor, recover=lambda: journal.recover(agent.agent_services["paths"])
+    ).setServiceParent(top)
+
+
 def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     """Build the agent's service tree for ``config``; binds nothing until started."""
     if reactor is None:
@@ -332,6 +356,7 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         ).setServiceParent(top)
 
     if config.agent_api.enabled:
+        add_file_services(config, reactor, agent, top)
         build_agent_api(config, reactor, agent).setServiceParent(top)
 
     if sync is not None:

@@ -19,7 +19,11 @@ from plexagent import auth, web
 from plexagent.config import Config
 
 #: Route modules, in the seed's order. Each has ``register(app, context)``.
-ROUTE_MODULES: list[str] = []
+ROUTE_MODULES: list[str] = [
+    "plexagent.agentapi.files",
+    "plexagent.agentapi.uploads",
+    "plexagent.agentapi.git",
+]
 
 #: ``factory(request, length) -> sink``: a file-like object (``write``) that
 #: receives the body as it arrives; the route later finds it as
@@ -67,6 +71,8 @@ class AgentAPI:
         # the policy (requestReceived sets both again later).
         request.path = path.split(b"?", 1)[0]
         request.method = method
+        # Streaming routes read their query (extract_path, chunk_id) now.
+        request.uri = path
         try:
             self.policy.authenticate(request)
         except Exception:
