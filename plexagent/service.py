@@ -48,6 +48,8 @@ def endpoint_description(listen: str) -> str:
 def server_endpoint(reactor: Any, key: str, listen: str) -> Any:
     try:
         return endpoints.serverFromString(reactor, endpoint_description(listen))
+    except IndexError:
+        raise ConfigError(f"{key}: {listen!r}: no such socket was passed by systemd") from None
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{key}: {listen!r} is not HOST:PORT or an endpoint description ({e})") from None
 
@@ -332,15 +334,26 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
             os.chown(socket_path, -1, gid)
         os.chmod(socket_path, int(napi.socket_mode, 8))
 
-    ListenerService(
-        "node_api.socket",
-        endpoints.UNIXServerEndpoint(reactor, socket_path, mode=int(napi.socket_mode, 8)),
-        unix_site,
-        reactor,
-        config.node.shutdown_timeout,
-        prepare=lambda: prepare_socket_path(socket_path),
-        after_listen=chgrp_socket,
-    ).setServiceParent(top)
+    if socket_path.startswith("systemd:"):
+        # Socket activation: systemd made the socket, with its own
+        # SocketMode= and SocketGroup=; nothing to prepare or chmod.
+        ListenerService(
+            "node_api.socket",
+            server_endpoint(reactor, "node_api.socket", socket_path),
+            unix_site,
+            reactor,
+            config.node.shutdown_timeout,
+        ).setServiceParent(top)
+    else:
+        ListenerService(
+            "node_api.socket",
+            endpoints.UNIXServerEndpoint(reactor, socket_path, mode=int(napi.socket_mode, 8)),
+            unix_site,
+            reactor,
+            config.node.shutdown_timeout,
+            prepare=lambda: prepare_socket_path(socket_path),
+            after_listen=chgrp_socket,
+        ).setServiceParent(top)
 
     if napi.http_enabled:
         http_token = read_key_file("node_api.http_token_file", napi.http_token_file, _warn)
