@@ -264,6 +264,15 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     top.agent = agent  # type: ignore[attr-defined]
     _Stores(agent.cache, agent.reports).setServiceParent(top)
 
+    # Docker calls run on the agent's own pool, started before the
+    # listeners and stopped after them.
+    from plexagent.dockerpool import DockerFacade, DockerPool
+
+    pool = DockerPool(reactor, config.docker.host, config.docker.threads)
+    pool.setServiceParent(top)
+    agent.agent_services["dockerpool"] = pool
+    agent.agent_services["docker"] = DockerFacade(pool)
+
     cp = config.control_plane
     sync = None
     if cp.url:

@@ -19,7 +19,11 @@ from plexagent import auth, web
 from plexagent.config import Config
 
 #: Route modules, in the seed's order. Each has ``register(app, context)``.
-ROUTE_MODULES: list[str] = []
+ROUTE_MODULES: list[str] = [
+    "plexagent.agentapi.containers",
+    "plexagent.agentapi.images",
+    "plexagent.agentapi.build",
+]
 
 #: ``factory(request, length) -> sink``: a file-like object (``write``) that
 #: receives the body as it arrives; the route later finds it as

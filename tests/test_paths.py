@@ -1,0 +1,183 @@
+"""The path policy: what is allowed, and that no symlink lets a write escape."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+from twisted.trial import unittest
+
+from plexagent import errors
+from plexagent.paths import PathPolicy
+
+
+class PolicyCase(unittest.TestCase):
+    def setUp(self) -> None:
+        base = os.path.realpath(self.mktemp())
+        self.root = os.path.join(base, "app")
+        self.outside = os.path.join(base, "outside")
+        self.sibling = os.path.join(base, "app-evil")
+        for d in (self.root, self.outside, self.sibling):
+            os.makedirs(d)
+        self.policy = PathPolicy([self.root + "/"])
+
+    def p(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+
+class ResolveTests(PolicyCase):
+    def test_path_inside_root_is_allowed(self) -> None:
+        self.assertEqual(self.policy.resolve(self.p("a", "b")), self.p("a", "b"))
+
+    def test_root_itself_is_allowed(self) -> None:
+        self.assertEqual(self.policy.resolve(self.root), self.root)
+
+    def test_sibling_prefix_is_not_inside(self) -> None:
+        e = self.assertRaises(errors.Forbidden, self.policy.resolve, os.path.join(self.sibling, "x"))
+        self.assertEqual(e.message, "path not allowed")
+        self.assertEqual(e.details, os.path.join(self.sibling, "x"))
+
+    def test_dotdot_out_of_root_is_forbidden(self) -> None:
+        self.assertRaises(errors.Forbidden, self.policy.resolve, self.p("..", "outside", "x"))
+
+    def test_relative_path_is_forbidden(self) -> None:
+        self.assertRaises(errors.Forbidden, self.policy.resolve, "app/x")
+
+    def test_empty_or_nul_path_is_invalid(self) -> None:
+        self.assertRaises(errors.InvalidInput, self.policy.resolve, "")
+        self.assertRaises(errors.InvalidInput, self.policy.resolve, self.p("a\x00b"))
+        self.assertRaises(errors.InvalidInput, self.policy.resolve, None)
+
+    def test_symlink_pointing_outside_is_forbidden(self) -> None:
+        os.symlink(self.outside, self.p("link"))
+        self.assertRaises(errors.Forbidden, self.policy.resolve, self.p("link", "x"))
+
+    def test_symlink_staying_inside_resolves_to_its_target(self) -> None:
+        os.mkdir(self.p("real"))
+        os.symlink(self.p("real"), self.p("link"))
+        self.assertEqual(self.policy.resolve(self.p("link", "x")), self.p("real", "x"))
+
+
+class WriteTests(PolicyCase):
+    def test_write_creates_parents_and_sets_mode(self) -> None:
+        real, size = self.policy.write_file(self.p("a", "b", "c.txt"), b"hello", 0o640)
+        self.assertEqual((real, size), (self.p("a", "b", "c.txt"), 5))
+        with open(real, "rb") as f:
+            self.assertEqual(f.read(), b"hello")
+        self.assertEqual(stat.S_IMODE(os.stat(real).st_mode), 0o640)
+
+    def test_write_replaces_atomically_leaving_no_temporary(self) -> None:
+        self.policy.write_file(self.p("f"), b"old")
+        self.policy.write_file(self.p("f"), [b"ne", b"w"])
+        self.assertEqual(os.listdir(self.root), ["f"])
+        with open(self.p("f"), "rb") as f:
+            self.assertEqual(f.read(), b"new")
+
+    def test_write_to_forbidden_path_creates_nothing(self) -> None:
+        target = os.path.join(self.outside, "d", "x")
+        self.assertRaises(errors.Forbidden, self.policy.write_file, target, b"x")
+        self.assertEqual(os.listdir(self.outside), [])
+
+    def test_write_through_outside_symlink_creates_nothing(self) -> None:
+        os.symlink(self.outside, self.p("link"))
+        self.assertRaises(errors.Forbidden, self.policy.write_file, self.p("link", "x"), b"x")
+        self.assertEqual(os.listdir(self.outside), [])
+
+    def test_write_over_directory_is_conflict(self) -> None:
+        os.mkdir(self.p("d"))
+        self.assertRaises(errors.Conflict, self.policy.write_file, self.p("d"), b"x")
+
+    def test_symlink_swapped_in_after_the_check_cannot_redirect_the_write(self) -> None:
+        """
+        The check passes on a real directory; before the write walks the
+        path, the directory is replaced by a symlink to outside the root.
+        """
+        os.mkdir(self.p("d"))
+        real_resolve = self.policy.resolve
+
+        def resolve_then_swap(path: object, field: str = "path") -> str:
+            result = real_resolve(path, field)
+            os.rename(self.p("d"), self.p("d-moved"))
+            os.symlink(self.outside, self.p("d"))
+            return result
+
+        self.policy.resolve = resolve_then_swap  # type: ignore[method-assign]
+        e = self.assertRaises(errors.Forbidden, self.policy.write_file, self.p("d", "x"), b"escaped")
+        self.assertEqual(e.message, "path not allowed")
+        self.assertEqual(os.listdir(self.outside), [])
+
+    def test_concurrent_symlink_swapping_never_lets_a_write_escape(self) -> None:
+        """A thread flips a directory and an outside symlink while writes run."""
+        os.mkdir(self.p("d"))
+        stop = threading.Event()
+
+        def flip() -> None:
+            while not stop.is_set():
+                try:
+                    os.rename(self.p("d"), self.p("d-aside"))
+                    os.symlink(self.outside, self.p("d"))
+                    os.unlink(self.p("d"))
+                    os.rename(self.p("d-aside"), self.p("d"))
+                except OSError:
+                    pass
+
+        flipper = threading.Thread(target=flip)
+        flipper.start()
+        try:
+            for i in range(2000):
+                try:
+                    self.policy.write_file(self.p("d", f"f{i}"), b"x", create_parents=False)
+                except errors.PlexError:
+                    pass
+        finally:
+            stop.set()
+            flipper.join()
+        self.assertEqual(os.listdir(self.outside), [])
+
+
+class ReadStatDeleteTests(PolicyCase):
+    def test_read_returns_content(self) -> None:
+        self.policy.write_file(self.p("f"), b"abc")
+        self.assertEqual(self.policy.read_file(self.p("f"), 10), (self.p("f"), b"abc"))
+
+    def test_read_over_limit_is_too_large(self) -> None:
+        self.policy.write_file(self.p("f"), b"abcdef")
+        self.assertRaises(errors.TooLarge, self.policy.read_file, self.p("f"), 5)
+
+    def test_read_missing_is_not_found(self) -> None:
+        self.assertRaises(errors.NotFound, self.policy.read_file, self.p("nope"), 5)
+
+    def test_read_fifo_is_refused_without_blocking(self) -> None:
+        os.mkfifo(self.p("fifo"))
+        self.assertRaises(errors.InvalidInput, self.policy.read_file, self.p("fifo"), 5)
+
+    def test_stat_of_missing_is_none(self) -> None:
+        self.assertIsNone(self.policy.stat(self.p("a", "b")))
+
+    def test_mkdir_creates_with_mode_and_reports_existing(self) -> None:
+        self.assertEqual(self.policy.make_directory(self.p("x", "y"), 0o750), (self.p("x", "y"), True))
+        self.assertEqual(stat.S_IMODE(os.stat(self.p("x", "y")).st_mode), 0o750)
+        self.assertEqual(self.policy.make_directory(self.p("x", "y"))[1], False)
+
+    def test_delete_symlink_removes_the_link_not_its_target(self) -> None:
+        self.policy.write_file(self.p("target"), b"keep")
+        os.symlink(self.p("target"), self.p("link"))
+        self.assertEqual(self.policy.delete(self.p("link")), (self.p("link"), "symlink"))
+        self.assertTrue(os.path.exists(self.p("target")))
+
+    def test_delete_link_to_outside_removes_only_the_link(self) -> None:
+        with open(os.path.join(self.outside, "precious"), "w") as f:
+            f.write("x")
+        os.symlink(self.outside, self.p("link"))
+        self.policy.delete(self.p("link"), recursive=True)
+        self.assertEqual(os.listdir(self.outside), ["precious"])
+
+    def test_delete_root_is_forbidden(self) -> None:
+        self.assertRaises(errors.Forbidden, self.policy.delete, self.root, True)
+
+    def test_delete_non_empty_directory_needs_recursive(self) -> None:
+        self.policy.write_file(self.p("d", "f"), b"x")
+        self.assertRaises(errors.Conflict, self.policy.delete, self.p("d"))
+        self.assertEqual(self.policy.delete(self.p("d"), recursive=True)[1], "directory")
+        self.assertFalse(os.path.exists(self.p("d")))
