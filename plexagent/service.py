@@ -252,6 +252,24 @@ def build_agent_api(config: Config, reactor: Any, agent: "Agent") -> "ListenerSe
     return ListenerService("agent_api.listen", endpoint, api.site(), reactor, config.node.shutdown_timeout)
 
 
+def add_operations(config: Config, reactor: Any, agent: Agent, top: service.MultiService) -> None:
+    """Host operations for the agent API: systemd, the firewall, nginx, cron, metrics."""
+    from plexagent.firewall import Firewall
+    from plexagent.programs import Programs
+    from plexagent.servicecontrol import ServiceControl
+    from plexagent.systemd import Systemd
+
+    system = config.system
+    programs = Programs(reactor, system.path, system.program_timeout)
+    systemd = Systemd(programs, system.systemctl)
+    agent.agent_services["programs"] = programs
+    agent.agent_services["systemd"] = systemd
+    agent.agent_services["service_control"] = ServiceControl(
+        systemd, config.agent_api.allowed_services, system.agent_service, reactor, system.self_restart_delay
+    )
+    agent.agent_services["firewall"] = Firewall(programs, system.ufw)
+
+
 def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     """Build the agent's service tree for ``config``; binds nothing until started."""
     if reactor is None:
@@ -272,6 +290,7 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     pool.setServiceParent(top)
     agent.agent_services["dockerpool"] = pool
     agent.agent_services["docker"] = DockerFacade(pool)
+    add_operations(config, reactor, agent, top)
 
     cp = config.control_plane
     sync = None

@@ -23,6 +23,9 @@ ROUTE_MODULES: list[str] = [
     "plexagent.agentapi.containers",
     "plexagent.agentapi.images",
     "plexagent.agentapi.build",
+    "plexagent.agentapi.networks",
+    "plexagent.agentapi.services",
+    "plexagent.agentapi.firewall",
 ]
 
 #: ``factory(request, length) -> sink``: a file-like object (``write``) that
