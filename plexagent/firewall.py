@@ -109,9 +109,9 @@ def parse_allow(body: Any) -> AllowRule:
 
 def _parse_to(text: str) -> tuple[Any, str, str | None]:
     """``To`` column -> (port, protocol, destination address or None)."""
-    parts = text.split()
+    parts = text.split(None, 1)
     destination = None
-    if len(parts) == 2:
+    if len(parts) == 2 and _is_address(parts[0]):
         destination, text = parts
     elif text in ("Anywhere",):
         return None, "both", None
@@ -128,6 +128,14 @@ def _parse_to(text: str) -> tuple[Any, str, str | None]:
         return port, proto, destination
     # An application profile (e.g. "Nginx Full") or an address.
     return port, proto, destination
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_from(text: str, v6: bool) -> str:

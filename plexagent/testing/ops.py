@@ -209,11 +209,6 @@ class FirewallNamespace:
         # Start from a clean, disabled firewall without kernel tunables.
         with open(os.path.join(self.etc, "ufw", "ufw.conf"), "w") as f:
             f.write("ENABLED=no\nLOGLEVEL=low\n")
-        for rules in ("user.rules", "user6.rules"):
-            try:
-                os.unlink(os.path.join(self.etc, "ufw", rules))
-            except FileNotFoundError:
-                pass
         with open(os.path.join(self.etc, "ufw", "sysctl.conf"), "w") as f:
             f.write("")
 
