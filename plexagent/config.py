@@ -110,6 +110,8 @@ class CronConfig:
     max_jobs: int = 100
     #: a run still going after this many seconds is killed and its container removed
     run_timeout: float = 3600.0
+    #: seconds between checks whether a run's container has exited
+    poll_interval: float = 2.0
 
 
 @attrs.frozen
@@ -276,7 +278,8 @@ def _validate(config: Config) -> None:
         if not argv or not all(argv):
             raise ConfigError(f"{key}: must be a non-empty list of non-empty strings")
     for key, value in (("nginx.timeout", config.nginx.timeout), ("system.program_timeout", config.system.program_timeout),
-                       ("cron.run_timeout", config.cron.run_timeout)):
+                       ("cron.run_timeout", config.cron.run_timeout),
+                       ("cron.poll_interval", config.cron.poll_interval)):
         if value <= 0:
             raise ConfigError(f"{key}: must be greater than 0")
     if config.system.self_restart_delay < 0:

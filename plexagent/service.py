@@ -269,6 +269,14 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
     )
     agent.agent_services["firewall"] = Firewall(programs, system.ufw)
 
+    from plexagent.cron import CronScheduler, DockerCronRunner
+
+    runner = DockerCronRunner(agent.agent_services["dockerpool"], reactor, config.cron.poll_interval,
+                              config.cron.run_timeout)
+    scheduler = CronScheduler(config.node.data_dir, reactor, runner, config.cron.max_jobs)
+    scheduler.setServiceParent(top)
+    agent.agent_services["cron"] = scheduler
+
 
 def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     """Build the agent's service tree for ``config``; binds nothing until started."""
