@@ -269,6 +269,10 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
     )
     agent.agent_services["firewall"] = Firewall(programs, system.ufw)
 
+    from plexagent.nginx import Nginx
+
+    agent.agent_services["nginx"] = Nginx(config.nginx, programs, systemd, agent.agent_services["dockerpool"])
+
     from plexagent.cron import CronScheduler, DockerCronRunner
 
     runner = DockerCronRunner(agent.agent_services["dockerpool"], reactor, config.cron.poll_interval,

@@ -24,6 +24,7 @@ ROUTE_MODULES: list[str] = [
     "plexagent.agentapi.images",
     "plexagent.agentapi.build",
     "plexagent.agentapi.networks",
+    "plexagent.agentapi.nginx",
     "plexagent.agentapi.cron",
     "plexagent.agentapi.services",
     "plexagent.agentapi.firewall",

@@ -284,8 +284,13 @@ class Nginx:
             f.write(template.format(prefix=self.prefix, port=self.port, greeting=greeting))
 
     @property
+    def command(self) -> list[str]:
+        """nginx with its startup error log in the prefix (the agent's ``nginx.command``)."""
+        return [self.binary or "nginx", "-e", os.path.join(self.prefix, "error.log")]
+
+    @property
     def argv(self) -> list[str]:
-        return [self.binary or "nginx", "-p", self.prefix, "-c", self.conf, "-e", os.path.join(self.prefix, "error.log")]
+        return [*self.command, "-p", self.prefix, "-c", self.conf]
 
     def start(self) -> None:
         """Blocking (test setup only): nginx daemonises once it listens."""
