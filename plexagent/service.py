@@ -281,6 +281,22 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
     scheduler.setServiceParent(top)
     agent.agent_services["cron"] = scheduler
 
+    from plexagent.metrics import AgentMetrics
+
+    agent.agent_services["metrics"] = AgentMetrics(agent)
+
+
+def observe_listeners(top: service.MultiService, agent: Agent) -> None:
+    """Have every listener's requests counted and timed in the agent's metrics."""
+    metrics = agent.agent_services.get("metrics")
+    if metrics is None:
+        return
+    for child in top:
+        site = getattr(child, "site", None)
+        if isinstance(child, ListenerService) and isinstance(site, web.PlexSite):
+            site.listener_name = child.name
+            site.observer = metrics.observer_for(child.name)
+
 
 def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     """Build the agent's service tree for ``config``; binds nothing until started."""
@@ -329,6 +345,7 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
 
     api = NodeAPI(agent.cache, agent.reports, SecretReader(agent.cache, agent.client, agent.box))
     resource = api.resource()
+    web.label_routes(api.app)  # the resource holds this bound app: metrics per route
     napi = config.node_api
     secrets_gid = group_id(napi.secrets_group)
     if secrets_gid is None:
@@ -373,6 +390,8 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
 
     if config.agent_api.enabled:
         build_agent_api(config, reactor, agent).setServiceParent(top)
+
+    observe_listeners(top, agent)
 
     if sync is not None:
         # After the listeners: the socket answers from the persisted cache

@@ -28,6 +28,7 @@ ROUTE_MODULES: list[str] = [
     "plexagent.agentapi.cron",
     "plexagent.agentapi.services",
     "plexagent.agentapi.firewall",
+    "plexagent.agentapi.metrics",
 ]
 
 #: ``factory(request, length) -> sink``: a file-like object (``write``) that
@@ -65,6 +66,7 @@ class AgentAPI:
         for name in ROUTE_MODULES if modules is None else modules:
             module = importlib.import_module(name)
             module.register(self.app, context)
+        web.label_routes(self.app)
 
     def content_factory(self, request: Any, method: bytes, path: bytes, length: int | None) -> Any:
         """
