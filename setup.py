@@ -20,6 +20,7 @@ setup(
         "croniter>=2.0",
         "psutil>=5.9",
         "prometheus_client>=0.19",
+        "multipart>=1.0",
     ],
     extras_require={
         "test": ["hypothesis>=6.90", "mypy>=1.8"],

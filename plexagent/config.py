@@ -68,6 +68,16 @@ class AgentAPIConfig:
     max_upload_bytes: int = 10737418240
     tls_cert: str = ""
     tls_key: str = ""
+    #: /files/read refuses larger files (413)
+    max_read_bytes: int = 10485760
+    #: /files/write and the legacy JSON form of /upload/tar accept bodies up to this
+    max_json_bytes: int = 268435456
+    #: members (files, directories, links) per extracted archive
+    max_archive_members: int = 200000
+    #: seconds after its last chunk an unfinished chunked upload is removed
+    chunk_max_age: float = 86400.0
+    #: seconds a git clone may take before it is killed
+    git_timeout: float = 600.0
 
 
 @attrs.frozen
@@ -269,6 +279,9 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"agent_api.allowed_paths: {root!r} must be an absolute path")
     if config.agent_api.max_upload_bytes <= 0:
         raise ConfigError("agent_api.max_upload_bytes: must be greater than 0")
+    for key in ("max_read_bytes", "max_json_bytes", "max_archive_members", "chunk_max_age", "git_timeout"):
+        if getattr(config.agent_api, key) <= 0:
+            raise ConfigError(f"agent_api.{key}: must be greater than 0")
     if bool(config.agent_api.tls_cert) != bool(config.agent_api.tls_key):
         raise ConfigError("agent_api.tls_cert: tls_cert and tls_key must be set together")
     if config.docker.threads < 1:

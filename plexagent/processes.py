@@ -72,7 +72,7 @@ class _Collector(protocol.ProcessProtocol):
 
     def connectionMade(self) -> None:
         # Nothing is ever fed on stdin: a program that prompts sees EOF.
-        self.transport.closeStdin()
+        self.transport.closeStdin()  # type: ignore[union-attr,misc]
 
     def outReceived(self, data: bytes) -> None:
         self.stdout.add(data)

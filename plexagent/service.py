@@ -97,6 +97,8 @@ class ListenerService(service.Service):
 
     def _listening(self, port: Any) -> None:
         self.port = port
+        # Operators (and tests, with port 0) learn the bound address here.
+        log.info("{name} listening on {address}", name=self.name, address=str(port.getHost()))
         if self._after_listen is not None:
             self._after_listen()
 
@@ -298,6 +300,23 @@ def observe_listeners(top: service.MultiService, agent: Agent) -> None:
             site.observer = metrics.observer_for(child.name)
 
 
+def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service.MultiService) -> None:
+    """The path policy, chunked-upload store (with its GC) and git cloner of the agent API."""
+    from plexagent.chunks import ChunkGarbageCollector, ChunkStore
+    from plexagent.gitclone import GitCloner
+    from plexagent.paths import PathPolicy
+
+    aapi = config.agent_api
+    policy = PathPolicy(aapi.allowed_paths)
+    store = ChunkStore(os.path.join(config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age)
+    agent.agent_services.setdefault("paths", policy)
+    agent.agent_services["chunks"] = store
+    agent.agent_services["git"] = GitCloner(
+        agent.agent_services["paths"], os.path.join(config.node.data_dir, "git-staging"), reactor, aapi.git_timeout
+    )
+    ChunkGarbageCollector(store, reactor).setServiceParent(top)
+
+
 def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     """Build the agent's service tree for ``config``; binds nothing until started."""
     if reactor is None:
@@ -389,6 +408,7 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         ).setServiceParent(top)
 
     if config.agent_api.enabled:
+        add_file_services(config, reactor, agent, top)
         build_agent_api(config, reactor, agent).setServiceParent(top)
 
     observe_listeners(top, agent)

@@ -192,7 +192,7 @@ class InputReader:
 
 def _member_parts(name: str) -> list[str]:
     """The path components of an archive name, or ``_Skip``."""
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+    if name.startswith("/"):
         raise _Skip("absolute path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
@@ -227,6 +227,8 @@ class _Extractor:
         self.staging_fd = staging_fd
         self.limits = limits
         self.result = result
+        #: sizes the headers of regular members announced, extracted or not
+        self.declared = 0
 
     def _open_parent(self, parts: list[str], create: bool) -> int:
         fd = os.dup(self.staging_fd)
@@ -258,6 +260,13 @@ class _Extractor:
             raise errors.TooLarge(
                 "too many archive members", f"the limit is {self.limits.max_members} members per archive"
             )
+        if info.isreg():
+            # Skipped members' data is read (and inflated) too: bound it alike.
+            self.declared += info.size
+            if self.declared > self.limits.max_bytes:
+                raise errors.TooLarge(
+                    "archive too large", f"its content exceeds the limit of {self.limits.max_bytes} bytes"
+                )
         try:
             parts = _member_parts(info.name)
             if not parts:
@@ -289,7 +298,7 @@ class _Extractor:
             elif not stat.S_ISDIR(existing.st_mode):
                 raise _Skip("conflicts with an earlier member")
             # Owner keeps rwx so later members can be written into it.
-            os.chmod(name, (info.mode & 0o777) | 0o700, dir_fd=parent, follow_symlinks=False)
+            chmod_directory_at(parent, name, (info.mode & 0o777) | 0o700)
             return
         if existing is not None:
             if not stat.S_ISREG(existing.st_mode) or not (info.isreg() or info.islnk()):
@@ -344,10 +353,22 @@ class _Extractor:
                     while view:
                         view = view[os.write(fd, view):]
             os.fchmod(fd, info.mode & 0o777)
-            os.utime(fd, (info.mtime, info.mtime))
+            try:
+                os.utime(fd, (info.mtime, info.mtime))
+            except (OverflowError, ValueError, OSError):
+                pass  # an absurd timestamp is not worth failing the member
         finally:
             os.close(fd)
         self.result.files += 1
+
+
+def chmod_directory_at(dir_fd: int, name: str, mode: int) -> None:
+    """chmod the directory ``name`` below ``dir_fd`` without following a symlink."""
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
@@ -417,17 +438,23 @@ def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max
 
             def count_decompressed(n: int) -> None:
                 metadata[0] += n
-                overhead = metadata[0] - result.bytes
+                overhead = metadata[0] - extractor.declared
                 allowance = _METADATA_ALLOWANCE + _METADATA_PER_MEMBER * (result.members + 1) + 2 * _COPY_BUFFER
                 if overhead > allowance:
                     raise errors.TooLarge("archive metadata too large", "headers or padding exceed what any archive needs")
 
-            reader = InputReader(raw, limits.max_bytes if max_input is None else max_input, count_decompressed)
             extractor = _Extractor(staging_fd, limits, result)
+            reader = InputReader(raw, limits.max_bytes if max_input is None else max_input, count_decompressed)
             try:
                 with tarfile.open(fileobj=reader, mode="r|", bufsize=_COPY_BUFFER) as tar:  # type: ignore[call-overload]
-                    for info in tar:
+                    while True:
+                        info = tar.next()
+                        if info is None:
+                            break
                         extractor.member(tar, info)
+                        # TarFile remembers every member it read: with many
+                        # members that alone would grow without bound.
+                        tar.members.clear()
             except (tarfile.TarError, EOFError) as e:
                 raise errors.InvalidInput("invalid archive", f"not a readable tar or tar.gz stream ({_describe(e)})") from None
             except OSError as e:
@@ -436,7 +463,7 @@ def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max
                 if stage_in_parent:
                     try:
                         os.rename(staging_name, target_name, src_dir_fd=home_fd, dst_dir_fd=home_fd)
-                        os.chmod(target_name, 0o755, dir_fd=home_fd, follow_symlinks=False)
+                        chmod_directory_at(home_fd, target_name, 0o755)
                         return result
                     except OSError as e:
                         if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):

@@ -181,3 +181,34 @@ class ReadStatDeleteTests(PolicyCase):
         self.assertRaises(errors.Conflict, self.policy.delete, self.p("d"))
         self.assertEqual(self.policy.delete(self.p("d"), recursive=True)[1], "directory")
         self.assertFalse(os.path.exists(self.p("d")))
+
+
+class ResolveProperty(unittest.TestCase):
+    """Whatever the mix of names, dots and symlinks, a resolved path is inside a root."""
+
+    def test_resolved_paths_are_always_inside_the_root(self) -> None:
+        from hypothesis import given, settings, strategies as st
+
+        base = os.path.realpath(self.mktemp())
+        root = os.path.join(base, "app")
+        outside = os.path.join(base, "outside")
+        os.makedirs(os.path.join(root, "a", "b"))
+        os.makedirs(outside)
+        os.symlink(outside, os.path.join(root, "a", "out"))
+        os.symlink("../..", os.path.join(root, "a", "up2"))
+        os.symlink("b", os.path.join(root, "a", "in"))
+        policy = PathPolicy([root])
+        names = st.sampled_from(["a", "b", "..", ".", "out", "up2", "in", "", "app", "app-evil", "outside"])
+
+        @settings(max_examples=400, deadline=None)
+        @given(st.lists(names, max_size=8))
+        def check(parts: list[str]) -> None:
+            path = root + "/" + "/".join(parts)
+            try:
+                real = policy.resolve(path)
+            except errors.Forbidden:
+                return
+            self.assertTrue(real == root or real.startswith(root + "/"), (path, real))
+            self.assertEqual(real, os.path.realpath(real))
+
+        check()

@@ -231,6 +231,15 @@ class BoundsTests(ExtractCase):
         self.assertRaises(errors.TooLarge, self.extract, data)
         self.assertFalse(os.path.exists(self.target))
 
+    def test_large_skipped_member_is_skipped_not_mistaken_for_metadata(self) -> None:
+        result = self.extract(archive(member("/abs/big", data=bytes(20 << 20)), member("ok", data=b"1")),
+                              None, Limits(max_bytes=100 << 20, max_members=10))
+        self.assertEqual((self.reasons(result), result.files), ({"/abs/big": "absolute path"}, 1))
+
+    def test_skipped_members_count_toward_the_size_limit(self) -> None:
+        self.assertRaises(errors.TooLarge, self.extract, archive(member("/abs/big", data=bytes(2 << 20))))
+        self.assertFalse(os.path.exists(self.target))
+
     def test_member_count_is_bounded(self) -> None:
         data = archive(*[member(f"f{i}", data=b"") for i in range(150)])
         e = self.assertRaises(errors.TooLarge, self.extract, data)

@@ -23,6 +23,9 @@ ROUTE_MODULES: list[str] = [
     "plexagent.agentapi.containers",
     "plexagent.agentapi.images",
     "plexagent.agentapi.build",
+    "plexagent.agentapi.files",
+    "plexagent.agentapi.uploads",
+    "plexagent.agentapi.git",
     "plexagent.agentapi.networks",
     "plexagent.agentapi.nginx",
     "plexagent.agentapi.cron",
@@ -78,6 +81,8 @@ class AgentAPI:
         # the policy (requestReceived sets both again later).
         request.path = path.split(b"?", 1)[0]
         request.method = method
+        # Streaming routes read their query (extract_path, chunk_id) now.
+        request.uri = path
         try:
             self.policy.authenticate(request)
         except Exception:

@@ -1,0 +1,87 @@
+"""A real Node Agent API on loopback, in temp roots, called with treq."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from plexagent import auth
+from plexagent.agentapi import AgentAPI, AgentContext
+from plexagent.config import AgentAPIConfig, Config, NodeConfig
+
+API_KEY = "test-api-key-0123456789"
+FILE_ROUTE_MODULES = ["plexagent.agentapi.files", "plexagent.agentapi.uploads", "plexagent.agentapi.git"]
+
+
+class RunningAgentAPI:
+    """
+    The agent API listening on 127.0.0.1 with ``allowed_paths`` set to one
+    temp root (``self.root``); ``self.outside`` is a sibling outside it.
+    """
+
+    def __init__(self, testcase: Any, **agent_api: Any) -> None:
+        base = os.path.realpath(testcase.mktemp())
+        self.base = base
+        self.root = os.path.join(base, "root")
+        self.outside = os.path.join(base, "outside")
+        self.data_dir = os.path.join(base, "data")
+        for d in (self.root, self.outside, self.data_dir):
+            os.makedirs(d)
+        settings = {"allowed_paths": (self.root + "/",), "listen": "127.0.0.1:0"}
+        settings.update(agent_api)
+        self.config = Config(node=NodeConfig(data_dir=self.data_dir), agent_api=AgentAPIConfig(**settings))
+        self.context = AgentContext(config=self.config, reactor=reactor)
+        # Only the file routes: the other sections need domain objects
+        # (Docker pool, cron, ...) that makeService builds.
+        self.api = AgentAPI(self.context, auth.AgentAPIPolicy((), API_KEY, True), modules=FILE_ROUTE_MODULES)
+        self.port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.http = HTTPClient(Agent(reactor, pool=pool))
+        testcase.addCleanup(self.port.stopListening)
+        testcase.addCleanup(pool.closeCachedConnections)
+
+    def p(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    async def call(self, method: str, path: str, *, key: str | None = API_KEY, **kwargs: Any) -> tuple[int, Any]:
+        headers = kwargs.pop("headers", {})
+        if key is not None:
+            headers["X-API-Key"] = key
+        response = await self.http.request(method, self.url + path, headers=headers, **kwargs)
+        body = await response.content()
+        try:
+            document = json.loads(body)
+        except ValueError:
+            document = body
+        return response.code, document
+
+    async def get(self, route: str, **params: Any) -> tuple[int, Any]:
+        return await self.call("GET", route, params=params)
+
+    async def post_json(self, path: str, document: Any, **kwargs: Any) -> tuple[int, Any]:
+        return await self.call("POST", path, data=json.dumps(document).encode(),
+                               headers={"Content-Type": "application/json"}, **kwargs)
+
+
+def tree(directory: str) -> dict[str, bytes | str]:
+    """{relative path: content (files) or '->target' (symlinks) or 'dir'}."""
+    out: dict[str, bytes | str] = {}
+    for current, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = os.path.join(current, name)
+            rel = os.path.relpath(path, directory)
+            if os.path.islink(path):
+                out[rel] = "->" + os.readlink(path)
+            elif os.path.isdir(path):
+                out[rel] = "dir"
+            else:
+                with open(path, "rb") as f:
+                    out[rel] = f.read()
+    return out

@@ -1,0 +1,129 @@
+"""/files/*: the seed's shapes, the path policy, limits and encodings."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+
+from twisted.trial import unittest
+
+from tests.agentapi.support import RunningAgentAPI
+
+
+class FilesTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.agent = RunningAgentAPI(self, max_read_bytes=100)
+
+    async def test_write_then_read_has_the_seeds_shape(self) -> None:
+        path = self.agent.p("conf", "config.json")
+        code, body = await self.agent.post_json("/files/write", {"path": path, "content": "héllo"})
+        self.assertEqual((code, body["success"], body["path"], body["size"]), (200, True, path, 6))
+        code, body = await self.agent.get("/files/read", path=path)
+        self.assertEqual((code, body), (200, {"path": path, "content": "héllo", "size": 6}))
+
+    async def test_mode_accepts_seed_integer_and_octal_string(self) -> None:
+        await self.agent.post_json("/files/write", {"path": self.agent.p("a"), "content": "x", "mode": 644})
+        await self.agent.post_json("/files/write", {"path": self.agent.p("b"), "content": "x", "mode": "0600"})
+        self.assertEqual(stat.S_IMODE(os.stat(self.agent.p("a")).st_mode), 0o644)
+        self.assertEqual(stat.S_IMODE(os.stat(self.agent.p("b")).st_mode), 0o600)
+
+    async def test_invalid_mode_is_400(self) -> None:
+        for mode in (999, "rwx", 4755, True):
+            code, body = await self.agent.post_json("/files/write", {"path": self.agent.p("m"), "content": "x", "mode": mode})
+            self.assertEqual((code, body["error"]), (400, "invalid mode"))
+        self.assertFalse(os.path.exists(self.agent.p("m")))
+
+    async def test_write_outside_allowed_paths_is_403_and_creates_nothing(self) -> None:
+        target = os.path.join(self.agent.outside, "new", "x")
+        code, body = await self.agent.post_json("/files/write", {"path": target, "content": "x"})
+        self.assertEqual((code, body), (403, {"error": "path not allowed", "details": target}))
+        self.assertEqual(os.listdir(self.agent.outside), [])
+
+    async def test_sibling_prefix_of_a_root_is_403(self) -> None:
+        target = self.agent.root + "-evil/x"
+        code, body = await self.agent.post_json("/files/write", {"path": target, "content": "x"})
+        self.assertEqual(code, 403)
+        self.assertFalse(os.path.exists(self.agent.root + "-evil"))
+
+    async def test_dotdot_escape_is_403(self) -> None:
+        code, _ = await self.agent.get("/files/read", path=self.agent.p("..", "outside", "x"))
+        self.assertEqual(code, 403)
+
+    async def test_write_through_symlink_to_outside_is_403(self) -> None:
+        os.symlink(self.agent.outside, self.agent.p("link"))
+        code, _ = await self.agent.post_json("/files/write", {"path": self.agent.p("link", "x"), "content": "x"})
+        self.assertEqual(code, 403)
+        self.assertEqual(os.listdir(self.agent.outside), [])
+
+    async def test_read_over_limit_is_413(self) -> None:
+        with open(self.agent.p("big"), "wb") as f:
+            f.write(b"x" * 101)
+        code, body = await self.agent.get("/files/read", path=self.agent.p("big"))
+        self.assertEqual((code, body["error"]), (413, "file too large to read"))
+
+    async def test_non_utf8_read_is_refused_unless_base64_is_asked(self) -> None:
+        with open(self.agent.p("bin"), "wb") as f:
+            f.write(b"\xff\x00\xfe")
+        code, body = await self.agent.get("/files/read", path=self.agent.p("bin"))
+        self.assertEqual((code, body["error"]), (400, "file is not valid UTF-8"))
+        code, body = await self.agent.get("/files/read", path=self.agent.p("bin"), encoding="base64")
+        self.assertEqual(code, 200)
+        self.assertEqual(base64.b64decode(body["content"]), b"\xff\x00\xfe")
+        self.assertEqual(body["size"], 3)
+
+    async def test_write_base64_content(self) -> None:
+        content = base64.b64encode(b"\x00\x01").decode()
+        code, _ = await self.agent.post_json("/files/write", {"path": self.agent.p("b"), "content": content, "encoding": "base64"})
+        self.assertEqual(code, 200)
+        with open(self.agent.p("b"), "rb") as f:
+            self.assertEqual(f.read(), b"\x00\x01")
+
+    async def test_read_missing_is_404(self) -> None:
+        code, body = await self.agent.get("/files/read", path=self.agent.p("nope"))
+        self.assertEqual((code, body["error"]), (404, "path not found"))
+
+    async def test_exists_shape(self) -> None:
+        with open(self.agent.p("f"), "wb") as f:
+            f.write(b"1234")
+        code, body = await self.agent.get("/files/exists", path=self.agent.p("f"))
+        self.assertEqual(code, 200)
+        self.assertEqual((body["exists"], body["path"], body["size"]), (True, self.agent.p("f"), 4))
+        self.assertRegex(body["modified"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        code, body = await self.agent.get("/files/exists", path=self.agent.p("g"))
+        self.assertEqual((code, body), (200, {"exists": False, "path": self.agent.p("g")}))
+
+    async def test_exists_outside_is_403(self) -> None:
+        code, _ = await self.agent.get("/files/exists", path="/etc/passwd")
+        self.assertEqual(code, 403)
+
+    async def test_mkdir_with_parents_and_mode(self) -> None:
+        code, body = await self.agent.post_json("/files/mkdir", {"path": self.agent.p("d", "e"), "mode": 750})
+        self.assertEqual((code, body["created"]), (201, True))
+        self.assertEqual(stat.S_IMODE(os.stat(self.agent.p("d", "e")).st_mode), 0o750)
+        code, body = await self.agent.post_json("/files/mkdir", {"path": self.agent.p("d", "e")})
+        self.assertEqual((code, body["created"]), (200, False))
+
+    async def test_delete_file_then_404(self) -> None:
+        with open(self.agent.p("old"), "w") as f:
+            f.write("x")
+        code, body = await self.agent.post_json("/files/delete", {"path": self.agent.p("old")})
+        self.assertEqual((code, body["deleted"]), (200, "file"))
+        self.assertFalse(os.path.exists(self.agent.p("old")))
+        code, _ = await self.agent.post_json("/files/delete", {"path": self.agent.p("old")})
+        self.assertEqual(code, 404)
+
+    async def test_delete_of_an_allowed_root_is_403(self) -> None:
+        code, _ = await self.agent.post_json("/files/delete", {"path": self.agent.root, "recursive": True})
+        self.assertEqual(code, 403)
+        self.assertTrue(os.path.isdir(self.agent.root))
+
+    async def test_requests_without_api_key_are_401(self) -> None:
+        code, _ = await self.agent.call("GET", "/files/read", key=None, params={"path": self.agent.p("x")})
+        self.assertEqual(code, 401)
+        code, _ = await self.agent.call("POST", "/files/write", key="wrong", data=b"{}")
+        self.assertEqual(code, 401)
+
+    async def test_missing_path_is_400(self) -> None:
+        code, body = await self.agent.post_json("/files/write", {"content": "x"})
+        self.assertEqual((code, body["error"]), (400, "path is required"))
