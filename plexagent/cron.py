@@ -190,6 +190,14 @@ class CronScheduler(service.Service):
         self.load()
         for job in self.jobs.values():
             self._schedule(job)
+        # Containers of runs that ended while the agent was down (it stopped
+        # mid-run and never removed them).
+        self.leftovers_removed: defer.Deferred[Any] = defer.succeed(None)
+        remove = getattr(self.runner, "remove_leftovers", None)
+        if remove is not None and self.jobs:
+            d = defer.maybeDeferred(remove, sorted(self.jobs))
+            d.addErrback(lambda f: log.warn("cannot remove finished cron containers: {why}", why=f.getErrorMessage()))
+            self.leftovers_removed = d
 
     def stopService(self) -> Any:
         super().stopService()
@@ -331,6 +339,10 @@ class DockerCronRunner:
     def run(self, job: CronJob) -> defer.Deferred[int]:
         return defer.ensureDeferred(self._run(job))
 
+    def remove_leftovers(self, job_ids: list[str]) -> defer.Deferred[list[str]]:
+        """Remove the finished containers of these jobs' earlier runs; their ids."""
+        return self.pool.call(_remove_finished, job_ids)
+
     async def _run(self, job: CronJob) -> int:
         name = f"plexagent-cron-{job.id}-{uuid.uuid4().hex[:6]}"
         container_id = await self.pool.call(_start_container, job, name, what="image")
@@ -380,3 +392,18 @@ def _remove_container(client: Any, container_id: str) -> None:
         client.api.remove_container(container_id, force=True, v=True)
     except docker.errors.NotFound:
         pass
+
+
+def _remove_finished(client: Any, job_ids: list[str]) -> list[str]:
+    import docker.errors
+
+    wanted = set(job_ids)
+    removed = []
+    for c in client.api.containers(all=True, filters={"label": "plexagent.cron-job"}):
+        if (c.get("Labels") or {}).get("plexagent.cron-job") in wanted and c.get("State") in ("exited", "dead", "created"):
+            try:
+                client.api.remove_container(c["Id"], force=True, v=True)
+                removed.append(c["Id"])
+            except docker.errors.NotFound:
+                pass
+    return removed

@@ -296,8 +296,9 @@ def observe_listeners(top: service.MultiService, agent: Agent) -> None:
     for child in top:
         site = getattr(child, "site", None)
         if isinstance(child, ListenerService) and isinstance(site, web.PlexSite):
-            site.listener_name = child.name
-            site.observer = metrics.observer_for(child.name)
+            name = child.name or ""
+            site.listener_name = name
+            site.observer = metrics.observer_for(name)
 
 
 def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service.MultiService) -> None:

@@ -184,3 +184,44 @@ class ParseJobTests(unittest.TestCase):
     def test_volume_sources_outside_the_allowed_paths_are_forbidden(self):
         with self.assertRaises(errors.Forbidden):
             cron.parse_job({"schedule": "0 2 * * *", "image": "myapp:latest", "volumes": ["/etc:/etc"]}, self.policy)
+
+
+class FakePool:
+    """Answers the runner's Docker calls from a script; records them."""
+
+    def __init__(self, states: list[str]) -> None:
+        self.states = list(states)
+        self.calls: list[str] = []
+
+    def call(self, fn, *args, **kwargs):
+        self.calls.append(fn.__name__)
+        if fn is cron._start_container:
+            return defer.succeed("container-1")
+        if fn is cron._container_state:
+            status = self.states.pop(0) if self.states else "running"
+            return defer.succeed({"Status": status, "ExitCode": 4})
+        return defer.succeed(None)
+
+
+class DockerCronRunnerTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.job = cron.CronJob(id="cron_1", schedule="* * * * *", image="img")
+
+    def test_the_container_is_polled_on_the_clock_and_removed_after_it_exits(self):
+        pool = FakePool(["running", "running", "exited"])
+        d = cron.DockerCronRunner(pool, self.clock, poll_interval=2.0, timeout=60).run(self.job)
+        self.assertNoResult(d)
+        self.clock.advance(2)
+        self.assertNoResult(d)
+        self.clock.advance(2)
+        self.assertEqual(self.successResultOf(d), 4)
+        self.assertEqual(pool.calls, ["_start_container"] + ["_container_state"] * 3 + ["_remove_container"])
+
+    def test_a_run_past_its_timeout_fails_and_its_container_is_removed(self):
+        pool = FakePool([])
+        d = cron.DockerCronRunner(pool, self.clock, poll_interval=10.0, timeout=30).run(self.job)
+        self.clock.pump([10, 10, 10])
+        failure = self.failureResultOf(d, errors.Unavailable)
+        self.assertEqual(failure.value.message, "cron run timed out")
+        self.assertEqual(pool.calls[-1], "_remove_container")

@@ -15,7 +15,7 @@ from plexagent import errors, metrics, web
 from plexagent.agentapi.streaming import arg
 
 
-def wants_prometheus(request: IRequest) -> bool:
+def wants_prometheus(request: Any) -> bool:
     fmt = arg(request, "format")
     if fmt is not None:
         value = fmt.decode("ascii", "replace").lower()
@@ -34,7 +34,7 @@ def register(app: Klein, context: Any) -> None:
     reactor = context.reactor
 
     @app.route("/metrics", methods=["GET"])
-    async def metrics_document(request: IRequest) -> bytes:
+    async def metrics_document(request: Any) -> bytes:
         if wants_prometheus(request):
             body = agent_metrics.prometheus_text()
             request.setHeader(b"content-type", metrics.PROMETHEUS_CONTENT_TYPE.encode("ascii"))

@@ -21,7 +21,7 @@ def register(app: Klein, context: Any) -> None:
         return web.respond(request, await control.status(n))
 
     @app.route("/services/<n>/restart", methods=["POST"])
-    async def service_restart(request: IRequest, n: str) -> bytes:
+    async def service_restart(request: Any, n: str) -> bytes:
         if n == control.agent_service:
             control.check(n)
             result = await control.restart(n, answered=request.notifyFinish())

@@ -84,9 +84,15 @@ class CronRoutesTests(unittest.TestCase):
         job_id = body["job_id"]
         yield self.scheduler().run_now(job_id)
         yield self.agent.stop()
+        # A run that ended while the agent was down left its container.
+        leftover = self.docker.containers.create(base_image(), ["true"], labels={"plexagent.cron-job": job_id})
+        self.addCleanup(lambda: self.docker.api.remove_container(leftover.id, force=True)
+                        if self.docker.api.containers(all=True, filters={"id": leftover.id}) else None)
 
         again = start_agent(self, extra={"cron": {"poll_interval": 0.1}}, workdir=self.agent.workdir,
                             api_key=self.agent.api_key)
+        removed = yield self.scheduler(again).leftovers_removed
+        self.assertEqual(removed, [leftover.id])
         code, body = yield AgentClient(again).get("/cron/jobs")
         self.assertEqual(code, 200)
         [job] = body["jobs"]
