@@ -201,6 +201,9 @@ class CronScheduler(service.Service):
 
     def stopService(self) -> Any:
         super().stopService()
+        stop = getattr(self.runner, "stop", None)
+        if stop is not None:
+            stop()
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
@@ -335,6 +338,8 @@ class DockerCronRunner:
         self.clock = clock
         self.poll_interval = poll_interval
         self.timeout = timeout
+        self._stopping = False
+        self._pauses: set[defer.Deferred[None]] = set()
 
     def run(self, job: CronJob) -> defer.Deferred[int]:
         return defer.ensureDeferred(self._run(job))
@@ -351,12 +356,46 @@ class DockerCronRunner:
             while True:
                 state = await self.pool.call(_container_state, container_id)
                 if state["Status"] in ("exited", "dead"):
-                    return int(state.get("ExitCode", -1))
+                    code = int(state.get("ExitCode", -1))
+                    break
                 if self.clock.seconds() >= deadline:
-                    raise errors.Unavailable("cron run timed out", f"the container ran longer than {self.timeout:g} seconds and was removed")
-                await task.deferLater(self.clock, self.poll_interval, lambda: None)
-        finally:
+                    raise errors.Unavailable(
+                        "cron run timed out",
+                        f"the container ran longer than {self.timeout:g} seconds (cron.run_timeout) and was removed",
+                    )
+                await self._pause()
+        except _Stopping:
+            # Leave the container to finish its work: the next start removes it.
+            raise errors.Unavailable(
+                "the agent stopped during the run", f"container {name} is removed once it has finished"
+            ) from None
+        except BaseException:
             await self.pool.call(_remove_container, container_id)
+            raise
+        await self.pool.call(_remove_container, container_id)
+        return code
+
+    async def _pause(self) -> None:
+        if self._stopping:
+            raise _Stopping()
+        d = task.deferLater(self.clock, self.poll_interval, lambda: None)
+        self._pauses.add(d)
+        try:
+            await d
+        except defer.CancelledError:
+            raise _Stopping() from None
+        finally:
+            self._pauses.discard(d)
+
+    def stop(self) -> None:
+        """Stop following runs (the agent is stopping); their containers keep running."""
+        self._stopping = True
+        for d in list(self._pauses):
+            d.cancel()
+
+
+class _Stopping(Exception):
+    pass
 
 
 def _start_container(client: Any, job: CronJob, name: str) -> str:

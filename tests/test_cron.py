@@ -225,3 +225,13 @@ class DockerCronRunnerTests(unittest.TestCase):
         failure = self.failureResultOf(d, errors.Unavailable)
         self.assertEqual(failure.value.message, "cron run timed out")
         self.assertEqual(pool.calls[-1], "_remove_container")
+
+    def test_stopping_ends_the_run_without_removing_the_running_container(self):
+        pool = FakePool([])
+        runner = cron.DockerCronRunner(pool, self.clock, poll_interval=2.0, timeout=60)
+        d = runner.run(self.job)
+        runner.stop()
+        failure = self.failureResultOf(d, errors.Unavailable)
+        self.assertEqual(failure.value.message, "the agent stopped during the run")
+        self.assertNotIn("_remove_container", pool.calls)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
