@@ -13,8 +13,6 @@ unnoticed.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import shutil
 import socket
@@ -93,8 +91,7 @@ def remove_image_later(testcase: unittest.TestCase, client: Any, reference: str)
     testcase.addCleanup(remove)
 
 
-def derive_api_key(token: str) -> str:
-    return hmac.new(token.encode("utf-8"), b"node-agent:", hashlib.sha256).hexdigest()
+from plexagent.cli import derive_api_key  # noqa: E402 - the same derivation operators use
 
 
 def agent_config(
@@ -348,3 +345,31 @@ class AgentClient:
         if body is not None:
             kwargs["json"] = body
         return defer.ensureDeferred(self.call("POST", path, **kwargs))
+
+
+class _PartialBody(protocol.Protocol):
+    def __init__(self, enough: Any, finished: defer.Deferred[bytes]) -> None:
+        self.enough = enough
+        self.data = b""
+        self.finished = finished
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if not self.finished.called and self.enough(self.data):
+            self.finished.callback(self.data)
+            # Hang up, as a client that has seen enough does.
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self.finished.called:
+            self.finished.callback(self.data)
+
+
+def read_until(response: Any, enough: Any) -> defer.Deferred[bytes]:
+    """
+    Read a streamed body until ``enough(data_so_far)`` is true, then
+    disconnect; fires with the data read (or all of it if the body ended).
+    """
+    finished: defer.Deferred[bytes] = defer.Deferred()
+    response.deliverBody(_PartialBody(enough, finished))
+    return finished
