@@ -317,7 +317,8 @@ class AgentClient:
         self.agent = agent
         self.reactor = reactor or default_reactor
         # Not persistent: no connection outlives a test.
-        self.http = HTTPClient(Agent(self.reactor, pool=HTTPConnectionPool(self.reactor, persistent=False)))
+        self._agent = Agent(self.reactor, pool=HTTPConnectionPool(self.reactor, persistent=False))
+        self.http = HTTPClient(self._agent)
 
     def request(self, method: str, path: str, key: str | None = "default", **kwargs: Any) -> defer.Deferred[Any]:
         headers = dict(kwargs.pop("headers", {}) or {})
@@ -325,14 +326,24 @@ class AgentClient:
             key = self.agent.api_key
         if key is not None:
             headers["X-API-Key"] = key
-        return self.http.request(method, self.agent.url(path), headers=headers, **kwargs)
+        url = self.agent.url(path)
+        if "[" in url and not kwargs:
+            # treq (hyperlink) cannot encode an IPv6 literal host: use the
+            # plain Agent for these body-less requests.
+            from twisted.web.http_headers import Headers
+
+            raw = Headers({k.encode(): [v.encode()] for k, v in headers.items()})
+            return self._agent.request(method.encode("ascii"), url.encode("ascii"), raw)
+        return self.http.request(method, url, headers=headers, **kwargs)
 
     async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
         """(status, parsed JSON body)."""
         import json
 
+        import treq
+
         response = await self.request(method, path, **kwargs)
-        body = await response.content()
+        body = await treq.content(response)
         try:
             return response.code, json.loads(body)
         except ValueError:
