@@ -22,6 +22,7 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_KEY = "bench-api-key"
+RUN_DIRS: list[str] = []
 
 
 def make_archive(path: str, size_mib: int, scratch: str) -> None:
@@ -67,7 +68,9 @@ def run_tar(archive: str, target: str) -> float:
 def start_agent(workdir: str, root: str) -> tuple[subprocess.Popen, int]:
     data_dir = os.path.join(workdir, "data")
     os.makedirs(data_dir, exist_ok=True)
+    # A short directory for the socket (AF_UNIX paths are limited to 108 bytes).
     run_dir = tempfile.mkdtemp(prefix="plexagent-bench-")
+    RUN_DIRS.append(run_dir)
     key_file = os.path.join(workdir, "api-key")
     with open(key_file, "w") as f:
         f.write(API_KEY)
@@ -230,4 +233,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        for run_dir in RUN_DIRS:
+            shutil.rmtree(run_dir, ignore_errors=True)

@@ -314,15 +314,27 @@ class ChunkStore:
 class ChunkGarbageCollector(service.Service):
     """Runs ``ChunkStore.collect_garbage`` periodically, in a thread."""
 
-    def __init__(self, store: ChunkStore, reactor: Any, interval: float | None = None) -> None:
+    def __init__(self, store: ChunkStore, reactor: Any, interval: float | None = None,
+                 recover: Callable[[], Any] | None = None) -> None:
         self.setName("upload-chunk-gc")
         self.store = store
         self.reactor = reactor
         self.interval = interval if interval is not None else max(1.0, min(store.max_age / 4, 3600.0))
+        #: run once, on the first pass: removes what a killed agent left behind
+        self.recover = recover
         self._loop: task.LoopingCall | None = None
 
+    def _pass(self) -> list[str]:
+        if self.recover is not None:
+            recover, self.recover = self.recover, None
+            try:
+                recover()
+            except Exception:
+                log.failure("removing stale extraction staging directories failed")
+        return self.store.collect_garbage()
+
     def _collect(self) -> Any:
-        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.store.collect_garbage)
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._pass)
 
         def report(removed: list[str]) -> None:
             if removed:

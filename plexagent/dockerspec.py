@@ -79,7 +79,8 @@ def parse_ports(value: Any) -> dict[str, Any]:
     if isinstance(value, dict):
         for host, container in value.items():
             field = f"ports[{host!r}]"
-            result[_container_port(container, field)] = _port_number(host, field)
+            host_port = None if str(host).strip() in ("", "0") else _port_number(host, field)
+            result[_container_port(container, field)] = host_port
         return result
     if not isinstance(value, list):
         raise errors.InvalidInput("invalid ports", "ports must be a list such as [\"8080:80\"] or an object {\"8080\": 80}")

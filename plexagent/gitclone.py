@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -237,6 +238,7 @@ class GitCloner:
                 os.close(fd)
         try:
             ensure_private_dir(self.work_dir)
+            self.remove_stale_staging()
             staging = os.path.join(self.work_dir, secrets.token_hex(8))
             os.mkdir(staging, 0o700)
             os.mkdir(os.path.join(staging, "home"), 0o700)
@@ -247,6 +249,27 @@ class GitCloner:
         except OSError as e:
             raise storage_error(e, "git staging directory") from None
         return staging, askpass
+
+    def remove_stale_staging(self, now: float | None = None) -> list[str]:
+        """
+        Remove staging directories older than twice the timeout: no clone
+        runs that long, so they were left by a killed agent.
+        """
+        now = time.time() if now is None else now
+        removed: list[str] = []
+        try:
+            names = os.listdir(self.work_dir)
+        except FileNotFoundError:
+            return removed
+        for name in names:
+            path = os.path.join(self.work_dir, name)
+            try:
+                if now - os.lstat(path).st_mtime > 2 * self.timeout:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(name)
+            except OSError:
+                pass
+        return removed
 
     def _check_file_url(self, url: str) -> None:
         # A local repository is only readable if the path policy allows it.

@@ -215,6 +215,8 @@ class PathPolicy:
         """
         real = self.resolve(path, field)
         shown = str(path)
+        if shown.endswith("/") or self.is_root(real):
+            raise errors.InvalidInput(f"{field} must name a file", f"{shown} names a directory")
         dfd, name = self.open_parent(real, create=create_parents, shown=shown)
         try:
             return real, atomic_write_at(dfd, name, chunks, mode, shown)
@@ -225,6 +227,8 @@ class PathPolicy:
         """(resolved path, content) of a regular file; ``TooLarge`` past ``limit`` bytes."""
         real = self.resolve(path, field)
         shown = str(path)
+        if self.is_root(real):
+            raise errors.InvalidInput("path is a directory", shown)
         dfd, name = self.open_parent(real, shown=shown)
         try:
             fd = _open_regular_file(dfd, name, shown)

@@ -306,6 +306,7 @@ def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service
     from plexagent.chunks import ChunkGarbageCollector, ChunkStore
     from plexagent.gitclone import GitCloner
     from plexagent.paths import PathPolicy
+    from plexagent.tarsafe import StagingJournal
 
     aapi = config.agent_api
     policy = PathPolicy(aapi.allowed_paths)
@@ -315,7 +316,11 @@ def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service
     agent.agent_services["git"] = GitCloner(
         agent.agent_services["paths"], os.path.join(config.node.data_dir, "git-staging"), reactor, aapi.git_timeout
     )
-    ChunkGarbageCollector(store, reactor).setServiceParent(top)
+    journal = StagingJournal(os.path.join(config.node.data_dir, "extracting"))
+    agent.agent_services["staging_journal"] = journal
+    ChunkGarbageCollector(
+        store, reactor, recover=lambda: journal.recover(agent.agent_services["paths"])
+    ).setServiceParent(top)
 
 
 def makeService(config: Config, reactor: Any = None) -> service.MultiService:

@@ -38,13 +38,14 @@ import secrets
 import shutil
 import stat
 import tarfile
+import threading
 import zlib
 from typing import Any, Callable
 
 import attrs
 
 from plexagent import errors
-from plexagent.fileio import storage_error
+from plexagent.fileio import atomic_write, ensure_private_dir, storage_error
 from plexagent.paths import PathPolicy
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -408,7 +409,66 @@ def _remove_tree(parent_fd: int, name: str) -> None:
         pass
 
 
-def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max_input: int | None = None) -> ExtractionResult:
+class StagingJournal:
+    """
+    Remembers (under ``node.data_dir``) where staging directories are, so
+    that those left by a crash or a kill are removed at the next start.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._active: set[str] = set()
+        self._lock = threading.Lock()
+
+    def record(self, token: str, staging_path: str) -> None:
+        with self._lock:
+            self._active.add(token)
+        try:
+            ensure_private_dir(self.directory)
+            atomic_write(os.path.join(self.directory, token), staging_path.encode("utf-8"))
+        except (OSError, errors.PlexError):
+            with self._lock:
+                self._active.discard(token)
+            raise
+
+    def forget(self, token: str) -> None:
+        try:
+            os.unlink(os.path.join(self.directory, token))
+        except OSError:
+            pass
+        with self._lock:
+            self._active.discard(token)
+
+    def recover(self, policy: PathPolicy) -> list[str]:
+        """Remove staging directories of extractions that are not running; their paths."""
+        removed: list[str] = []
+        try:
+            tokens = os.listdir(self.directory)
+        except FileNotFoundError:
+            return removed
+        for token in tokens:
+            with self._lock:
+                if token in self._active:
+                    continue
+            entry = os.path.join(self.directory, token)
+            try:
+                with open(entry, "rb") as f:
+                    path = f.read().decode("utf-8")
+                if os.path.basename(path) == STAGING_PREFIX + token:
+                    # Through the policy: never anything outside the roots.
+                    policy.delete(path, recursive=True)
+                    removed.append(path)
+            except (OSError, UnicodeDecodeError, errors.PlexError):
+                pass
+            try:
+                os.unlink(entry)
+            except OSError:
+                pass
+        return removed
+
+
+def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max_input: int | None = None,
+            journal: StagingJournal | None = None) -> ExtractionResult:
     """
     Extract the archive read from ``raw`` into ``extract_path`` (checked by
     ``policy``, created if absent) safely; see the module docstring.
@@ -418,16 +478,21 @@ def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max
     existing = policy.stat(extract_path, "extract_path")
     if existing is not None and existing.kind != "directory":
         raise errors.Conflict("extract_path is not a directory", extract_path)
-    staging_name = STAGING_PREFIX + secrets.token_hex(8)
+    token = secrets.token_hex(8)
+    staging_name = STAGING_PREFIX + token
     if existing is None and not policy.is_root(real):
         # Stage beside the target: one rename makes the whole tree appear.
         home_fd, target_name = policy.open_parent(real, create=True, shown=extract_path)
         stage_in_parent = True
+        home = os.path.dirname(real)
     else:
         home_fd = policy.open_directory(real, create=True, shown=extract_path)
         target_name = ""
         stage_in_parent = False
+        home = real
     try:
+        if journal is not None:
+            journal.record(token, os.path.join(home, staging_name))
         try:
             os.mkdir(staging_name, 0o700, dir_fd=home_fd)
             staging_fd = os.open(staging_name, _DIR_FLAGS, dir_fd=home_fd)
@@ -483,6 +548,8 @@ def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max
             _remove_tree(home_fd, staging_name)
     finally:
         os.close(home_fd)
+        if journal is not None:
+            journal.forget(token)
     return result
 
 

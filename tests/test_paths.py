@@ -84,6 +84,11 @@ class WriteTests(PolicyCase):
         self.assertRaises(errors.Forbidden, self.policy.write_file, self.p("link", "x"), b"x")
         self.assertEqual(os.listdir(self.outside), [])
 
+    def test_write_to_a_path_ending_in_slash_or_to_a_root_is_invalid(self) -> None:
+        self.assertRaises(errors.InvalidInput, self.policy.write_file, self.p("d") + "/", b"x")
+        self.assertRaises(errors.InvalidInput, self.policy.write_file, self.root, b"x")
+        self.assertEqual(os.listdir(self.root), [])
+
     def test_write_over_directory_is_conflict(self) -> None:
         os.mkdir(self.p("d"))
         self.assertRaises(errors.Conflict, self.policy.write_file, self.p("d"), b"x")

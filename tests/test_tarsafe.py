@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from plexagent import errors
 from plexagent.paths import PathPolicy
-from plexagent.tarsafe import Limits, extract, symlink_target_stays_inside
+from plexagent.tarsafe import Limits, StagingJournal, extract, symlink_target_stays_inside
 
 
 def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", linkname: str = "", mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes]:
@@ -207,6 +207,51 @@ class HostileArchiveTests(ExtractCase):
         result = self.extract(archive(member("dir/x", data=b"x")))
         self.assertEqual(self.reasons(result), {"dir": "an existing entry of another type is in the way"})
         self.assertNothingOutside()
+
+
+class RaceTests(ExtractCase):
+    def test_parent_swapped_for_a_symlink_after_the_check_cannot_redirect_extraction(self) -> None:
+        parent = os.path.join(self.root, "sites")
+        os.makedirs(parent)
+        real_resolve = self.policy.resolve
+
+        def resolve_then_swap(path: object, field: str = "path") -> str:
+            result = real_resolve(path, field)
+            if not os.path.islink(parent):
+                os.rename(parent, parent + "-moved")
+                os.symlink(self.outside, parent)
+            return result
+
+        self.policy.resolve = resolve_then_swap  # type: ignore[method-assign]
+        e = self.assertRaises(errors.Forbidden, self.extract, archive(member("f", data=b"x")),
+                              os.path.join(parent, "site"))
+        self.assertEqual(e.message, "path not allowed")
+        self.assertNothingOutside()
+
+
+class JournalTests(ExtractCase):
+    def test_staging_left_by_a_killed_agent_is_removed_at_recovery(self) -> None:
+        journal = StagingJournal(os.path.join(os.path.dirname(self.root), "journal"))
+        stale = os.path.join(self.root, ".plexagent-extract-0123456789abcdef")
+        os.makedirs(os.path.join(stale, "half"))
+        journal.record("0123456789abcdef", stale)
+        fresh = StagingJournal(journal.directory)  # a new process: nothing running
+        self.assertEqual(fresh.recover(self.policy), [stale])
+        self.assertEqual(os.listdir(self.root), [])
+        self.assertEqual(os.listdir(journal.directory), [])
+
+    def test_recovery_never_touches_paths_outside_the_roots(self) -> None:
+        journal = StagingJournal(os.path.join(os.path.dirname(self.root), "journal"))
+        victim = os.path.join(self.outside, ".plexagent-extract-00000000000000aa")
+        os.makedirs(victim)
+        journal.record("00000000000000aa", victim)
+        self.assertEqual(StagingJournal(journal.directory).recover(self.policy), [])
+        self.assertTrue(os.path.isdir(victim))
+
+    def test_extraction_forgets_its_journal_entry(self) -> None:
+        journal = StagingJournal(os.path.join(os.path.dirname(self.root), "journal"))
+        extract(io.BytesIO(archive(member("f", data=b"x"))), self.policy, self.target, self.limits, None, journal)
+        self.assertEqual(os.listdir(journal.directory), [])
 
 
 class BoundsTests(ExtractCase):

@@ -80,10 +80,12 @@ def build_request(body: dict[str, Any], paths: PathPolicy) -> dict[str, Any]:
 
 
 def image_id_of(lines: list[dict[str, Any]]) -> str | None:
-    for line in reversed(lines):
+    """The built image's ID: Docker's aux record, else its "Successfully built" line."""
+    for line in lines:
         aux = line.get("aux") if isinstance(line, dict) else None
         if isinstance(aux, dict) and aux.get("ID"):
             return aux["ID"]
+    for line in reversed(lines):
         m = _SUCCESS.search(str(line.get("stream", ""))) if isinstance(line, dict) else None
         if m:
             return m.group(1)

@@ -338,6 +338,12 @@ def register(app: Klein, context: Any) -> None:
             os.path.join(context.config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age
         )
 
+    journal = context.services.get("staging_journal")
+    if journal is None:
+        journal = context.services["staging_journal"] = tarsafe.StagingJournal(
+            os.path.join(context.config.node.data_dir, "extracting")
+        )
+
     def in_thread(f: Any, *args: Any) -> Any:
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
@@ -362,7 +368,7 @@ def register(app: Klein, context: Any) -> None:
         def work(raw: Any) -> tarsafe.ExtractionResult:
             if not extract_path:
                 raise errors.InvalidInput("extract_path is required", "pass extract_path as a query parameter")
-            return tarsafe.extract(raw, policy, extract_path, limits, aapi.max_upload_bytes)
+            return tarsafe.extract(raw, policy, extract_path, limits, aapi.max_upload_bytes, journal)
 
         return work
 
@@ -489,7 +495,7 @@ def register(app: Klein, context: Any) -> None:
             def assemble() -> tarsafe.ExtractionResult:
                 reader = store.reader(writer.chunk_id, status.total_chunks)
                 try:
-                    result = tarsafe.extract(reader, policy, target, limits, aapi.max_upload_bytes)
+                    result = tarsafe.extract(reader, policy, target, limits, aapi.max_upload_bytes, journal)
                 finally:
                     reader.close()
                 store.remove(writer.chunk_id)

@@ -166,6 +166,20 @@ class FileCloneTests(CloneCase):
         self.assertEqual(os.listdir(os.path.join(self.agent.data_dir, "git-staging")), [])
 
 
+class StagingTests(unittest.TestCase):
+    def test_staging_older_than_twice_the_timeout_is_removed(self) -> None:
+        from plexagent.gitclone import GitCloner
+        from plexagent.paths import PathPolicy
+
+        work = os.path.realpath(self.mktemp())
+        for name, age in (("old", 700), ("running", 100)):
+            os.makedirs(os.path.join(work, name))
+            os.utime(os.path.join(work, name), (1_000_000 - age, 1_000_000 - age))
+        cloner = GitCloner(PathPolicy([work]), work, reactor, timeout=300)
+        self.assertEqual(cloner.remove_stale_staging(now=1_000_000), ["old"])
+        self.assertEqual(os.listdir(work), ["running"])
+
+
 class HTTPCloneTests(CloneCase):
     def setUp(self) -> None:
         super().setUp()
@@ -233,3 +247,27 @@ class TimeoutTests(unittest.TestCase):
             "url": f"http://127.0.0.1:{port.getHost().port}/repo", "target_path": agent.p("slow")})
         self.assertEqual((code, body["error"]), (503, "git clone timed out"))
         self.assertFalse(os.path.exists(agent.p("slow")))
+
+
+class ParseTests(unittest.TestCase):
+    def test_credentials_are_taken_out_of_the_url(self) -> None:
+        from plexagent.gitclone import parse_clone_request
+
+        req = parse_clone_request({"url": "https://bob:p%40ss@example.com/r.git", "target_path": "/app/r"})
+        self.assertEqual((req.url, req.username, req.password), ("https://example.com/r.git", "bob", "p@ss"))
+        self.assertNotIn("p@ss", repr(req))
+
+    def test_token_alone_gets_a_placeholder_username(self) -> None:
+        from plexagent.gitclone import parse_clone_request
+
+        req = parse_clone_request({"url": "https://example.com/r.git", "target_path": "/app/r", "token": "t0k"})
+        self.assertEqual((req.username, req.password), ("x-access-token", "t0k"))
+
+    def test_scrub_masks_raw_and_quoted_secrets_and_url_userinfo(self) -> None:
+        from plexagent.gitclone import scrub
+
+        text = "fatal: https://u:p@ss w0rd@h/ and p%40ss%20w0rd and p@ss w0rd and http://x:y@host/"
+        out = scrub(text, ["p@ss w0rd"])
+        self.assertNotIn("p@ss w0rd", out)
+        self.assertNotIn("p%40ss%20w0rd", out)
+        self.assertNotIn("x:y@", out)

@@ -6,13 +6,15 @@ import base64
 import io
 import os
 import tarfile
+import threading
 import zlib
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from plexagent.agentapi.uploads import BodyPipe, UploadInterrupted
+from plexagent import tarsafe
+from plexagent.agentapi.uploads import MAX_CONCURRENT_EXTRACTIONS, PIPE_HIGH_WATER, BodyPipe, UploadInterrupted
 from plexagent.chunks import ChunkStore
 from tests.agentapi.support import API_KEY, RunningAgentAPI, tree
 from tests.test_tarsafe import archive, member
@@ -51,6 +53,74 @@ class StreamTests(unittest.TestCase):
         self.assertEqual((code, body["bytes"]), (200, 3 << 20))
         with open(self.agent.p("big", "blob"), "rb") as f:
             self.assertEqual(f.read(), payload)
+
+    async def test_a_slow_extraction_pauses_the_connection_and_bounds_the_buffer(self) -> None:
+        release = threading.Event()
+
+        def slow_extract(raw, policy, extract_path, limits, max_input=None, journal=None):
+            release.wait(30)  # a safety bound only: the test sets it
+            total = 0
+            while True:
+                piece = raw.read(1 << 20)
+                if not piece:
+                    return tarsafe.ExtractionResult(path=extract_path, bytes=total)
+                total += len(piece)
+
+        self.patch(tarsafe, "extract", slow_extract)
+        factory = self.agent.context.streaming_factory(b"POST", b"/upload/tar/stream")
+        paused: defer.Deferred = defer.Deferred()
+        most = [0]
+
+        def observed(request, length):
+            sink = factory(request, length)
+            pipe = sink.pipe
+            pause, write = pipe._pause, pipe.write
+
+            def pause_and_tell() -> None:
+                pause()
+                if not paused.called:
+                    paused.callback(None)
+
+            def write_and_measure(data: bytes) -> None:
+                write(data)
+                most[0] = max(most[0], pipe._size)
+
+            pipe._pause = pause_and_tell
+            pipe.write = write_and_measure
+            return sink
+
+        self.agent.context.stream_body(b"POST", b"/upload/tar/stream", observed)
+        body = os.urandom(1 << 20) * 32
+        response = defer.ensureDeferred(self.stream(body, extract_path=self.agent.p("slow")))
+        await paused
+        release.set()
+        code, result = await response
+        self.assertEqual((code, result["bytes"]), (200, len(body)))
+        self.assertLess(most[0], PIPE_HIGH_WATER + (1 << 20))
+
+    async def test_extractions_beyond_the_cap_are_503_and_slots_are_released(self) -> None:
+        release = threading.Event()
+        started: list[defer.Deferred] = [defer.Deferred() for _ in range(MAX_CONCURRENT_EXTRACTIONS)]
+
+        def blocked_extract(raw, policy, extract_path, limits, max_input=None, journal=None):
+            index = int(extract_path.rsplit("-", 1)[1])
+            reactor.callFromThread(started[index].callback, None)
+            release.wait(30)  # a safety bound only: the test sets it
+            while raw.read(1 << 20):
+                pass
+            return tarsafe.ExtractionResult(path=extract_path)
+
+        self.patch(tarsafe, "extract", blocked_extract)
+        running = [defer.ensureDeferred(self.stream(SITE, extract_path=self.agent.p(f"slot-{i}")))
+                   for i in range(MAX_CONCURRENT_EXTRACTIONS)]
+        await defer.gatherResults(started)
+        code, body = await self.stream(SITE, extract_path=self.agent.p("one-too-many"))
+        self.assertEqual((code, body["error"]), (503, "too many uploads in progress"))
+        release.set()
+        self.assertEqual([code for code, _ in await defer.gatherResults(running)], [200] * MAX_CONCURRENT_EXTRACTIONS)
+        self.patch(tarsafe, "extract", lambda raw, policy, path, *a: tarsafe.ExtractionResult(path=path))
+        code, _ = await self.stream(SITE, extract_path=self.agent.p("after"))
+        self.assertEqual(code, 200)
 
     async def test_hostile_members_are_skipped_and_reported(self) -> None:
         data = archive(
@@ -143,6 +213,30 @@ class TarTests(unittest.TestCase):
         self.assertEqual((code, body["files"], body["path"]), (200, 2, target))
         self.assertEqual(tree(target)["index.html"], b"<h1>hi</h1>")
 
+    async def test_multipart_extract_path_may_be_a_form_field(self) -> None:
+        target = self.agent.p("from-form")
+        code, body = await self.agent.call(
+            "POST", "/upload/tar",
+            data={"extract_path": target},
+            files={"tar_file": ("site.tar.gz", "application/gzip", io.BytesIO(SITE))},
+        )
+        self.assertEqual((code, body["path"]), (200, target))
+
+    async def test_multipart_form_field_outside_allowed_paths_is_403(self) -> None:
+        target = os.path.join(self.agent.outside, "t")
+        code, body = await self.agent.call(
+            "POST", "/upload/tar", data={"extract_path": target},
+            files={"tar_file": ("site.tar.gz", "application/gzip", io.BytesIO(SITE))},
+        )
+        self.assertEqual((code, body["error"]), (403, "path not allowed"))
+        self.assertEqual(os.listdir(self.agent.outside), [])
+
+    async def test_legacy_json_over_its_limit_is_413(self) -> None:
+        agent = RunningAgentAPI(self, max_json_bytes=1000)
+        code, body = await agent.post_json("/upload/tar", {"data": "A" * 2000}, params={"extract_path": agent.p("x")})
+        self.assertEqual(code, 413)
+        self.assertEqual(os.listdir(agent.root), [])
+
     async def test_multipart_without_tar_file_is_400(self) -> None:
         code, body = await self.agent.call(
             "POST", "/upload/tar", params={"extract_path": self.agent.p("s")},
@@ -226,6 +320,20 @@ class ChunkedTests(unittest.TestCase):
         self.assertEqual(code, 403)
         code, _ = await self.agent.get("/upload/tar/chunked", chunk_id="up-1")
         self.assertEqual(code, 404)
+
+    async def test_chunks_over_the_upload_limit_are_413_and_not_held(self) -> None:
+        agent = RunningAgentAPI(self, max_upload_bytes=1000)
+        params = {"chunk_id": "big", "total_chunks": "2"}
+        code, _ = await agent.call("POST", "/upload/tar/chunked", data=b"x" * 2000, params={**params, "chunk_index": "0"})
+        self.assertEqual(code, 413)
+        code, _ = await agent.call("POST", "/upload/tar/chunked", data=b"x" * 600, params={**params, "chunk_index": "0"})
+        self.assertEqual(code, 200)
+        code, body = await agent.call("POST", "/upload/tar/chunked", data=b"x" * 600, params={**params, "chunk_index": "1"})
+        self.assertEqual((code, body["error"]), (413, "upload too large"))
+        code, body = await agent.get("/upload/tar/chunked", chunk_id="big")
+        self.assertEqual((body["received"], body["bytes"]), ([0], 600))
+        leftovers = [n for n in os.listdir(os.path.join(agent.data_dir, "uploads", "big")) if n.startswith(".incoming")]
+        self.assertEqual(leftovers, [])
 
     async def test_unknown_upload_status_is_404(self) -> None:
         code, body = await self.agent.get("/upload/tar/chunked", chunk_id="nothing")
