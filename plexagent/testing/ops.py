@@ -163,6 +163,10 @@ class FakeSystemctl:
         self.units[name] = {"LoadState": "loaded", **props}
         self._write_units()
 
+    def remove_unit(self, name: str) -> None:
+        self.units.pop(name, None)
+        self._write_units()
+
     def _write_units(self) -> None:
         with open(self.units_path, "w") as f:
             json.dump(self.units, f)

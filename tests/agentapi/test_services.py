@@ -83,6 +83,13 @@ class ServiceRoutesTests(unittest.TestCase):
         self.assertIn(["restart", "--no-block", "node-agent"], self.systemctl.calls())
 
     @defer.inlineCallbacks
+    def test_an_allowed_service_that_systemd_does_not_know_is_404(self):
+        self.systemctl.remove_unit("docker")
+        for method, path in (("GET", "/services/docker/status"), ("POST", "/services/docker/restart")):
+            code, body = yield self.client.call(method, path)
+            self.assertEqual((code, body["error"]), (404, "service not found"), path)
+
+    @defer.inlineCallbacks
     def test_without_systemd_status_and_restart_are_503(self):
         self.systemctl.set_mode("offline")
         for method, path in (("GET", "/services/nginx/status"), ("POST", "/services/nginx/restart"),
