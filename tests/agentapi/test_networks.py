@@ -96,6 +96,16 @@ class NetworkRoutesTests(unittest.TestCase):
         self.assertEqual(body["error"], "network already exists")
 
     @defer.inlineCallbacks
+    def test_a_subnet_overlapping_another_network_is_400_with_dockers_reason(self):
+        subnet, gateway = self.free_subnet()
+        first, second = self.network_name(), self.network_name()
+        code, _ = yield self.client.post("/networks/create", {"name": first, "ipam_config": {"subnet": subnet}})
+        self.assertEqual(code, 201)
+        code, body = yield self.client.post("/networks/create", {"name": second, "ipam_config": {"subnet": subnet}})
+        self.assertEqual((code, body["error"]), (400, "docker refused the network"))
+        self.assertIn("overlap", body["details"])
+
+    @defer.inlineCallbacks
     def test_missing_network_is_404(self):
         code, body = yield self.client.get(f"/networks/{PREFIX}no-such-net")
         self.assertEqual(code, 404)
