@@ -88,6 +88,44 @@ class DockerConfig:
 
 
 @attrs.frozen
+class NginxConfig:
+    #: argv prefix that runs nginx on the host (``nginx -t``, ``nginx -s reload``)
+    command: tuple[str, ...] = ("nginx",)
+    prefix: str = ""  # ``-p``; "" = nginx's built-in prefix
+    config: str = ""  # ``-c``; "" = nginx's built-in configuration file
+    #: a container running nginx; when set, test and reload run in it (Docker exec)
+    container: str = ""
+    #: the systemd unit reloaded when systemd is available
+    service: str = "nginx"
+    timeout: float = 30.0
+
+
+@attrs.frozen
+class SystemConfig:
+    """How the agent reaches the host's programs (systemctl, ufw)."""
+
+    #: PATH for nginx, systemctl and ufw; "" = the standard sbin and bin directories
+    path: str = ""
+    systemctl: tuple[str, ...] = ("systemctl",)
+    #: argv prefix for ufw, e.g. ["ip", "netns", "exec", "NS", "ufw"]
+    ufw: tuple[str, ...] = ("ufw",)
+    #: the name (in agent_api.allowed_services) of the agent's own unit
+    agent_service: str = "node-agent"
+    #: seconds between answering a restart of the agent's own unit and asking for it
+    self_restart_delay: float = 1.0
+    program_timeout: float = 60.0
+
+
+@attrs.frozen
+class CronConfig:
+    max_jobs: int = 100
+    #: a run still going after this many seconds is killed and its container removed
+    run_timeout: float = 3600.0
+    #: seconds between checks whether a run's container has exited
+    poll_interval: float = 2.0
+
+
+@attrs.frozen
 class Config:
     """The whole, immutable configuration of one agent."""
 
@@ -96,6 +134,9 @@ class Config:
     node_api: NodeAPIConfig = NodeAPIConfig()
     agent_api: AgentAPIConfig = AgentAPIConfig()
     docker: DockerConfig = DockerConfig()
+    nginx: NginxConfig = NginxConfig()
+    system: SystemConfig = SystemConfig()
+    cron: CronConfig = CronConfig()
 
     @property
     def standalone(self) -> bool:
@@ -108,6 +149,9 @@ _SECTIONS: dict[str, type] = {
     "node_api": NodeAPIConfig,
     "agent_api": AgentAPIConfig,
     "docker": DockerConfig,
+    "nginx": NginxConfig,
+    "system": SystemConfig,
+    "cron": CronConfig,
 }
 
 
@@ -251,6 +295,19 @@ def _validate(config: Config) -> None:
         raise ConfigError("agent_api.tls_cert: tls_cert and tls_key must be set together")
     if config.docker.threads < 1:
         raise ConfigError("docker.threads: must be at least 1")
+    for key, argv in (("nginx.command", config.nginx.command), ("system.systemctl", config.system.systemctl),
+                      ("system.ufw", config.system.ufw)):
+        if not argv or not all(argv):
+            raise ConfigError(f"{key}: must be a non-empty list of non-empty strings")
+    for key, value in (("nginx.timeout", config.nginx.timeout), ("system.program_timeout", config.system.program_timeout),
+                       ("cron.run_timeout", config.cron.run_timeout),
+                       ("cron.poll_interval", config.cron.poll_interval)):
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
+    if config.system.self_restart_delay < 0:
+        raise ConfigError("system.self_restart_delay: must not be negative")
+    if config.cron.max_jobs < 1:
+        raise ConfigError("cron.max_jobs: must be at least 1")
 
 
 def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> Config:

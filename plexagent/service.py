@@ -256,6 +256,53 @@ def build_agent_api(config: Config, reactor: Any, agent: "Agent") -> "ListenerSe
     return ListenerService("agent_api.listen", endpoint, api.site(), reactor, config.node.shutdown_timeout)
 
 
+def add_operations(config: Config, reactor: Any, agent: Agent, top: service.MultiService) -> None:
+    """Host operations for the agent API: systemd, the firewall, nginx, cron, metrics."""
+    from plexagent.firewall import Firewall
+    from plexagent.programs import Programs
+    from plexagent.servicecontrol import ServiceControl
+    from plexagent.systemd import Systemd
+
+    system = config.system
+    programs = Programs(reactor, system.path, system.program_timeout)
+    systemd = Systemd(programs, system.systemctl)
+    agent.agent_services["programs"] = programs
+    agent.agent_services["systemd"] = systemd
+    agent.agent_services["service_control"] = ServiceControl(
+        systemd, config.agent_api.allowed_services, system.agent_service, reactor, system.self_restart_delay
+    )
+    agent.agent_services["firewall"] = Firewall(programs, system.ufw)
+
+    from plexagent.nginx import Nginx
+
+    agent.agent_services["nginx"] = Nginx(config.nginx, programs, systemd, agent.agent_services["dockerpool"])
+
+    from plexagent.cron import CronScheduler, DockerCronRunner
+
+    runner = DockerCronRunner(agent.agent_services["dockerpool"], reactor, config.cron.poll_interval,
+                              config.cron.run_timeout)
+    scheduler = CronScheduler(config.node.data_dir, reactor, runner, config.cron.max_jobs)
+    scheduler.setServiceParent(top)
+    agent.agent_services["cron"] = scheduler
+
+    from plexagent.metrics import AgentMetrics
+
+    agent.agent_services["metrics"] = AgentMetrics(agent)
+
+
+def observe_listeners(top: service.MultiService, agent: Agent) -> None:
+    """Have every listener's requests counted and timed in the agent's metrics."""
+    metrics = agent.agent_services.get("metrics")
+    if metrics is None:
+        return
+    for child in top:
+        site = getattr(child, "site", None)
+        if isinstance(child, ListenerService) and isinstance(site, web.PlexSite):
+            name = child.name or ""
+            site.listener_name = name
+            site.observer = metrics.observer_for(name)
+
+
 def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service.MultiService) -> None:
     """The path policy, chunked-upload store (with its GC) and git cloner of the agent API."""
     from plexagent.chunks import ChunkGarbageCollector, ChunkStore
@@ -290,6 +337,16 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     top.agent = agent  # type: ignore[attr-defined]
     _Stores(agent.cache, agent.reports).setServiceParent(top)
 
+    # Docker calls run on the agent's own pool, started before the
+    # listeners and stopped after them.
+    from plexagent.dockerpool import DockerFacade, DockerPool
+
+    pool = DockerPool(reactor, config.docker.host, config.docker.threads)
+    pool.setServiceParent(top)
+    agent.agent_services["dockerpool"] = pool
+    agent.agent_services["docker"] = DockerFacade(pool)
+    add_operations(config, reactor, agent, top)
+
     cp = config.control_plane
     sync = None
     if cp.url:
@@ -315,6 +372,7 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
 
     api = NodeAPI(agent.cache, agent.reports, SecretReader(agent.cache, agent.client, agent.box))
     resource = api.resource()
+    web.label_routes(api.app)  # the resource holds this bound app: metrics per route
     napi = config.node_api
     secrets_gid = group_id(napi.secrets_group)
     if secrets_gid is None:
@@ -371,6 +429,8 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     if config.agent_api.enabled:
         add_file_services(config, reactor, agent, top)
         build_agent_api(config, reactor, agent).setServiceParent(top)
+
+    observe_listeners(top, agent)
 
     if sync is not None:
         # After the listeners: the socket answers from the persisted cache

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 import weakref
 from io import BytesIO
 from typing import Any, Callable, Iterable
@@ -229,11 +230,16 @@ class PlexRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         self.content.write(data)
 
+    #: when processing began (``time.perf_counter``), for the site's observer
+    _plex_started = 0.0
+
     def process(self) -> None:
         site = self.channel.site
         site._inflight += 1
         self._counted = True
         self._plex_site = site
+        if site.observer is not None:
+            self._plex_started = time.perf_counter()
         if getattr(self.content, "exceeded", False):
             self.setResponseCode(413)
             self.setHeader(b"content-type", JSON_CONTENT_TYPE)
@@ -252,6 +258,10 @@ class PlexRequest(server.Request):
 
     def finish(self) -> Any:
         result = super().finish()
+        if self._counted:
+            observer = self._plex_site.observer
+            if observer is not None:
+                observer(self, time.perf_counter() - self._plex_started)
         self._uncount()
         return result
 
@@ -342,6 +352,10 @@ class PlexSite(server.Site):
         super().__init__(resource, timeout=idle_timeout)
         self.max_body_bytes = max_body_bytes
         self.content_factory = content_factory
+        #: the listener's config key (e.g. ``agent_api.listen``), for metrics
+        self.listener_name = ""
+        #: ``observer(request, seconds)`` is called as each request finishes
+        self.observer: Callable[[Any, float], None] | None = None
         self._inflight = 0
         self._drained: list[defer.Deferred[None]] = []
         self._channels: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -385,3 +399,19 @@ def iter_routes(app: Klein) -> Iterable[tuple[str, tuple[str, ...]]]:
     """(path pattern, methods) for every route of ``app`` (for docs and tests)."""
     for rule in app.url_map.iter_rules():
         yield rule.rule, tuple(sorted(rule.methods or ()))
+
+
+def label_routes(app: Klein) -> None:
+    """
+    Have each request routed by ``app`` remember its route pattern as
+    ``request.plexagent_route`` (``/containers/<n>/status``), so metrics
+    are per route, not per URL.
+    """
+    rules = {rule.endpoint: rule.rule for rule in app.url_map.iter_rules()}
+    execute = app.execute_endpoint
+
+    def execute_endpoint(endpoint: str, request: Any, *args: Any, **kwargs: Any) -> Any:
+        request.plexagent_route = rules.get(endpoint, endpoint)
+        return execute(endpoint, request, *args, **kwargs)
+
+    app.execute_endpoint = execute_endpoint  # type: ignore[method-assign]

@@ -52,7 +52,7 @@ class ErrorTests(unittest.TestCase):
         self.assertEqual(str(caught.exception), message)
 
     def test_unknown_section(self) -> None:
-        self.assertConfigError({"nodes": {}}, "nodes: unknown section (known: node, control_plane, node_api, agent_api, docker)")
+        self.assertConfigError({"nodes": {}}, "nodes: unknown section (known: node, control_plane, node_api, agent_api, docker, nginx, system, cron)")
 
     def test_unknown_key(self) -> None:
         self.assertConfigError({"node": {"idd": "x"}}, "node.idd: unknown key")
@@ -150,3 +150,30 @@ class ExampleConfigTests(unittest.TestCase):
         config = load_config(os.path.join(here, "etc", "plexagent.toml"), {})
         self.assertEqual(config.node.id, "edge-us-west-42")
         self.assertEqual(config.node_api.socket, "/var/run/plexd/api.sock")
+
+
+class OperationsConfigTests(unittest.TestCase):
+    """The additive [nginx], [system] and [cron] sections."""
+
+    def test_defaults(self):
+        c = parse_config({})
+        self.assertEqual((c.nginx.command, c.nginx.container, c.nginx.service), (("nginx",), "", "nginx"))
+        self.assertEqual((c.system.systemctl, c.system.ufw, c.system.agent_service),
+                         (("systemctl",), ("ufw",), "node-agent"))
+        self.assertEqual((c.cron.max_jobs, c.cron.run_timeout, c.cron.poll_interval), (100, 3600.0, 2.0))
+
+    def test_argv_prefixes_are_lists_of_strings(self):
+        c = parse_config({"system": {"ufw": ["ip", "netns", "exec", "ns1", "ufw"]}})
+        self.assertEqual(c.system.ufw, ("ip", "netns", "exec", "ns1", "ufw"))
+        for doc, key in (({"system": {"ufw": []}}, "system.ufw"), ({"nginx": {"command": [""]}}, "nginx.command"),
+                         ({"system": {"systemctl": "systemctl"}}, "system.systemctl")):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config(doc)
+            self.assertTrue(str(caught.exception).startswith(key + ":"), str(caught.exception))
+
+    def test_limits_must_be_positive(self):
+        for doc, key in (({"cron": {"max_jobs": 0}}, "cron.max_jobs"), ({"cron": {"poll_interval": 0}}, "cron.poll_interval"),
+                         ({"nginx": {"timeout": -1}}, "nginx.timeout")):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config(doc)
+            self.assertTrue(str(caught.exception).startswith(key + ":"), str(caught.exception))

@@ -20,9 +20,18 @@ from plexagent.config import Config
 
 #: Route modules, in the seed's order. Each has ``register(app, context)``.
 ROUTE_MODULES: list[str] = [
+    "plexagent.agentapi.containers",
+    "plexagent.agentapi.images",
+    "plexagent.agentapi.build",
     "plexagent.agentapi.files",
     "plexagent.agentapi.uploads",
     "plexagent.agentapi.git",
+    "plexagent.agentapi.networks",
+    "plexagent.agentapi.nginx",
+    "plexagent.agentapi.cron",
+    "plexagent.agentapi.services",
+    "plexagent.agentapi.firewall",
+    "plexagent.agentapi.metrics",
 ]
 
 #: ``factory(request, length) -> sink``: a file-like object (``write``) that
@@ -60,6 +69,7 @@ class AgentAPI:
         for name in ROUTE_MODULES if modules is None else modules:
             module = importlib.import_module(name)
             module.register(self.app, context)
+        web.label_routes(self.app)
 
     def content_factory(self, request: Any, method: bytes, path: bytes, length: int | None) -> Any:
         """

@@ -16,6 +16,7 @@ from plexagent.agentapi import AgentAPI, AgentContext
 from plexagent.config import AgentAPIConfig, Config, NodeConfig
 
 API_KEY = "test-api-key-0123456789"
+FILE_ROUTE_MODULES = ["plexagent.agentapi.files", "plexagent.agentapi.uploads", "plexagent.agentapi.git"]
 
 
 class RunningAgentAPI:
@@ -36,7 +37,9 @@ class RunningAgentAPI:
         settings.update(agent_api)
         self.config = Config(node=NodeConfig(data_dir=self.data_dir), agent_api=AgentAPIConfig(**settings))
         self.context = AgentContext(config=self.config, reactor=reactor)
-        self.api = AgentAPI(self.context, auth.AgentAPIPolicy((), API_KEY, True))
+        # Only the file routes: the other sections need domain objects
+        # (Docker pool, cron, ...) that makeService builds.
+        self.api = AgentAPI(self.context, auth.AgentAPIPolicy((), API_KEY, True), modules=FILE_ROUTE_MODULES)
         self.port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
         pool = HTTPConnectionPool(reactor, persistent=True)

@@ -1,0 +1,137 @@
+"""
+Health & Monitoring (``/ping``) and Container Management (``/containers``)
+of the Node Agent API: thin routes over ``dockerpool.DockerFacade``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.web.iweb import IRequest
+
+from plexagent import __version__, errors, web
+from plexagent.agentapi.streaming import arg, json_object, stream_response
+from plexagent.containerhealth import assess
+from plexagent.dockerspec import parse_bool_arg, parse_command, parse_int_arg, parse_run
+from plexagent.paths import PathPolicy
+
+#: The logs a client gets when it does not say ``tail``.
+DEFAULT_TAIL = 100
+
+
+def _tail(request: IRequest) -> int | str:
+    raw = arg(request, "tail")
+    if raw is not None and raw.strip().lower() == b"all":
+        return "all"
+    return parse_int_arg(raw, "tail", DEFAULT_TAIL)
+
+
+def register(app: Klein, context: Any) -> None:
+    docker = context.services["docker"]
+    reactor = context.reactor
+    paths = PathPolicy(context.config.agent_api.allowed_paths)
+
+    @app.route("/ping", methods=["GET", "HEAD"])
+    async def ping(request: IRequest) -> bytes:
+        alive = await docker.ping()
+        return web.respond(
+            request, {"status": "ok" if alive else "degraded", "version": __version__, "docker": alive}
+        )
+
+    @app.route("/containers", methods=["GET"])
+    async def list_containers(request: IRequest) -> bytes:
+        return web.respond(request, {"containers": await docker.list_containers()})
+
+    @app.route("/containers/run", methods=["POST"])
+    async def run(request: IRequest) -> bytes:
+        # Parsed (and volume paths checked) before Docker is asked anything.
+        kwargs = parse_run(json_object(request), paths)
+        return web.respond(request, await docker.run(kwargs), 201)
+
+    @app.route("/containers/all/health", methods=["GET"])
+    async def all_health(request: IRequest) -> bytes:
+        infos = await docker.inspect_all()
+        documents = await defer.gatherResults([defer.ensureDeferred(assess(reactor, i)) for i in infos])
+        health = {doc["name"]: doc for doc in documents}
+        return web.respond(
+            request,
+            {
+                "containers": health,
+                "total": len(health),
+                "healthy": sum(1 for d in documents if d["healthy"]),
+                "unhealthy": sum(1 for d in documents if not d["healthy"]),
+            },
+        )
+
+    @app.route("/containers/<n>/start", methods=["POST"])
+    async def start(request: IRequest, n: str) -> bytes:
+        return web.respond(request, await docker.act(n, "start"))
+
+    @app.route("/containers/<n>/stop", methods=["POST"])
+    async def stop(request: IRequest, n: str) -> bytes:
+        timeout = parse_int_arg(arg(request, "timeout"), "timeout", 10)
+        return web.respond(request, await docker.act(n, "stop", timeout=timeout))
+
+    @app.route("/containers/<n>/restart", methods=["POST"])
+    async def restart(request: IRequest, n: str) -> bytes:
+        timeout = parse_int_arg(arg(request, "timeout"), "timeout", 10)
+        return web.respond(request, await docker.act(n, "restart", timeout=timeout))
+
+    @app.route("/containers/<n>/remove", methods=["POST", "DELETE"])
+    async def remove(request: IRequest, n: str) -> bytes:
+        force = parse_bool_arg(arg(request, "force"), "force")
+        volumes = parse_bool_arg(arg(request, "volumes"), "volumes")
+        return web.respond(request, await docker.act(n, "remove", force=force, volumes=volumes))
+
+    @app.route("/containers/<n>/status", methods=["GET"])
+    async def status(request: IRequest, n: str) -> bytes:
+        return web.respond(request, await docker.status(n))
+
+    @app.route("/containers/<n>/health", methods=["GET"])
+    async def health(request: IRequest, n: str) -> bytes:
+        info = await docker.inspect(n)
+        return web.respond(request, await assess(reactor, info))
+
+    @app.route("/containers/<n>/inspect", methods=["GET"])
+    async def inspect(request: IRequest, n: str) -> bytes:
+        return web.respond(request, await docker.inspect(n))
+
+    @app.route("/containers/<n>/logs", methods=["GET"])
+    def logs(request: IRequest, n: str) -> Any:
+        tail = _tail(request)
+        if parse_bool_arg(arg(request, "follow"), "follow"):
+            return defer.ensureDeferred(_follow(request, n, tail))
+
+        async def whole() -> bytes:
+            text = await docker.logs(n, tail)
+            return web.respond(request, {"container": n, "tail": tail, "logs": text})
+
+        return defer.ensureDeferred(whole())
+
+    async def _follow(request: IRequest, n: str, tail: int | str) -> Any:
+        # Ask Docker first, so a missing container is a 404, not an empty stream.
+        await docker.inspect(n)
+        return await stream_response(
+            request,
+            lambda on_chunk: docker.follow_logs(n, tail, on_chunk),
+            b"text/plain; charset=utf-8",
+            lambda chunk: chunk,
+        )
+
+    @app.route("/containers/<n>/exec", methods=["POST"])
+    async def exec_(request: IRequest, n: str) -> bytes:
+        body = json_object(request)
+        command = parse_command(body.get("command", body.get("cmd")))
+        if command is None:
+            raise errors.InvalidInput("command is required", "command must be a string or a list of strings")
+        if isinstance(command, str):
+            # A string is a shell command line, as users type it.
+            command = ["/bin/sh", "-c", command]
+        user = body.get("user") or ""
+        workdir = body.get("workdir", body.get("working_dir")) or None
+        for field, value in (("user", user), ("workdir", workdir)):
+            if value is not None and not isinstance(value, str):
+                raise errors.InvalidInput(f"invalid {field}", f"{field} must be a string")
+        return web.respond(request, await docker.exec(n, command, user, workdir))

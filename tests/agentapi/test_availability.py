@@ -1,0 +1,115 @@
+"""
+Docker going away and coming back, and the reactor staying responsive
+while Docker is slow.
+
+The Docker-down tests put a relay (``td.DockerRelay``) between the agent
+and the private daemon and cut it: to the agent the daemon's socket is
+gone, exactly as when dockerd stops, while the shared daemon other tests
+use keeps running.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from plexagent.testing import docker as td
+
+
+class DockerComesAndGoes(unittest.TestCase):
+    def setUp(self) -> None:
+        self.docker = td.test_client(self)
+        self.relay = td.DockerRelay(reactor, td.docker_host())
+        self.relay.restore()
+        self.addCleanup(self.relay.close)
+        self.agent = td.start_agent(self, docker_host_url=self.relay.url)
+        self.api = td.AgentClient(self.agent)
+
+    async def _down_and_up(self) -> None:
+        status, doc = await self.api.get("/containers")
+        self.assertEqual(status, 200)
+
+        await self.relay.cut()
+        for path in ("/containers", "/images/list", "/containers/x/status", "/containers/all/health"):
+            status, err = await self.api.get(path)
+            self.assertEqual((status, err["error"]), (503, "docker unavailable"), path)
+        status, err = await self.api.post("/containers/run", {"image": td.base_image()})
+        self.assertEqual((status, err["error"]), (503, "docker unavailable"))
+        status, doc = await self.api.get("/ping", key=None)
+        self.assertEqual((status, doc["status"], doc["docker"]), (200, "degraded", False))
+
+        self.relay.restore()
+        status, doc = await self.api.get("/containers")
+        self.assertEqual(status, 200)
+        status, doc = await self.api.get("/ping", key=None)
+        self.assertEqual((doc["status"], doc["docker"]), ("ok", True))
+
+    def test_docker_routes_are_503_while_docker_is_down_and_work_again_after(self) -> Any:
+        return defer.ensureDeferred(self._down_and_up())
+
+    async def _never_up(self) -> None:
+        await self.relay.cut()
+        agent = td.start_agent(self, docker_host_url=self.relay.url)
+        api = td.AgentClient(agent)
+        status, err = await api.get("/containers")
+        self.assertEqual((status, err["error"]), (503, "docker unavailable"))
+        self.relay.restore()
+        status, _ = await api.get("/containers")
+        self.assertEqual(status, 200)
+
+    def test_an_agent_started_while_docker_is_down_connects_when_it_comes_up(self) -> Any:
+        return defer.ensureDeferred(self._never_up())
+
+    async def _load_during_outage(self) -> None:
+        tar = b"".join(self.docker.images.get(td.base_image()).save(named=True))
+        await self.relay.cut()
+        status, err = await self.api.post("/docker/load/stream", data=tar)
+        self.assertEqual((status, err["error"]), (503, "docker unavailable"))
+
+    def test_a_streamed_load_while_docker_is_down_is_503(self) -> Any:
+        return defer.ensureDeferred(self._load_during_outage())
+
+
+class ReactorStaysResponsive(unittest.TestCase):
+    async def _slow_exec(self) -> None:
+        client = td.test_client(self)
+        # One Docker thread: a slow call occupies the whole pool.
+        agent = td.start_agent(self, threads=1)
+        api = td.AgentClient(agent)
+        name = td.unique_name(self, client)
+        status, doc = await api.post("/containers/run", {"name": name, "image": td.base_image(), "command": ["sleep", "300"]})
+        self.assertEqual(status, 201)
+
+        slow = api.post(f"/containers/{name}/exec", {"command": ["sleep", "3"]})
+        started = time.monotonic()
+        for _ in range(5):
+            status, doc = await api.get("/ping", key=None)
+            self.assertEqual((status, doc["docker"]), (200, True))
+        elapsed = time.monotonic() - started
+        self.assertFalse(slow.called, "the slow exec finished before the pings")
+        self.assertLess(elapsed, 1.5)
+        status, result = await slow
+        self.assertEqual((status, result["exit_code"]), (200, 0))
+
+    def test_ping_answers_promptly_while_a_slow_docker_call_holds_every_worker(self) -> Any:
+        return defer.ensureDeferred(self._slow_exec())
+
+    async def _stop_with_open_stream(self) -> None:
+        client = td.test_client(self)
+        agent = td.start_agent(self)
+        api = td.AgentClient(agent)
+        name = td.unique_name(self, client)
+        await api.post("/containers/run", {"name": name, "image": td.base_image(),
+                                           "command": ["sh", "-c", "while true; do echo tick; sleep 0.1; done"]})
+        response = await api.request("GET", f"/containers/{name}/logs?follow=true")
+        body = td.read_until(response, lambda data: False)
+        # Stopping the agent ends the open stream and its worker.
+        await agent.top.stopService()
+        await body
+        self.assertEqual(agent.pool.active, 0)
+
+    def test_stopping_the_agent_ends_open_log_streams(self) -> Any:
+        return defer.ensureDeferred(self._stop_with_open_stream())

@@ -1,0 +1,93 @@
+"""
+The agent API's security layers on a real listener: the IP allowlist
+(the TCP peer address; IPv4, IPv6, CIDR) answers 403 before the API key
+is looked at; the key answers 401; /ping is public.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from plexagent.testing import docker as td
+
+
+class SecurityLayers(unittest.TestCase):
+    def setUp(self) -> None:
+        self.docker = td.test_client(self)
+
+    def agent(self, **kwargs: Any) -> td.AgentClient:
+        return td.AgentClient(td.start_agent(self, **kwargs))
+
+    async def _key(self) -> None:
+        api = self.agent()
+        status, err = await api.get("/containers", key=None)
+        self.assertEqual((status, err), (401, {"error": "unauthorized"}))
+        status, err = await api.get("/containers", key=api.agent.api_key[:-1] + "0")
+        self.assertEqual((status, err), (401, {"error": "unauthorized"}))
+        status, _ = await api.get("/containers")
+        self.assertEqual(status, 200)
+        status, doc = await api.get("/ping", key=None)
+        self.assertEqual((status, doc["status"]), (200, "ok"))
+
+    def test_every_route_but_ping_needs_the_api_key(self) -> Any:
+        return defer.ensureDeferred(self._key())
+
+    async def _all_routes_401(self) -> None:
+        api = self.agent()
+        for method, path in [
+            ("GET", "/containers"), ("POST", "/containers/run"), ("POST", "/containers/x/start"),
+            ("POST", "/containers/x/stop"), ("POST", "/containers/x/restart"), ("POST", "/containers/x/remove"),
+            ("GET", "/containers/x/status"), ("GET", "/containers/x/health"), ("GET", "/containers/all/health"),
+            ("GET", "/containers/x/logs"), ("GET", "/containers/x/inspect"), ("POST", "/containers/x/exec"),
+            ("GET", "/images/list"), ("POST", "/images/pull"), ("POST", "/images/tag"), ("POST", "/images/load"),
+            ("POST", "/images/cleanup"), ("POST", "/docker/build"), ("POST", "/docker/dockerfile"),
+            ("POST", "/docker/login"), ("POST", "/docker/load"), ("POST", "/docker/load/stream"),
+        ]:
+            status, err = await api.call(method, path, key=None)
+            self.assertEqual((status, err), (401, {"error": "unauthorized"}), path)
+
+    def test_each_docker_route_refuses_a_request_without_the_key(self) -> Any:
+        return defer.ensureDeferred(self._all_routes_401())
+
+    async def _allow(self, listen: str, allowed: tuple[str, ...], expected: int) -> None:
+        api = self.agent(listen=listen, allowed_ips=allowed)
+        status, _ = await api.get("/ping", key=None)
+        self.assertEqual(status, expected)
+        status, doc = await api.get("/containers")
+        self.assertEqual(status, expected)
+        if expected == 403:
+            self.assertEqual(doc, {"error": "IP not in allowlist"})
+            # The allowlist comes first: even without a key it is 403.
+            status, doc = await api.get("/containers", key=None)
+            self.assertEqual((status, doc), (403, {"error": "IP not in allowlist"}))
+
+    def test_ipv4_peer_in_the_allowlist_passes(self) -> Any:
+        return defer.ensureDeferred(self._allow("127.0.0.1:0", ("10.120.0.5", "127.0.0.1"), 200))
+
+    def test_ipv4_peer_in_an_allowed_cidr_passes(self) -> Any:
+        return defer.ensureDeferred(self._allow("127.0.0.1:0", ("127.0.0.0/8",), 200))
+
+    def test_ipv4_peer_outside_the_allowlist_is_403_even_for_ping(self) -> Any:
+        return defer.ensureDeferred(self._allow("127.0.0.1:0", ("10.0.0.0/8", "::1"), 403))
+
+    def test_ipv6_peer_in_the_allowlist_passes(self) -> Any:
+        return defer.ensureDeferred(self._allow("[::1]:0", ("::1",), 200))
+
+    def test_ipv6_peer_in_an_allowed_cidr_passes(self) -> Any:
+        return defer.ensureDeferred(self._allow("[::1]:0", ("::/64", "fd00::/8", "::1/128"), 200))
+
+    def test_ipv6_peer_outside_the_allowlist_is_403(self) -> Any:
+        return defer.ensureDeferred(self._allow("[::1]:0", ("127.0.0.1", "fd00::/8"), 403))
+
+    async def _forwarded(self) -> None:
+        api = self.agent(allowed_ips=("10.120.0.5",))
+        status, doc = await api.get(
+            "/containers", headers={"X-Forwarded-For": "10.120.0.5", "X-Real-IP": "10.120.0.5"}
+        )
+        self.assertEqual((status, doc), (403, {"error": "IP not in allowlist"}))
+
+    def test_forwarding_headers_do_not_bypass_the_allowlist(self) -> Any:
+        return defer.ensureDeferred(self._forwarded())

@@ -1,0 +1,165 @@
+"""
+The Docker pool's pieces that need no daemon: error translation, the
+bounded hand-over of tar bytes, the streaming base64 field decoder, and
+the pool's lifecycle.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import docker.errors
+import requests
+from hypothesis import given, settings, strategies as st
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from plexagent import errors
+from plexagent.agentapi.imageload import Base64Field
+from plexagent.dockerpool import DockerPool, TarFeed, translate
+
+
+def api_error(status: int, explanation: str) -> docker.errors.APIError:
+    response = requests.Response()
+    response.status_code = status
+    return docker.errors.APIError("500 Server Error", response=response, explanation=explanation)
+
+
+class Translate(unittest.TestCase):
+    def test_not_found_is_404_with_dockers_message(self) -> None:
+        e = translate(docker.errors.NotFound("x", explanation="No such container: web"), "container")
+        self.assertIsInstance(e, errors.NotFound)
+        self.assertEqual((e.message, e.details), ("container not found", "No such container: web"))
+
+    def test_status_codes(self) -> None:
+        for status, kind in ((409, errors.Conflict), (400, errors.InvalidInput), (404, errors.NotFound),
+                             (401, errors.Forbidden), (500, errors.UpstreamFailed)):
+            e = translate(api_error(status, "because"), "container")
+            self.assertIsInstance(e, kind, status)
+            self.assertEqual(e.details, "because")
+
+    def test_connection_errors_are_docker_unavailable(self) -> None:
+        for exc in (requests.exceptions.ConnectionError("refused"), ConnectionRefusedError(111, "refused"),
+                    docker.errors.DockerException("Error while fetching server API version: refused")):
+            e = translate(exc)
+            self.assertIsInstance(e, errors.Unavailable)
+            self.assertEqual(e.message, "docker unavailable")
+
+    def test_secrets_are_blanked_from_details(self) -> None:
+        e = translate(api_error(500, "login for user:hunter2 failed: unauthorized"), "registry", ("hunter2",))
+        self.assertIsInstance(e, errors.Forbidden)
+        self.assertNotIn("hunter2", json.dumps([e.message, e.details]))
+
+    def test_other_exceptions_are_left_alone(self) -> None:
+        error = ValueError("bug")
+        self.assertIs(translate(error), error)
+
+
+class ImmediateReactor:
+    def callFromThread(self, f, *args):  # type: ignore[no-untyped-def]
+        f(*args)
+
+
+class Feed(unittest.TestCase):
+    def setUp(self) -> None:
+        self.events: list[str] = []
+        self.feed = TarFeed(ImmediateReactor(), lambda: self.events.append("pause"),
+                            lambda: self.events.append("resume"), high_water=10, low_water=4)
+
+    def test_pauses_above_high_water_and_resumes_below_low_water(self) -> None:
+        for _ in range(4):
+            self.feed.put(b"abcd")
+        self.assertEqual(self.events, ["pause"])
+        self.feed.close()
+        chunks = self.feed.chunks()
+        self.assertEqual(next(chunks), b"abcd")  # 12 left
+        self.assertEqual(next(chunks), b"abcd")  # 8 left
+        self.assertEqual(self.events, ["pause"])
+        self.assertEqual(next(chunks), b"abcd")  # 4 left: below low water
+        self.assertEqual(self.events, ["pause", "resume"])
+        self.assertEqual(list(chunks), [b"abcd"])
+        self.assertEqual(self.feed.total, 16)
+
+    def test_abort_fails_the_worker_and_resumes_the_socket(self) -> None:
+        for _ in range(4):
+            self.feed.put(b"abcd")
+        self.feed.abort()
+        self.assertEqual(self.events, ["pause", "resume"])
+        self.assertRaises(OSError, next, self.feed.chunks())
+        self.feed.put(b"more")  # ignored after an abort
+
+
+class Base64FieldDecoding(unittest.TestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=600), st.lists(st.integers(min_value=1, max_value=50), max_size=40), st.booleans())
+    def test_any_chunking_decodes_the_value(self, data: bytes, cuts: list[int], escape: bool) -> None:
+        body = json.dumps({"name": "x", "image_tar_b64": base64.b64encode(data).decode(), "z": 1})
+        if escape:
+            body = body.replace("/", "\\/")
+        raw = body.encode()
+        out: list[bytes] = []
+        field = Base64Field("image_tar_b64", out.append)
+        at = 0
+        for cut in cuts:
+            field.feed(raw[at:at + cut])
+            at += cut
+        field.feed(raw[at:])
+        field.close()
+        self.assertEqual(b"".join(out), data)
+
+    def test_missing_field_or_bad_base64_is_invalid_input(self) -> None:
+        field = Base64Field("image_tar_b64", lambda _: None)
+        field.feed(b'{"other": "x"}')
+        self.assertRaises(errors.InvalidInput, field.close)
+        field = Base64Field("image_tar_b64", lambda _: None)
+        self.assertRaises(errors.InvalidInput, field.feed, b'{"image_tar_b64": "@@@@"}')
+        field = Base64Field("image_tar_b64", lambda _: None)
+        self.assertRaises(errors.InvalidInput, field.feed, b'{"image_tar_b64": 5}')
+
+
+class Lifecycle(unittest.TestCase):
+    def test_the_pool_is_named_bounded_and_follows_the_service(self) -> None:
+        from twisted.internet import reactor
+
+        pool = DockerPool(reactor, "unix:///nonexistent/docker.sock", threads=3)
+        self.assertEqual((pool.threadpool.name, pool.threadpool.max), ("plexagent-docker", 3))
+        self.assertFalse(pool.threadpool.started)
+        pool.startService()
+        self.assertTrue(pool.threadpool.started)
+        pool.stopService()
+        self.assertFalse(pool.threadpool.started)
+
+    @defer.inlineCallbacks
+    def test_calls_run_off_the_reactor_thread(self):  # type: ignore[no-untyped-def]
+        import threading
+
+        from twisted.internet import reactor
+
+        pool = DockerPool(reactor, "", threads=1, client_factory=lambda: "client")
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        name = yield pool.call(lambda client: (client, threading.current_thread().name))
+        self.assertEqual(name[0], "client")
+        self.assertIn("plexagent-docker", name[1])
+
+    @defer.inlineCallbacks
+    def test_a_connection_error_drops_the_client_so_the_next_call_reconnects(self):  # type: ignore[no-untyped-def]
+        from twisted.internet import reactor
+
+        made: list[int] = []
+
+        def factory() -> int:
+            made.append(len(made))
+            return made[-1]
+
+        pool = DockerPool(reactor, "", threads=1, client_factory=factory)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+
+        def fail(client: int) -> None:
+            raise requests.exceptions.ConnectionError("gone")
+
+        yield self.assertFailure(pool.call(fail), errors.Unavailable)
+        second = yield pool.call(lambda client: client)
+        self.assertEqual((made, second), ([0, 1], 1))
