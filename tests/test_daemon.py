@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import sys
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactor
@@ -185,3 +186,55 @@ class MakeServiceTests(unittest.TestCase):
     def test_ipv6_host_port(self) -> None:
         memory = self.make(http_enabled=True, http_listen="[::1]:9100")
         self.assertEqual([(t[0], t[3]) for t in memory.tcpServers], [(9100, "::1")])
+
+
+class SocketActivationTests(DaemonCase):
+    async def test_the_socket_can_come_from_systemd(self) -> None:
+        # What systemd does for a .socket unit: bind and listen, then start
+        # the service with the socket as fd 3 and LISTEN_FDS/LISTEN_PID set.
+        listening = socket.socket(socket.AF_UNIX)
+        listening.bind(self.sandbox.socket)
+        listening.listen(16)
+        self.addCleanup(listening.close)
+        self.sandbox.document["node_api"]["socket"] = "systemd:domain=UNIX:index=0"
+        config = self.sandbox.write()
+        from plexagent.testing.fixtures import _ProcessWatcher
+
+        watcher = _ProcessWatcher()
+        launcher = (
+            "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); os.environ['LISTEN_FDS'] = '1'; "
+            "os.environ['LISTEN_FDNAMES'] = 'api'; "
+            "from twisted.scripts.twistd import run; sys.argv = ['twistd'] + sys.argv[1:]; run()"
+        )
+        argv = [sys.executable, "-c", launcher, "-n", "--pidfile=", "plexagent", "--config", config]
+        transport = reactor.spawnProcess(
+            watcher, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r", 3: listening.fileno()}
+        )
+
+        async def reap() -> None:
+            if watcher.status is None:
+                transport.signalProcess("KILL")
+                await watcher.ended
+
+        self.addCleanup(lambda: defer.ensureDeferred(reap()))
+        client = unix_http_client(self.sandbox.socket)
+        for _ in range(300):
+            if watcher.status is not None:
+                self.fail(f"agent exited: {bytes(watcher.output).decode()}")
+            try:
+                code, body = await json_response(await client.get(BASE + "/v1/state", timeout=5))
+                break
+            except Exception:
+                await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(code, 200)
+        self.assertEqual(body["report_keys"], [])
+
+    async def test_a_missing_systemd_socket_is_a_configuration_error(self) -> None:
+        self.sandbox.document["node_api"]["socket"] = "systemd:domain=UNIX:index=0"
+        status, output = await self.start_failure()
+        self.assertNotEqual(status, 0)
+        self.assertEqual(
+            output,
+            "plexagent: configuration error: node_api.socket: 'systemd:domain=UNIX:index=0': "
+            "no such socket was passed by systemd",
+        )
