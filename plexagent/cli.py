@@ -1,6 +1,11 @@
 """
 The ``plexagent`` command: operator helpers beside the daemon.
 
+``plexagent version``; ``plexagent check-config --config PATH`` (what
+startup would say, without starting); ``plexagent state [metadata|data|
+secrets] [KEY]`` and ``plexagent report list|get|put|delete`` through the
+Local Node API socket.
+
 Each helper is a subcommand: add one with a ``_register_*`` function that
 adds its parser and sets ``func``.
 
@@ -57,11 +62,168 @@ def _register_derive_key(commands: Any) -> None:
     parser.set_defaults(func=_derive_key)
 
 
+def _version(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> int:
+    from plexagent import __version__
+
+    print(f"plexagent {__version__}", file=stdout)
+    return 0
+
+
+def _register_version(commands: Any) -> None:
+    commands.add_parser("version", help="print the version").set_defaults(func=_version)
+
+
+def check_config(path: str | None, environ: Any) -> str:
+    """
+    Everything startup checks short of binding: the file, every key, the key
+    files, listener descriptions. Returns a one-line verdict; raises
+    ConfigError with startup's own message.
+    """
+    from twisted.internet.testing import MemoryReactor
+
+    from plexagent.config import ConfigError, load_config
+    from plexagent.service import makeService
+
+    config = load_config(path, environ)
+    try:
+        makeService(config, MemoryReactor())
+    except ConfigError as e:
+        # Sockets systemd passes exist only in the service itself.
+        if "no such socket was passed by systemd" not in str(e):
+            raise
+        return "configuration OK (socket-activated listeners not checked)"
+    return "configuration OK"
+
+
+def _check_config(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> int:
+    import os
+
+    from plexagent.config import ConfigError
+
+    try:
+        print(check_config(args.config, os.environ), file=stdout)
+    except ConfigError as e:
+        print(f"plexagent: configuration error: {e}", file=stderr)
+        return 2
+    return 0
+
+
+def _register_check_config(commands: Any) -> None:
+    parser = commands.add_parser("check-config", help="check a configuration file as startup would, without starting")
+    parser.add_argument("--config", metavar="PATH", help="the TOML file (default: built-in defaults)")
+    parser.set_defaults(func=_check_config)
+
+
+def _socket_request(path: str, method: str, url: str, body: bytes | None = None,
+                    headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    import http.client
+    import socket
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            self.sock.connect(path)
+
+    conn = UnixConnection("localhost", timeout=60)
+    try:
+        conn.request(method, url, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _print_response(status: int, body: bytes, stdout: Any, stderr: Any) -> int:
+    import json
+
+    if not body:
+        return 0 if status < 400 else 1
+    try:
+        text = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
+    except ValueError:
+        text = body.decode("utf-8", "replace")
+    print(text, file=stdout if status < 400 else stderr)
+    return 0 if status < 400 else 1
+
+
+def _call_socket(args: argparse.Namespace, stderr: Any, method: str, url: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[int, bytes] | None:
+    try:
+        return _socket_request(args.socket, method, url, body, headers)
+    except OSError as e:
+        print(f"plexagent: cannot reach the agent at {args.socket}: {e.strerror or e}", file=stderr)
+        return None
+
+
+def _quote(key: str) -> str:
+    from urllib.parse import quote
+
+    return quote(key, safe="")
+
+
+def _state(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> int:
+    url = "/v1/state"
+    if args.section:
+        url += f"/{args.section}"
+        if args.key:
+            url += f"/{_quote(args.key)}"
+    result = _call_socket(args, stderr, "GET", url)
+    return 1 if result is None else _print_response(*result, stdout, stderr)
+
+
+def _report(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> int:
+    import json
+
+    if args.action == "list":
+        result = _call_socket(args, stderr, "GET", "/v1/state/report")
+    else:
+        if not args.key:
+            print(f"plexagent report {args.action}: a KEY is required", file=stderr)
+            return 2
+        url = f"/v1/state/report/{_quote(args.key)}"
+        headers = {} if args.if_match is None else {"If-Match": str(args.if_match)}
+        if args.action == "get":
+            result = _call_socket(args, stderr, "GET", url)
+        elif args.action == "delete":
+            result = _call_socket(args, stderr, "DELETE", url, headers=headers)
+        else:
+            raw = args.payload if args.payload is not None else stdin.read()
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                print("plexagent report put: the payload is not valid JSON", file=stderr)
+                return 2
+            body = json.dumps({"content_type": args.content_type, "payload": payload}).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+            result = _call_socket(args, stderr, "PUT", url, body, headers)
+    return 1 if result is None else _print_response(*result, stdout, stderr)
+
+
+def _register_socket_commands(commands: Any) -> None:
+    state = commands.add_parser("state", help="read node state through the Local Node API socket")
+    state.add_argument("section", nargs="?", choices=["metadata", "data", "secrets", "report"])
+    state.add_argument("key", nargs="?")
+    state.set_defaults(func=_state)
+    report = commands.add_parser("report", help="list, read, write or delete report entries through the socket")
+    report.add_argument("action", choices=["list", "get", "put", "delete"])
+    report.add_argument("key", nargs="?")
+    report.add_argument("--content-type", default="application/json")
+    report.add_argument("--payload", help="the payload as JSON (default: read from standard input)")
+    report.add_argument("--if-match", type=int, metavar="VERSION")
+    report.set_defaults(func=_report)
+    for parser in (state, report):
+        parser.add_argument("--socket", default="/var/run/plexd/api.sock", help="the agent's Unix socket")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plexagent", description="plexagent operator helpers")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    _register_version(commands)
+    _register_check_config(commands)
     _register_derive_key(commands)
+    _register_socket_commands(commands)
     return parser
 
 
