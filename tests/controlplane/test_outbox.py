@@ -1,0 +1,136 @@
+"""The report outbox: debounce, retry, durable position (task.Clock)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.internet import task
+from twisted.trial import unittest
+
+from plexagent.controlplane.outbox import ReportOutbox
+from plexagent.controlplane.sync import Backoff
+from plexagent.reports import ReportStore
+
+from tests.controlplane.fakes import FakeClient, sync_thread, unavailable
+
+
+class OutboxTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.dir = self.mktemp()
+        self.client = FakeClient()
+        self.store = self.new_store()
+        self.outbox = self.new_outbox()
+        self.outbox.startService()
+
+    def new_store(self) -> ReportStore:
+        store = ReportStore(self.dir, self.clock, run_in_thread=sync_thread)
+        store.load()
+        self.addCleanup(store.close)
+        return store
+
+    def new_outbox(self) -> ReportOutbox:
+        outbox = ReportOutbox(self.store, self.client, self.clock, self.dir, debounce=5.0,
+                              backoff=Backoff(rng=lambda: 1.0), run_in_thread=sync_thread)
+        self.addCleanup(lambda: outbox.running and outbox.stopService())
+        return outbox
+
+    def put(self, key: str, payload: Any = 1) -> None:
+        self.successResultOf(self.store.put(key, "application/json", payload, None))
+
+    def test_changes_within_the_debounce_are_sent_as_one_request(self) -> None:
+        self.put("a")
+        self.clock.advance(2)
+        self.put("b")
+        self.put("a", 2)
+        self.successResultOf(self.store.delete("b"))
+        self.clock.advance(2.9)
+        self.assertEqual(self.client.reports, [])
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.reports), 1)
+        entries, deleted, _ = self.client.reports[0]
+        self.assertEqual([(e["key"], e["version"]) for e in entries], [("a", 2)])
+        self.assertEqual(deleted, ["b"])
+
+    def test_a_steady_stream_of_writes_does_not_postpone_the_sync(self) -> None:
+        for _ in range(10):
+            self.put("a")
+            self.clock.advance(1)
+        self.assertGreaterEqual(len(self.client.reports), 1)
+
+    def test_success_makes_the_position_durable(self) -> None:
+        self.put("a")
+        self.clock.advance(5)
+        self.client.reports[0][2].callback((200, None))
+        self.assertEqual(self.outbox.depth, 0)
+        with open(os.path.join(self.dir, "outbox.json")) as f:
+            self.assertEqual(json.load(f), {"synced_seq": self.store.durable_seq})
+
+    def test_changes_during_a_send_go_in_the_next_batch(self) -> None:
+        self.put("a")
+        self.clock.advance(5)
+        self.put("b")
+        self.client.reports[0][2].callback((200, None))
+        self.clock.advance(5)
+        entries, _, _ = self.client.reports[1]
+        self.assertEqual([e["key"] for e in entries], ["b"])
+
+    def test_failure_is_retried_with_backoff_and_nothing_is_lost(self) -> None:
+        self.put("a")
+        self.clock.advance(5)
+        self.client.reports[0][2].errback(unavailable(503))
+        self.put("b")
+        self.assertEqual(self.outbox.depth, 2)
+        self.clock.advance(0.99)
+        self.assertEqual(len(self.client.reports), 1)
+        self.clock.advance(0.01)
+        self.client.reports[1][2].errback(unavailable(503))
+        self.clock.advance(2)
+        entries, _, d = self.client.reports[2]
+        self.assertEqual([e["key"] for e in entries], ["a", "b"])
+        d.callback((200, None))
+        self.assertEqual(self.outbox.depth, 0)
+
+    def test_429_retry_after_is_honoured(self) -> None:
+        self.put("a")
+        self.clock.advance(5)
+        self.client.reports[0][2].errback(unavailable(429, retry_after=40))
+        self.clock.advance(39.9)
+        self.assertEqual(len(self.client.reports), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.reports), 2)
+
+    def test_depth_counts_pending_keys(self) -> None:
+        self.assertEqual(self.outbox.depth, 0)
+        self.put("a")
+        self.put("b")
+        self.successResultOf(self.store.delete("a"))
+        self.assertEqual(self.outbox.depth, 2)
+
+    def test_changes_pending_before_a_restart_are_sent_at_start(self) -> None:
+        self.put("a")
+        self.clock.advance(5)
+        self.client.reports[0][2].callback((200, None))
+        self.put("b")
+        self.outbox.stopService()
+        self.store.close()
+        # A new process: the log and outbox.json are all that survived.
+        self.store = self.new_store()
+        self.client = FakeClient()
+        outbox = self.new_outbox()
+        outbox.startService()
+        self.clock.advance(0)
+        entries, _, _ = self.client.reports[0]
+        self.assertEqual([e["key"] for e in entries], ["b"])
+
+    def test_unreadable_position_resends_everything(self) -> None:
+        self.put("a")
+        self.outbox.stopService()
+        with open(os.path.join(self.dir, "outbox.json"), "w") as f:
+            f.write("{torn")
+        outbox = self.new_outbox()
+        outbox.startService()
+        self.clock.advance(0)
+        self.assertEqual([e["key"] for e in self.client.reports[-1][0]], ["a"])
