@@ -354,15 +354,23 @@ class ReportStore:
         """Call ``listener(durable_seq)`` after every durable commit."""
         self._listeners.append(listener)
 
-    def changes_since(self, seq: int) -> Changes:
-        """Every durable change with a sequence number above ``seq``."""
+    def changes_since(self, seq: int, limit: int | None = None) -> Changes:
+        """
+        Every durable change with a sequence number above ``seq``; with
+        ``limit``, only the oldest ``limit`` of them, and ``upto`` is the
+        sequence number of the last one included (so the next call with
+        ``seq=upto`` continues where this one stopped).
+        """
         upto = self.durable_seq
-        entries = [
-            self._entries[k]
-            for k, s in self._seqs.items()
-            if seq < s <= upto
-        ]
-        deleted = [k for k, (_, s) in self._tombstones.items() if seq < s <= upto]
+        changed = [(s, k) for k, s in self._seqs.items() if seq < s <= upto]
+        gone = [(s, k) for k, (_, s) in self._tombstones.items() if seq < s <= upto]
+        if limit is not None and len(changed) + len(gone) > limit:
+            merged = sorted([(s, k, True) for s, k in changed] + [(s, k, False) for s, k in gone])[:limit]
+            upto = merged[-1][0]
+            changed = [(s, k) for s, k, put in merged if put]
+            gone = [(s, k) for s, k, put in merged if not put]
+        entries = [self._entries[k] for _, k in changed]
+        deleted = [k for _, k in gone]
         entries.sort(key=lambda e: e["key"])
         deleted.sort()
         return Changes(entries=entries, deleted=deleted, upto=upto)

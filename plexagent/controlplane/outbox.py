@@ -39,6 +39,9 @@ class ReportOutbox(service.Service):
     """
 
     FILENAME = "outbox.json"
+    #: Changes per request: a backlog from a long outage goes out in
+    #: requests of bounded size, oldest first.
+    MAX_BATCH = 1000
 
     def __init__(
         self,
@@ -48,6 +51,7 @@ class ReportOutbox(service.Service):
         data_dir: str,
         debounce: float = 5.0,
         backoff: Backoff | None = None,
+        max_batch: int | None = None,
         run_in_thread: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
     ) -> None:
         self.store = store
@@ -56,6 +60,7 @@ class ReportOutbox(service.Service):
         self.debounce = debounce
         self.backoff = backoff or Backoff()
         self._path = os.path.join(data_dir, self.FILENAME)
+        self.max_batch = max_batch or self.MAX_BATCH
         self._run_in_thread = run_in_thread
         #: the last sequence number the control plane acknowledged (durable)
         self.synced_seq = 0
@@ -132,27 +137,29 @@ class ReportOutbox(service.Service):
         self._call = None
         if not self.running or self._inflight is not None:
             return
-        changes = self.store.changes_since(self.synced_seq)
+        changes = self.store.changes_since(self.synced_seq, self.max_batch)
         if not changes.entries and not changes.deleted:
             self.synced_seq = max(self.synced_seq, changes.upto)
             return
         self.posts += 1
         d = self.client.send_report(changes.entries, changes.deleted)
         self._inflight = d
+        truncated = changes.upto < self.store.durable_seq
         d.addCallback(lambda _: self._persist(changes.upto))
-        d.addCallbacks(self._sent, self._failed)
+        d.addCallbacks(self._sent, self._failed, callbackArgs=(truncated,))
 
     def _persist(self, upto: int) -> defer.Deferred[int]:
         payload = json.dumps({"synced_seq": upto}).encode("ascii")
         return self._run_in_thread(atomic_write, self._path, payload).addCallback(lambda _: upto)
 
-    def _sent(self, upto: int) -> None:
+    def _sent(self, upto: int, truncated: bool) -> None:
         self._inflight = None
         self.synced_seq = upto
         self.backoff.reset()
         if self.running and self.pending:
-            # Changes committed while this batch travelled: next batch.
-            self._schedule(self.debounce)
+            # The rest of a backlog goes at once; changes committed while
+            # this batch travelled wait for the debounce as usual.
+            self._schedule(0 if truncated else self.debounce)
 
     def _failed(self, failure: Any) -> None:
         self._inflight = None

@@ -134,3 +134,43 @@ class OutboxTests(unittest.TestCase):
         outbox.startService()
         self.clock.advance(0)
         self.assertEqual([e["key"] for e in self.client.reports[-1][0]], ["a"])
+
+
+class BacklogTests(unittest.TestCase):
+    """A long outage's backlog goes out in bounded requests, oldest first."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.dir = self.mktemp()
+        self.client = FakeClient()
+        self.store = ReportStore(self.dir, self.clock, run_in_thread=sync_thread)
+        self.store.load()
+        self.addCleanup(self.store.close)
+        self.outbox = ReportOutbox(self.store, self.client, self.clock, self.dir, debounce=5.0,
+                                   backoff=Backoff(rng=lambda: 1.0), max_batch=3, run_in_thread=sync_thread)
+        self.outbox.startService()
+        self.addCleanup(self.outbox.stopService)
+
+    def test_backlog_is_sent_in_batches_back_to_back(self) -> None:
+        for key in "abcdefg":
+            self.successResultOf(self.store.put(key, "text/plain", key, None))
+        self.successResultOf(self.store.delete("b"))
+        self.clock.advance(5)
+        sent = []
+        while self.client.reports:
+            entries, deleted, d = self.client.reports.pop(0)
+            sent.append(([e["key"] for e in entries], deleted))
+            d.callback((200, None))
+            self.clock.advance(0)
+        self.assertEqual(sent, [(["a", "c", "d"], []), (["e", "f", "g"], []), ([], ["b"])])
+        self.assertEqual(self.outbox.depth, 0)
+
+    def test_changes_since_with_limit_continues_where_it_stopped(self) -> None:
+        for key in "abcde":
+            self.successResultOf(self.store.put(key, "text/plain", key, None))
+        first = self.store.changes_since(0, limit=2)
+        second = self.store.changes_since(first.upto, limit=2)
+        third = self.store.changes_since(second.upto, limit=2)
+        self.assertEqual([[e["key"] for e in c.entries] for c in (first, second, third)],
+                         [["a", "b"], ["c", "d"], ["e"]])
+        self.assertEqual(third.upto, self.store.durable_seq)
