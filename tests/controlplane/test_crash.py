@@ -158,21 +158,36 @@ class CrashTests(AgentTestCase):
         await running
         return storm
 
-    def delivered(self, sim: ControlPlaneSimulator, storm: Storm) -> bool:
+    def undelivered(self, sim: ControlPlaneSimulator, *storms: Storm) -> list[str]:
+        """Acknowledged changes the control plane does not have (empty: all there)."""
         reported = sim.reported()
         sent_deletes = {k for post in sim.report_posts for k in post["deleted"]}
-        for key, version in storm.acked_puts.items():
-            if key in storm.acked_deletes:
-                continue
-            if key in reported and reported[key]["version"] >= version:
-                continue
-            # A DELETE cut off by the kill may still have been made durable
-            # (and so synced) without being answered: keys are never
-            # re-created, so a sent delete is the newer change.
-            if key not in reported and key in sent_deletes:
-                continue
-            return False
-        return storm.acked_deletes <= sent_deletes and not (storm.acked_deletes & set(reported))
+        missing = []
+        for storm in storms:
+            for key, version in storm.acked_puts.items():
+                if key in storm.acked_deletes:
+                    continue
+                if key in reported and reported[key]["version"] >= version:
+                    continue
+                # A DELETE cut off by the kill may still have been made
+                # durable (and so synced) without being answered: keys are
+                # never re-created, so a sent delete is the newer change.
+                if key not in reported and key in sent_deletes:
+                    continue
+                missing.append(f"PUT {key} v{version}")
+            for key in storm.acked_deletes:
+                if key not in sent_deletes or key in reported:
+                    missing.append(f"DELETE {key}")
+        return missing
+
+    async def assertDelivered(self, sim: ControlPlaneSimulator, *storms: Storm, timeout: float = 60) -> None:
+        try:
+            await eventually(lambda: not self.undelivered(sim, *storms), timeout=timeout,
+                             what="every acknowledged change")
+        except AssertionError:
+            missing = self.undelivered(sim, *storms)
+            self.fail(f"{len(missing)} acknowledged changes never reached the control plane, "
+                      f"e.g. {missing[:5]}; {len(sim.report_posts)} posts received")
 
     def assertNoSecretsIn(self, sim: ControlPlaneSimulator, output: bytes) -> None:
         self.assertNotIn(sim.token.encode(), output)
@@ -183,7 +198,7 @@ class CrashTests(AgentTestCase):
         process, client = await self.launch(sim, report_debounce=0.05)
         storm = await self.storm_then_kill(client, process, acks=600)
         restarted, client = await self.launch(sim, report_debounce=0.05)
-        await eventually(lambda: self.delivered(sim, storm), timeout=60, what="every acknowledged change")
+        await self.assertDelivered(sim, storm)
         self.assertGreater(len(storm.acked_deletes), 0)
         await self.kill(restarted)
         self.assertNoSecretsIn(sim, process[1].output + restarted[1].output)
@@ -194,7 +209,7 @@ class CrashTests(AgentTestCase):
         storm = await self.storm_then_kill(client, process, acks=300)
         self.assertEqual(sim.report_posts, [])
         restarted, client = await self.launch(sim, report_debounce=300.0)
-        await eventually(lambda: self.delivered(sim, storm), timeout=60, what="every acknowledged change")
+        await self.assertDelivered(sim, storm)
         await self.kill(restarted)
 
     async def test_sigkill_during_a_control_plane_outage_loses_nothing(self) -> None:
@@ -208,6 +223,5 @@ class CrashTests(AgentTestCase):
         more = await self.storm_then_kill(client, restarted, acks=100, prefix="t")
         await sim.start(reactor)
         final, client = await self.launch(sim, report_debounce=0.05)
-        await eventually(lambda: self.delivered(sim, storm) and self.delivered(sim, more),
-                          timeout=90, what="every acknowledged change")
+        await self.assertDelivered(sim, storm, more, timeout=90)
         await self.kill(final)
