@@ -171,6 +171,9 @@ class StateSync(service.Service):
     def _fetch_failed(self, failure: Any) -> None:
         if failure.check(defer.CancelledError):
             return
+        # A fetch asked for meanwhile waits for the backoff like this retry:
+        # a reconcile request must not defeat it while the control plane fails.
+        self._again = False
         if failure.check(ControlPlaneError):
             log.warn("state fetch failed: {error}", error=str(failure.value))
         else:

@@ -273,3 +273,13 @@ class HeartbeatTests(unittest.TestCase):
         self.assertEqual(len(self.client.heartbeats), 1)
         self.clock.advance(0.1)
         self.assertEqual(len(self.client.heartbeats), 2)
+
+
+class FetchRequestDuringFailureTests(SyncHarness):
+    def test_fetch_requested_during_a_failing_fetch_waits_for_the_backoff(self) -> None:
+        self.sync.startService()
+        self.sync.fetch_now()
+        self.client.fetches[0].errback(unavailable(503, retry_after=10))
+        self.assertEqual(len(self.client.fetches), 1)
+        self.clock.advance(10)
+        self.assertEqual(len(self.client.fetches), 2)
