@@ -269,3 +269,31 @@ class ReportSyncIntegrationTests(Fixture):
         await sim.start(reactor)
         await eventually(lambda: agent.outbox.depth == 0, timeout=40, what="outbox drained")
         self.assertEqual(sorted(sim.reported()), ["o1", "o2", "o3", "o4"])
+
+
+class NoSecretsInLogsTests(Fixture):
+    async def test_no_token_key_or_secret_value_is_logged_through_faults(self) -> None:
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        lines: list[str] = []
+
+        def observer(event: dict[str, Any]) -> None:
+            lines.append(formatEvent(event) + repr(event.get("log_failure", "")))
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        sim = await self.start_sim()
+        sim.faults.fail("state", status=500, times=1)
+        sim.faults.fail("report", status=503, times=2)
+        agent, client = self.start_agent(sim, heartbeat_interval=0.1)
+        await eventually(lambda: sim.open_streams == 1, timeout=20)
+        await client.put_report("r", {"x": 1})
+        code, body = await client.get("/v1/state/secrets/db%2Fpassword")
+        self.assertEqual((code, body["value"]), (200, "s3cret-p@ssw0rd"))
+        sim.publish("node_state_updated", state_payload("v", 1), bad_signature=True)
+        sim.drop_streams(mid_event=True)
+        await eventually(lambda: "r" in sim.reported(), timeout=20)
+        text = "\n".join(lines)
+        self.assertIn("report sync failed", text)
+        for secret in (sim.token, sim.nsk_b64, "s3cret-p@ssw0rd"):
+            self.assertNotIn(secret, text)
