@@ -434,7 +434,12 @@ class ControlPlaneSimulator:
             ids = [eid for eid, _ in self.events]
             if last_id in ids:
                 opening += b"".join(frame for _, frame in self.events[ids.index(last_id) + 1:])
-        stream.send(opening, force=True)
+        delay = self.faults.delay + self.faults.delays.get("events", 0.0)
+        if delay > 0:
+            # Slow: no response headers until the delay has passed.
+            stream.pending = self._reactor.callLater(delay, stream.send, opening, True)
+        else:
+            stream.send(opening, force=True)
         return stream.done
 
 
@@ -448,6 +453,7 @@ class _EventStream:
         self._keepalive = task.LoopingCall(self._ping)
         self._keepalive.clock = sim._reactor
         self._keepalive.start(sim.keepalive, now=False)
+        self.pending: Any = None
         request.notifyFinish().addBoth(lambda _: self._gone())
 
     def _ping(self) -> None:
@@ -467,6 +473,8 @@ class _EventStream:
             transport.abortConnection()
 
     def _gone(self) -> None:
+        if self.pending is not None and self.pending.active():
+            self.pending.cancel()
         if self in self._sim._streams:
             self._sim._streams.remove(self)
         if self._keepalive.running:

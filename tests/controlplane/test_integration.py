@@ -149,6 +149,18 @@ class EventStreamIntegrationTests(Fixture):
         self.assertGreaterEqual(times[1] - times[0], 1.0)
 
 
+    async def test_event_stream_slow_past_the_timeout_is_retried(self) -> None:
+        sim = await self.start_sim()
+        sim.faults.slow("events", 5.0)
+        agent, client = self.start_agent(sim, request_timeout=0.3)
+        await eventually(lambda: len(sim.stream_requests) >= 2, timeout=20, what="retry after timeout")
+        self.assertFalse(agent.sync.stream.connected)
+        sim.faults.delays.clear()
+        await eventually(lambda: agent.sync.stream.connected, timeout=20, what="stream connected")
+        sim.publish("node_state_updated", state_payload("late", 1))
+        await eventually(lambda: "config" in agent.cache.current.data)
+
+
 class StateFetchIntegrationTests(Fixture):
     async def test_control_plane_down_at_start_socket_serves_cache_then_catches_up(self) -> None:
         sim = await self.start_sim()
