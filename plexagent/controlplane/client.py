@@ -226,7 +226,8 @@ class _Discard(Protocol):
     """Reads nothing of a body it was handed: closes its connection."""
 
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
 async def _read_limited(response: Any, limit: int) -> bytes:

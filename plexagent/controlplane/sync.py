@@ -18,8 +18,9 @@ from typing import Any, Callable
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from plexagent import __version__
 from plexagent.controlplane.client import ControlPlaneClient, ControlPlaneError
@@ -229,8 +230,13 @@ class _StreamProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._stream._received(self, data)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stream._lost(self, reason)
+
+    def close(self) -> None:
+        """Drop the connection the body arrives on."""
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
 class EventStream:
@@ -292,7 +298,7 @@ class EventStream:
         if self._protocol is not None:
             stopped: defer.Deferred[None] = defer.Deferred()
             self._stopped = stopped
-            self._protocol.transport.stopProducing()
+            self._protocol.close()
             return stopped
         return defer.succeed(None)
 
@@ -307,7 +313,7 @@ class EventStream:
         if not self.started:
             orphan = _StreamProtocol(self)
             response.deliverBody(orphan)
-            orphan.transport.stopProducing()
+            orphan.close()
             return
         self.connections += 1
         self.connected = True
@@ -336,7 +342,7 @@ class EventStream:
     def _silent(self) -> None:
         log.warn("event stream silent for {seconds}s: reconnecting", seconds=self.idle_timeout)
         if self._protocol is not None:
-            self._protocol.transport.stopProducing()
+            self._protocol.close()
 
     def _received(self, protocol: _StreamProtocol, data: bytes) -> None:
         if protocol is not self._protocol or self._parser is None:
