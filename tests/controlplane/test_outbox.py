@@ -174,3 +174,71 @@ class BacklogTests(unittest.TestCase):
         self.assertEqual([[e["key"] for e in c.entries] for c in (first, second, third)],
                          [["a", "b"], ["c", "d"], ["e"]])
         self.assertEqual(third.upto, self.store.durable_seq)
+
+
+class HeldWrites:
+    """A run_in_thread whose writes the test completes or fails by hand."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Any, tuple[Any, ...], Any]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Any:
+        from twisted.internet import defer
+
+        d: Any = defer.Deferred()
+        self.held.append((f, args, d))
+        return d
+
+    def complete(self) -> None:
+        f, args, d = self.held.pop(0)
+        f(*args)
+        d.callback(None)
+
+    def fail(self) -> None:
+        from plexagent.errors import StorageError
+
+        _, _, d = self.held.pop(0)
+        d.errback(StorageError("storage error", "disk on fire"))
+
+
+class UndoneWriteTests(unittest.TestCase):
+    """An acknowledged change hidden behind a newer one that fails is still synced."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.writes = HeldWrites()
+        self.store = ReportStore(self.mktemp(), self.clock, run_in_thread=self.writes)
+        self.store.load()
+        self.addCleanup(self.store.close)
+
+    def test_durable_version_is_reported_while_a_newer_one_is_in_flight(self) -> None:
+        acked = self.store.put("k", "text/plain", "v1", None)
+        self.writes.complete()
+        self.assertEqual(self.successResultOf(acked)["version"], 1)
+        newer = self.store.put("k", "text/plain", "v2", None)
+        changes = self.store.changes_since(0)
+        self.assertEqual([(e["key"], e["version"]) for e in changes.entries], [("k", 1)])
+        self.writes.fail()
+        self.failureResultOf(newer)
+        # The outbox, having sent (and persisted) changes.upto, owes nothing
+        # more for "k": its acknowledged version went out.
+        self.assertEqual(self.store.changes_since(changes.upto).entries, [])
+        self.assertEqual(self.store.get("k")["version"], 1)
+
+    def test_durable_delete_is_reported_while_a_recreate_is_in_flight(self) -> None:
+        self.store.put("k", "text/plain", "v1", None)
+        self.writes.complete()
+        self.store.delete("k")
+        self.writes.complete()
+        self.store.put("k", "text/plain", "again", None)
+        changes = self.store.changes_since(0)
+        self.assertEqual((changes.entries, changes.deleted), ([], ["k"]))
+
+    def test_pending_then_committed_change_is_reported_once(self) -> None:
+        self.store.put("k", "text/plain", "v1", None)
+        self.store.put("j", "text/plain", "v1", None)  # rides in the next batch
+        self.writes.complete()
+        self.writes.complete()
+        changes = self.store.changes_since(0)
+        self.assertEqual(sorted(e["key"] for e in changes.entries), ["j", "k"])
+        self.assertEqual(self.store._undurable, {})
