@@ -43,6 +43,9 @@ class ControlPlaneConfig:
     report_debounce: float = 5.0
     request_timeout: float = 30.0
     connect_timeout: float = 10.0
+    # An event stream silent this long (no event, not even a keep-alive
+    # comment) is taken as dead and reconnected: 3x a 30 s keep-alive.
+    events_idle_timeout: float = 90.0
 
 
 @attrs.frozen
@@ -256,7 +259,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"control_plane.url: must start with http:// or https://, got {cp.url!r}")
         if not config.node.id:
             raise ConfigError("node.id: required when control_plane.url is set")
-    for key in ("reconcile_interval", "heartbeat_interval", "request_timeout", "connect_timeout"):
+    for key in ("reconcile_interval", "heartbeat_interval", "request_timeout", "connect_timeout",
+                "events_idle_timeout"):
         if getattr(cp, key) <= 0:
             raise ConfigError(f"control_plane.{key}: must be greater than 0")
     if cp.report_debounce < 0:

@@ -104,6 +104,11 @@ class ReportStore:
         self._flushing = False
         self._listeners: list[Callable[[int], None]] = []
         self._idle: list[defer.Deferred[None]] = []
+        # For keys with changes not yet durable: (seq, state before it) of
+        # each such change, oldest first, so changes_since can report the
+        # durable state of the key (the outbox must not skip an acknowledged
+        # change hidden behind a newer one that may still fail and be undone).
+        self._undurable: dict[str, list[tuple[int, Any]]] = {}
 
     # -- loading ---------------------------------------------------------
 
@@ -195,6 +200,7 @@ class ReportStore:
         seq = self._seq
         record = {"seq": seq, "op": "put", "entry": entry}
         previous = (current, self._seqs.get(key), self._tombstones.get(key))
+        self._undurable.setdefault(key, []).append((seq, previous))
         self._entries[key] = entry
         self._seqs[key] = seq
         self._tombstones.pop(key, None)
@@ -212,6 +218,7 @@ class ReportStore:
         seq = self._seq
         record = {"seq": seq, "op": "delete", "key": key, "version": current["version"]}
         previous = (current, self._seqs.get(key), self._tombstones.get(key))
+        self._undurable.setdefault(key, []).append((seq, previous))
         del self._entries[key]
         self._seqs.pop(key, None)
         self._tombstones[key] = (current["version"], seq)
@@ -263,6 +270,12 @@ class ReportStore:
 
     def _committed(self, batch: _Batch) -> None:
         self.durable_seq = batch.last_seq
+        for key in list(self._undurable):
+            still = [p for p in self._undurable[key] if p[0] > self.durable_seq]
+            if still:
+                self._undurable[key] = still
+            else:
+                del self._undurable[key]
         self._flushing = False
         if self._pending.records:
             self._flush()
@@ -283,6 +296,7 @@ class ReportStore:
             for undo in reversed(b.undo):
                 undo()
         self._seq = self.durable_seq
+        self._undurable.clear()
         self._flushing = False
         error = failure.value if isinstance(failure.value, errors.PlexError) else errors.StorageError(
             "storage error", "could not write the report log"
@@ -354,15 +368,33 @@ class ReportStore:
         """Call ``listener(durable_seq)`` after every durable commit."""
         self._listeners.append(listener)
 
-    def changes_since(self, seq: int) -> Changes:
-        """Every durable change with a sequence number above ``seq``."""
+    def changes_since(self, seq: int, limit: int | None = None) -> Changes:
+        """
+        Every durable change with a sequence number above ``seq``; with
+        ``limit``, only the oldest ``limit`` of them, and ``upto`` is the
+        sequence number of the last one included (so the next call with
+        ``seq=upto`` continues where this one stopped).
+        """
         upto = self.durable_seq
-        entries = [
-            self._entries[k]
-            for k, s in self._seqs.items()
-            if seq < s <= upto
+        # (seq, key, entry) of live keys, (seq, key, None) of deleted ones,
+        # as durable: a key whose newest change is not yet durable counts
+        # with the state before that change.
+        changes: list[tuple[int, str, Any]] = [
+            (s, k, self._entries[k]) for k, s in self._seqs.items() if seq < s <= upto
         ]
-        deleted = [k for k, (_, s) in self._tombstones.items() if seq < s <= upto]
+        changes += [(s, k, None) for k, (_, s) in self._tombstones.items() if seq < s <= upto]
+        for key, pending in self._undurable.items():
+            entry, entry_seq, tombstone = pending[0][1]
+            if entry is not None and seq < entry_seq <= upto:
+                changes.append((entry_seq, key, entry))
+            elif entry is None and tombstone is not None and seq < tombstone[1] <= upto:
+                changes.append((tombstone[1], key, None))
+        if limit is not None and len(changes) > limit:
+            changes.sort(key=lambda c: c[0])
+            changes = changes[:limit]
+            upto = changes[-1][0]
+        entries = [e for _, _, e in changes if e is not None]
+        deleted = [k for _, k, e in changes if e is None]
         entries.sort(key=lambda e: e["key"])
         deleted.sort()
         return Changes(entries=entries, deleted=deleted, upto=upto)

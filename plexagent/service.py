@@ -348,10 +348,9 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     add_operations(config, reactor, agent, top)
 
     cp = config.control_plane
-    sync = None
+    cp_services: list[service.Service] = []
     if cp.url:
         from plexagent.controlplane.client import ControlPlaneClient
-        from plexagent.controlplane.sync import StateSync
 
         token = read_key_file("control_plane.token_file", cp.token_file, _warn)
         nsk_text = read_key_file("node.secret_key_file", config.node.secret_key_file, _warn)
@@ -367,8 +366,7 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
             request_timeout=cp.request_timeout,
             connect_timeout=cp.connect_timeout,
         )
-        sync = StateSync(agent.client, agent.cache, reactor)
-        sync.setName("state-sync")
+        cp_services = _control_plane_services(cp, config.node, agent, reactor)
 
     api = NodeAPI(agent.cache, agent.reports, SecretReader(agent.cache, agent.client, agent.box))
     resource = api.resource()
@@ -432,8 +430,48 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
 
     observe_listeners(top, agent)
 
-    if sync is not None:
+    if cp_services:
         # After the listeners: the socket answers from the persisted cache
         # before the control plane has been reached.
-        sync.setServiceParent(top)
+        for part in cp_services:
+            part.setServiceParent(top)
     return top
+
+
+def _control_plane_services(cp: Any, node: Any, agent: Agent, reactor: Any) -> list[service.Service]:
+    """
+    State sync (fetch, event stream, reconcile), heartbeat and report outbox
+    for a configured control plane; ``agent.sync``, ``agent.outbox`` and
+    ``agent.heartbeat`` name them for metrics and tests.
+    """
+    from plexagent.controlplane.events import EnvelopeVerifier, parse_public_key
+    from plexagent.controlplane.outbox import ReportOutbox
+    from plexagent.controlplane.sync import EventStream, Heartbeat, StateSync
+
+    public_key = None
+    if cp.signing_public_key:
+        try:
+            public_key = parse_public_key(cp.signing_public_key)
+        except ValueError as e:
+            raise ConfigError(
+                f"control_plane.signing_public_key: must be standard base64 of a raw 32-byte Ed25519 key ({e})"
+            ) from None
+    else:
+        log.warn("control_plane.signing_public_key is not set: events are applied without verification")
+    sync = StateSync(agent.client, agent.cache, reactor, reconcile_interval=cp.reconcile_interval)
+    sync.setName("state-sync")
+    if cp.events:
+        sync.stream = EventStream(
+            agent.client,
+            reactor,
+            EnvelopeVerifier(public_key, reactor),
+            sync.apply,
+            on_reconnect=sync.stream_reconnected,
+            idle_timeout=cp.events_idle_timeout,
+        )
+    heartbeat = Heartbeat(agent.client, reactor, node.id, cp.heartbeat_interval, sync.fetch_now)
+    heartbeat.setName("heartbeat")
+    outbox = ReportOutbox(agent.reports, agent.client, reactor, node.data_dir, cp.report_debounce)
+    outbox.setName("report-outbox")
+    agent.sync, agent.heartbeat, agent.outbox = sync, heartbeat, outbox  # type: ignore[attr-defined]
+    return [sync, heartbeat, outbox]

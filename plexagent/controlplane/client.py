@@ -16,11 +16,13 @@ from urllib.parse import quote
 import treq
 from OpenSSL import SSL
 from twisted.internet import defer
+from twisted.internet.protocol import Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -102,6 +104,13 @@ class ControlPlaneClient:
         self.pool.maxPersistentPerHost = 4
         self.agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=self.pool)
         self._http = treq.client.HTTPClient(self.agent)
+        # The event stream holds its connection for as long as it lives: give
+        # it its own, non-persistent pool so it never takes a pooled slot
+        # from the request/response calls.
+        self._stream_pool = HTTPConnectionPool(reactor, persistent=False)
+        self._stream_agent = Agent(
+            reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=self._stream_pool
+        )
 
     def __repr__(self) -> str:
         return f"<ControlPlaneClient {self._base}>"
@@ -169,8 +178,56 @@ class ControlPlaneClient:
     def heartbeat(self, body: dict[str, Any]) -> defer.Deferred[Any]:
         return self._call("POST", self.url("heartbeat"), body).addCallback(lambda r: r[1])
 
+    def open_events(self, last_event_id: str = "") -> defer.Deferred[Any]:
+        """
+        Start the event stream: fires with the streaming response once a 200
+        arrived (the caller delivers its body to a protocol), or fails with
+        ``ControlPlaneError`` (``retry_after`` set on 429/503). The wait for
+        the response headers is bounded by the request timeout.
+        """
+        headers = {k: list(v) for k, v in self._headers.items()}
+        headers[b"Accept"] = [b"text/event-stream"]
+        headers[b"Cache-Control"] = [b"no-cache"]
+        if last_event_id:
+            headers[b"Last-Event-ID"] = [last_event_id.encode("utf-8")]
+        d = self._stream_agent.request(b"GET", self.url("events").encode("ascii"), Headers(headers))
+        d.addTimeout(self.request_timeout, self._clock)
+
+        def failed(f: Any) -> Any:
+            if f.check(defer.TimeoutError, defer.CancelledError):
+                raise ControlPlaneError("event stream request timed out")
+            raise ControlPlaneError(f"control plane unreachable: {type(f.value).__name__}")
+
+        def answered(response: Any) -> Any:
+            if response.code == 200:
+                return response
+            # Refuse the body (it is not a stream we want) and drop the connection.
+            response.deliverBody(_Discard())
+            code = response.code
+            if code == 404:
+                raise ControlPlaneError("control plane has no event stream for this node", status=code)
+            raise ControlPlaneError(
+                f"control plane answered {code} to the event stream",
+                status=code,
+                retry_after=parse_retry_after(response.headers.getRawHeaders(b"retry-after", [None])[0])
+                if code in (429, 503) else None,
+            )
+
+        d.addCallbacks(answered, failed)
+        return d
+
     def close(self) -> defer.Deferred[None]:
-        return self.pool.closeCachedConnections()
+        return defer.gatherResults(
+            [self.pool.closeCachedConnections(), self._stream_pool.closeCachedConnections()]
+        ).addCallback(lambda _: None)
+
+
+class _Discard(Protocol):
+    """Reads nothing of a body it was handed: closes its connection."""
+
+    def connectionMade(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
 async def _read_limited(response: Any, limit: int) -> bytes:

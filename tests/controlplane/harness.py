@@ -1,0 +1,141 @@
+"""
+Real-socket fixtures: an in-process agent built by ``makeService`` against
+the control-plane simulator on loopback TCP, and a client for its Unix
+socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import treq
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet import defer, endpoints, reactor, task
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from plexagent.config import parse_config
+from plexagent.service import makeService
+from plexagent.testing.simulator import ControlPlaneSimulator
+
+
+@implementer(IAgentEndpointFactory)
+class _UnixEndpoints:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return endpoints.UNIXClientEndpoint(reactor, self.path)
+
+
+class SocketClient:
+    """HTTP over the agent's Unix socket."""
+
+    def __init__(self, path: str, persistent: bool = True) -> None:
+        self.pool = HTTPConnectionPool(reactor, persistent=persistent)
+        self.http = treq.client.HTTPClient(Agent.usingEndpointFactory(reactor, _UnixEndpoints(path), pool=self.pool))
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        response = await self.http.request(method, "http://localhost" + path, data=data)
+        raw = await response.content()
+        return response.code, (json.loads(raw) if raw else None)
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        return await self.request("GET", path)
+
+    async def put_report(self, key: str, payload: Any) -> tuple[int, Any]:
+        return await self.request("PUT", "/v1/state/report/" + key,
+                                  {"content_type": "application/json", "payload": payload})
+
+    async def delete_report(self, key: str) -> tuple[int, Any]:
+        return await self.request("DELETE", "/v1/state/report/" + key)
+
+    def close(self) -> defer.Deferred[None]:
+        return self.pool.closeCachedConnections()
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """
+    Wait until ``condition()`` holds, checking on each reactor turn (every
+    5 ms), failing after ``timeout``. The condition, not the wait, is what
+    the test synchronises on.
+    """
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.005, lambda: None)
+
+
+def write_private(path: str, text: str) -> str:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def short_socket_dir() -> str:
+    """A directory for a Unix socket (trial's own paths exceed AF_UNIX's 108 bytes)."""
+    return tempfile.mkdtemp(prefix="pa-", dir="/tmp")
+
+
+def agent_config_document(
+    base: str, sim: ControlPlaneSimulator, socket_dir: str | None = None, **control_plane: Any
+) -> dict[str, Any]:
+    """A config for an agent in directory ``base`` talking to ``sim``."""
+    os.makedirs(base, exist_ok=True)
+    socket_dir = socket_dir or base
+    cp = {
+        "url": sim.url,
+        "token_file": write_private(os.path.join(base, "token"), sim.token + "\n"),
+        "report_debounce": 0.05,
+        "heartbeat_interval": 30.0,
+        "reconcile_interval": 60.0,
+        "request_timeout": 2.0,
+    }
+    if sim.signing_key is not None:
+        cp["signing_public_key"] = sim.public_key_b64
+    cp.update(control_plane)
+    return {
+        "node": {
+            "id": sim.node_id,
+            "data_dir": os.path.join(base, "data"),
+            "secret_key_file": write_private(os.path.join(base, "nsk"), sim.nsk_b64),
+            "shutdown_timeout": 1.0,
+        },
+        "control_plane": cp,
+        "node_api": {"socket": os.path.join(socket_dir, "api.sock"), "socket_group": "", "secrets_group": ""},
+        "agent_api": {"enabled": False},
+    }
+
+
+class AgentTestCase(unittest.TestCase):
+    """Starts a signing simulator; ``start_agent`` runs an agent against it."""
+
+    timeout = 60
+
+    async def start_sim(self, **options: Any) -> ControlPlaneSimulator:
+        options.setdefault("signing_key", Ed25519PrivateKey.generate())
+        sim = ControlPlaneSimulator.example(**options)
+        await sim.start(reactor)
+        self.addCleanup(lambda: defer.ensureDeferred(sim.stop()))
+        return sim
+
+    def start_agent(self, sim: ControlPlaneSimulator, base: str | None = None, **control_plane: Any) -> Any:
+        base = base or self.mktemp()
+        socket_dir = short_socket_dir()
+        self.addCleanup(shutil.rmtree, socket_dir, True)
+        config = parse_config(agent_config_document(base, sim, socket_dir, **control_plane))
+        top = makeService(config, reactor)
+        top.startService()
+        self.addCleanup(top.stopService)
+        client = SocketClient(config.node_api.socket)
+        self.addCleanup(client.close)
+        return top.agent, client

@@ -1,0 +1,244 @@
+"""The report outbox: debounce, retry, durable position (task.Clock)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.internet import task
+from twisted.trial import unittest
+
+from plexagent.controlplane.outbox import ReportOutbox
+from plexagent.controlplane.sync import Backoff
+from plexagent.reports import ReportStore
+
+from tests.controlplane.fakes import FakeClient, sync_thread, unavailable
+
+
+class OutboxTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.dir = self.mktemp()
+        self.client = FakeClient()
+        self.store = self.new_store()
+        self.outbox = self.new_outbox()
+        self.outbox.startService()
+
+    def new_store(self) -> ReportStore:
+        store = ReportStore(self.dir, self.clock, run_in_thread=sync_thread)
+        store.load()
+        self.addCleanup(store.close)
+        return store
+
+    def new_outbox(self) -> ReportOutbox:
+        outbox = ReportOutbox(self.store, self.client, self.clock, self.dir, debounce=5.0,
+                              backoff=Backoff(rng=lambda: 1.0), run_in_thread=sync_thread)
+        self.addCleanup(lambda: outbox.running and outbox.stopService())
+        return outbox
+
+    def put(self, key: str, payload: Any = 1) -> None:
+        self.successResultOf(self.store.put(key, "application/json", payload, None))
+
+    def test_changes_within_the_debounce_are_sent_as_one_request(self) -> None:
+        self.put("a")
+        self.clock.advance(2)
+        self.put("b")
+        self.put("a", 2)
+        self.successResultOf(self.store.delete("b"))
+        self.clock.advance(2.9)
+        self.assertEqual(self.client.reports, [])
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.reports), 1)
+        entries, deleted, _ = self.client.reports[0]
+        self.assertEqual([(e["key"], e["version"]) for e in entries], [("a", 2)])
+        self.assertEqual(deleted, ["b"])
+
+    def test_a_steady_stream_of_writes_does_not_postpone_the_sync(self) -> None:
+        for _ in range(10):
+            self.put("a")
+            self.clock.advance(1)
+        self.assertGreaterEqual(len(self.client.reports), 1)
+
+    def test_success_makes_the_position_durable(self) -> None:
+        self.put("a")
+        self.clock.advance(5)
+        self.client.reports[0][2].callback((200, None))
+        self.assertEqual(self.outbox.depth, 0)
+        with open(os.path.join(self.dir, "outbox.json")) as f:
+            self.assertEqual(json.load(f), {"synced_seq": self.store.durable_seq})
+
+    def test_changes_during_a_send_go_in_the_next_batch(self) -> None:
+        self.put("a")
+        self.clock.advance(5)
+        self.put("b")
+        self.client.reports[0][2].callback((200, None))
+        self.clock.advance(5)
+        entries, _, _ = self.client.reports[1]
+        self.assertEqual([e["key"] for e in entries], ["b"])
+
+    def test_failure_is_retried_with_backoff_and_nothing_is_lost(self) -> None:
+        self.put("a")
+        self.clock.advance(5)
+        self.client.reports[0][2].errback(unavailable(503))
+        self.put("b")
+        self.assertEqual(self.outbox.depth, 2)
+        self.clock.advance(0.99)
+        self.assertEqual(len(self.client.reports), 1)
+        self.clock.advance(0.01)
+        self.client.reports[1][2].errback(unavailable(503))
+        self.clock.advance(2)
+        entries, _, d = self.client.reports[2]
+        self.assertEqual([e["key"] for e in entries], ["a", "b"])
+        d.callback((200, None))
+        self.assertEqual(self.outbox.depth, 0)
+
+    def test_429_retry_after_is_honoured(self) -> None:
+        self.put("a")
+        self.clock.advance(5)
+        self.client.reports[0][2].errback(unavailable(429, retry_after=40))
+        self.clock.advance(39.9)
+        self.assertEqual(len(self.client.reports), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.reports), 2)
+
+    def test_depth_counts_pending_keys(self) -> None:
+        self.assertEqual(self.outbox.depth, 0)
+        self.put("a")
+        self.put("b")
+        self.successResultOf(self.store.delete("a"))
+        self.assertEqual(self.outbox.depth, 2)
+
+    def test_changes_pending_before_a_restart_are_sent_at_start(self) -> None:
+        self.put("a")
+        self.clock.advance(5)
+        self.client.reports[0][2].callback((200, None))
+        self.put("b")
+        self.outbox.stopService()
+        self.store.close()
+        # A new process: the log and outbox.json are all that survived.
+        self.store = self.new_store()
+        self.client = FakeClient()
+        outbox = self.new_outbox()
+        outbox.startService()
+        self.clock.advance(0)
+        entries, _, _ = self.client.reports[0]
+        self.assertEqual([e["key"] for e in entries], ["b"])
+
+    def test_unreadable_position_resends_everything(self) -> None:
+        self.put("a")
+        self.outbox.stopService()
+        with open(os.path.join(self.dir, "outbox.json"), "w") as f:
+            f.write("{torn")
+        outbox = self.new_outbox()
+        outbox.startService()
+        self.clock.advance(0)
+        self.assertEqual([e["key"] for e in self.client.reports[-1][0]], ["a"])
+
+
+class BacklogTests(unittest.TestCase):
+    """A long outage's backlog goes out in bounded requests, oldest first."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.dir = self.mktemp()
+        self.client = FakeClient()
+        self.store = ReportStore(self.dir, self.clock, run_in_thread=sync_thread)
+        self.store.load()
+        self.addCleanup(self.store.close)
+        self.outbox = ReportOutbox(self.store, self.client, self.clock, self.dir, debounce=5.0,
+                                   backoff=Backoff(rng=lambda: 1.0), max_batch=3, run_in_thread=sync_thread)
+        self.outbox.startService()
+        self.addCleanup(self.outbox.stopService)
+
+    def test_backlog_is_sent_in_batches_back_to_back(self) -> None:
+        for key in "abcdefg":
+            self.successResultOf(self.store.put(key, "text/plain", key, None))
+        self.successResultOf(self.store.delete("b"))
+        self.clock.advance(5)
+        sent = []
+        while self.client.reports:
+            entries, deleted, d = self.client.reports.pop(0)
+            sent.append(([e["key"] for e in entries], deleted))
+            d.callback((200, None))
+            self.clock.advance(0)
+        self.assertEqual(sent, [(["a", "c", "d"], []), (["e", "f", "g"], []), ([], ["b"])])
+        self.assertEqual(self.outbox.depth, 0)
+
+    def test_changes_since_with_limit_continues_where_it_stopped(self) -> None:
+        for key in "abcde":
+            self.successResultOf(self.store.put(key, "text/plain", key, None))
+        first = self.store.changes_since(0, limit=2)
+        second = self.store.changes_since(first.upto, limit=2)
+        third = self.store.changes_since(second.upto, limit=2)
+        self.assertEqual([[e["key"] for e in c.entries] for c in (first, second, third)],
+                         [["a", "b"], ["c", "d"], ["e"]])
+        self.assertEqual(third.upto, self.store.durable_seq)
+
+
+class HeldWrites:
+    """A run_in_thread whose writes the test completes or fails by hand."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Any, tuple[Any, ...], Any]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Any:
+        from twisted.internet import defer
+
+        d: Any = defer.Deferred()
+        self.held.append((f, args, d))
+        return d
+
+    def complete(self) -> None:
+        f, args, d = self.held.pop(0)
+        f(*args)
+        d.callback(None)
+
+    def fail(self) -> None:
+        from plexagent.errors import StorageError
+
+        _, _, d = self.held.pop(0)
+        d.errback(StorageError("storage error", "disk on fire"))
+
+
+class UndoneWriteTests(unittest.TestCase):
+    """An acknowledged change hidden behind a newer one that fails is still synced."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.writes = HeldWrites()
+        self.store = ReportStore(self.mktemp(), self.clock, run_in_thread=self.writes)
+        self.store.load()
+        self.addCleanup(self.store.close)
+
+    def test_durable_version_is_reported_while_a_newer_one_is_in_flight(self) -> None:
+        acked = self.store.put("k", "text/plain", "v1", None)
+        self.writes.complete()
+        self.assertEqual(self.successResultOf(acked)["version"], 1)
+        newer = self.store.put("k", "text/plain", "v2", None)
+        changes = self.store.changes_since(0)
+        self.assertEqual([(e["key"], e["version"]) for e in changes.entries], [("k", 1)])
+        self.writes.fail()
+        self.failureResultOf(newer)
+        # The outbox, having sent (and persisted) changes.upto, owes nothing
+        # more for "k": its acknowledged version went out.
+        self.assertEqual(self.store.changes_since(changes.upto).entries, [])
+        self.assertEqual(self.store.get("k")["version"], 1)
+
+    def test_durable_delete_is_reported_while_a_recreate_is_in_flight(self) -> None:
+        self.store.put("k", "text/plain", "v1", None)
+        self.writes.complete()
+        self.store.delete("k")
+        self.writes.complete()
+        self.store.put("k", "text/plain", "again", None)
+        changes = self.store.changes_since(0)
+        self.assertEqual((changes.entries, changes.deleted), ([], ["k"]))
+
+    def test_pending_then_committed_change_is_reported_once(self) -> None:
+        self.store.put("k", "text/plain", "v1", None)
+        self.store.put("j", "text/plain", "v1", None)  # rides in the next batch
+        self.writes.complete()
+        self.writes.complete()
+        changes = self.store.changes_since(0)
+        self.assertEqual(sorted(e["key"] for e in changes.entries), ["j", "k"])
+        self.assertEqual(self.store._undurable, {})

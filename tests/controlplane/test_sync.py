@@ -1,0 +1,285 @@
+"""State sync, event stream, heartbeat: timing and behaviour with task.Clock."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import task
+from twisted.trial import unittest
+
+from plexagent.controlplane.events import EnvelopeVerifier
+from plexagent.controlplane.sync import Backoff, EventStream, Heartbeat, StateSync
+from plexagent.state import StateCache
+
+from tests.controlplane.fakes import FakeClient, FakeStreamResponse, sync_thread, unavailable
+
+STATE = {
+    "metadata": {"region": "eu"},
+    "data": [{"key": "a", "content_type": "text/plain", "payload": "1", "version": 1, "updated_at": ""}],
+    "secret_refs": [{"key": "s", "version": 1}],
+}
+
+
+def frame(event_type: str, payload: dict[str, Any], event_id: str = "1", nonce: str = "n") -> bytes:
+    env = {"event_type": event_type, "event_id": event_id, "issued_at": "2026-01-01T00:00:00Z",
+           "nonce": nonce, "payload": payload, "signature": ""}
+    return f"id: {event_id}\nevent: {event_type}\ndata: {json.dumps(env)}\n\n".encode()
+
+
+class BackoffTests(unittest.TestCase):
+    def test_ceiling_doubles_from_one_second_up_to_the_cap(self) -> None:
+        backoff = Backoff(rng=lambda: 1.0)
+        delays = [backoff.next_delay() for _ in range(9)]
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60])
+
+    def test_full_jitter_spans_zero_to_the_ceiling(self) -> None:
+        backoff = Backoff(rng=lambda: 0.0)
+        self.assertEqual([backoff.next_delay() for _ in range(3)], [0, 0, 0])
+        half = Backoff(rng=lambda: 0.5)
+        self.assertEqual([half.next_delay() for _ in range(3)], [0.5, 1.0, 2.0])
+
+    def test_jittered_delays_stay_within_bounds(self) -> None:
+        backoff = Backoff()
+        for n in range(40):
+            self.assertTrue(0 <= backoff.next_delay() <= min(60, 2 ** n))
+
+    def test_retry_after_is_a_floor(self) -> None:
+        backoff = Backoff(rng=lambda: 0.1)
+        self.assertEqual(backoff.next_delay(retry_after=7), 7)
+
+    def test_reset_starts_over_at_one_second(self) -> None:
+        backoff = Backoff(rng=lambda: 1.0)
+        for _ in range(5):
+            backoff.next_delay()
+        backoff.reset()
+        self.assertEqual(backoff.next_delay(), 1)
+
+
+class SyncHarness(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.client = FakeClient()
+        self.cache = StateCache(self.mktemp(), run_in_thread=sync_thread)
+        self.cache.load()
+        self.sync = StateSync(self.client, self.cache, self.clock, Backoff(rng=lambda: 1.0), reconcile_interval=60)
+
+    def tearDown(self) -> Any:
+        if self.sync.running:
+            return self.sync.stopService()
+
+
+class StateSyncTests(SyncHarness):
+    def test_fetched_state_replaces_the_cache(self) -> None:
+        self.sync.startService()
+        self.client.fetches[0].callback(STATE)
+        self.assertEqual(self.cache.current.metadata, {"region": "eu"})
+        self.assertEqual(set(self.cache.current.data), {"a"})
+
+    def test_failures_retry_with_backoff_then_reconcile_every_interval(self) -> None:
+        self.sync.startService()
+        self.client.fetches[0].errback(unavailable())
+        self.clock.advance(0.99)
+        self.assertEqual(len(self.client.fetches), 1)
+        self.clock.advance(0.01)
+        self.client.fetches[1].errback(unavailable())
+        self.clock.advance(2)
+        self.client.fetches[2].callback(STATE)
+        self.clock.advance(59.9)
+        self.assertEqual(len(self.client.fetches), 3)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.fetches), 4)
+
+    def test_retry_after_on_503_is_honoured(self) -> None:
+        self.sync.startService()
+        self.client.fetches[0].errback(unavailable(503, retry_after=30))
+        self.clock.advance(29.9)
+        self.assertEqual(len(self.client.fetches), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.fetches), 2)
+
+    def test_retry_after_on_429_is_honoured(self) -> None:
+        self.sync.startService()
+        self.client.fetches[0].errback(unavailable(429, retry_after=12))
+        self.clock.advance(11.9)
+        self.assertEqual(len(self.client.fetches), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.fetches), 2)
+
+    def test_failure_keeps_serving_the_cache(self) -> None:
+        self.sync.startService()
+        self.client.fetches[0].callback(STATE)
+        self.clock.advance(60)
+        self.client.fetches[1].errback(unavailable())
+        self.assertEqual(self.cache.current.metadata, {"region": "eu"})
+
+    def test_fetch_requested_during_a_fetch_runs_after_it(self) -> None:
+        self.sync.startService()
+        self.sync.fetch_now()
+        self.assertEqual(len(self.client.fetches), 1)
+        self.client.fetches[0].callback(STATE)
+        self.assertEqual(len(self.client.fetches), 2)
+
+    def test_fetch_answer_older_than_an_applied_event_is_fetched_again(self) -> None:
+        from plexagent.controlplane.events import Envelope
+
+        self.sync.startService()
+        self.sync.apply(Envelope("node_state_updated", "1", "", "n", {"metadata": {"region": "us"}, "data": []}))
+        self.client.fetches[0].callback(STATE)
+        self.assertEqual(self.cache.current.metadata, {"region": "us"})
+        self.client.fetches[1].callback({**STATE, "metadata": {"region": "us"}})
+        self.assertEqual(self.cache.current.metadata, {"region": "us"})
+
+
+class EventStreamTests(SyncHarness):
+    def setUp(self) -> None:
+        super().setUp()
+        self.stream = EventStream(
+            self.client, self.clock, EnvelopeVerifier(None, self.clock), self.sync.apply,
+            on_reconnect=self.sync.stream_reconnected, idle_timeout=90, backoff=Backoff(rng=lambda: 1.0),
+        )
+        self.sync.stream = self.stream
+        self.sync.startService()
+
+    def connect(self, index: int = -1) -> FakeStreamResponse:
+        response = FakeStreamResponse()
+        self.client.streams[index][1].callback(response)
+        return response
+
+    def test_stream_starts_after_the_first_successful_fetch(self) -> None:
+        self.assertEqual(self.client.streams, [])
+        self.client.fetches[0].callback(STATE)
+        self.assertEqual(len(self.client.streams), 1)
+
+    def test_state_event_replaces_metadata_and_data(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        response = self.connect()
+        response.write(frame("node_state_updated", {"metadata": {"region": "us"}, "data": []}))
+        self.assertEqual(self.cache.current.metadata, {"region": "us"})
+        self.assertEqual(dict(self.cache.current.data), {})
+        self.assertEqual(dict(self.cache.current.secret_refs), {"s": 1})
+
+    def test_secrets_event_replaces_the_secret_index_only(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        self.connect().write(frame("node_secrets_updated", {"secret_refs": [{"key": "t", "version": 4}]}))
+        self.assertEqual(dict(self.cache.current.secret_refs), {"t": 4})
+        self.assertEqual(self.cache.current.metadata, {"region": "eu"})
+
+    def test_unknown_event_types_and_bad_payloads_change_nothing(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        response = self.connect()
+        response.write(frame("node_rebooted", {"why": "x"}, "1"))
+        response.write(frame("node_state_updated", {"metadata": {"x": 1}, "data": []}, "2"))
+        response.write(b"garbage\n\n")
+        response.write(frame("node_secrets_updated", {"secret_refs": [{"key": "t", "version": 4}]}, "3"))
+        self.assertEqual(self.cache.current.metadata, {"region": "eu"})
+        self.assertEqual(dict(self.cache.current.secret_refs), {"t": 4})
+
+    def test_drop_reconnects_with_last_event_id_and_reconciles(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        response = self.connect()
+        response.write(frame("node_rebooted", {}, "41"))
+        response.write(b"id: 42\nevent: node_state_updated\ndata: {\"half")
+        response.lose()
+        self.clock.advance(1)
+        self.assertEqual(self.client.streams[-1][0], "41")
+        self.connect()
+        self.assertEqual(len(self.client.fetches), 2)
+
+    def test_retry_field_sets_the_reconnect_delay(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        response = self.connect()
+        response.write(b"retry: 5000\n\n")
+        response.write(frame("node_rebooted", {}))
+        response.lose()
+        self.clock.advance(4.9)
+        self.assertEqual(len(self.client.streams), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.streams), 2)
+
+    def test_repeated_connect_failures_back_off_honouring_retry_after(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        self.client.streams[0][1].errback(unavailable(429, retry_after=20))
+        self.clock.advance(19.9)
+        self.assertEqual(len(self.client.streams), 1)
+        self.clock.advance(0.1)
+        self.client.streams[1][1].errback(unavailable())
+        self.clock.advance(1.9)
+        self.assertEqual(len(self.client.streams), 2)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.streams), 3)
+
+    def test_silent_stream_is_dropped_after_the_idle_timeout(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        response = self.connect()
+        self.clock.advance(60)
+        response.write(b": keep-alive\n\n")
+        self.clock.advance(89)
+        self.assertIsNotNone(response.protocol)
+        self.clock.advance(1)
+        self.assertIsNone(response.protocol)
+        self.assertFalse(self.stream.connected)
+        self.clock.advance(1)
+        self.assertEqual(len(self.client.streams), 2)
+
+    def test_stop_closes_the_stream_and_stops_reconnecting(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        response = self.connect()
+        d = self.sync.stopService()
+        self.assertIsNone(response.protocol)
+        self.successResultOf(d)
+        self.clock.advance(120)
+        self.assertEqual(len(self.client.streams), 1)
+
+
+class HeartbeatTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.clock.advance(1_780_000_000)
+        self.client = FakeClient()
+        self.reconciles: list[None] = []
+        self.heartbeat = Heartbeat(self.client, self.clock, "node-1", 30, lambda: self.reconciles.append(None))
+        self.heartbeat.startService()
+        self.addCleanup(self.heartbeat.stopService)
+
+    def test_body_has_the_spec_fields(self) -> None:
+        self.clock.advance(0)
+        self.client.heartbeats[0][1].callback({"reconcile": False})
+        self.clock.advance(30)
+        body = self.client.heartbeats[1][0]
+        self.assertEqual(set(body), {"node_id", "timestamp", "status", "uptime_s", "version"})
+        self.assertEqual(body["node_id"], "node-1")
+        self.assertEqual(body["uptime_s"], 30)
+        self.assertRegex(body["timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+    def test_sent_every_interval(self) -> None:
+        self.clock.advance(0)
+        for i in range(3):
+            self.client.heartbeats[i][1].callback({"reconcile": False})
+            self.clock.advance(29.9)
+            self.assertEqual(len(self.client.heartbeats), i + 1)
+            self.clock.advance(0.1)
+        self.assertEqual(len(self.client.heartbeats), 4)
+
+    def test_reconcile_true_asks_for_a_fetch(self) -> None:
+        self.clock.advance(0)
+        self.client.heartbeats[0][1].callback({"reconcile": True})
+        self.assertEqual(len(self.reconciles), 1)
+
+    def test_failure_waits_for_retry_after_when_longer_than_the_interval(self) -> None:
+        self.clock.advance(0)
+        self.client.heartbeats[0][1].errback(unavailable(429, retry_after=45))
+        self.clock.advance(44.9)
+        self.assertEqual(len(self.client.heartbeats), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.heartbeats), 2)
+
+
+class FetchRequestDuringFailureTests(SyncHarness):
+    def test_fetch_requested_during_a_failing_fetch_waits_for_the_backoff(self) -> None:
+        self.sync.startService()
+        self.sync.fetch_now()
+        self.client.fetches[0].errback(unavailable(503, retry_after=10))
+        self.assertEqual(len(self.client.fetches), 1)
+        self.clock.advance(10)
+        self.assertEqual(len(self.client.fetches), 2)
