@@ -52,5 +52,6 @@ class WiringTests(unittest.TestCase):
 
     def test_standalone_has_no_control_plane_services(self) -> None:
         top = makeService(parse_config({"node": {"data_dir": self.mktemp()},
-                                        "node_api": {"socket": "/tmp/x.sock"}}), MemoryReactorClock())
+                                        "node_api": {"socket": "/tmp/x.sock"},
+                                        "agent_api": {"enabled": False}}), MemoryReactorClock())
         self.assertNotIn("report-outbox", [s.name for s in top])
