@@ -29,6 +29,8 @@ class NodeConfig:
     data_dir: str = "/var/lib/plexagent"
     secret_key_file: str = "/etc/plexagent/node-secret-key"
     shutdown_timeout: float = 5.0
+    #: log every request (request id, route, status, duration; never a credential)
+    access_log: bool = True
 
 
 @attrs.frozen

@@ -291,16 +291,17 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
 
 
 def observe_listeners(top: service.MultiService, agent: Agent) -> None:
-    """Have every listener's requests counted and timed in the agent's metrics."""
+    """Have every listener's requests counted and timed in the agent's metrics, and logged."""
     metrics = agent.agent_services.get("metrics")
-    if metrics is None:
-        return
     for child in top:
         site = getattr(child, "site", None)
         if isinstance(child, ListenerService) and isinstance(site, web.PlexSite):
             name = child.name or ""
             site.listener_name = name
-            site.observer = metrics.observer_for(name)
+            site.observer = web.chain_observers(
+                metrics.observer_for(name) if metrics is not None else None,
+                web.RequestLog(name) if agent.config.node.access_log else None,
+            )
 
 
 def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service.MultiService) -> None:

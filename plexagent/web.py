@@ -5,7 +5,10 @@ limits, and a Site that knows its in-flight requests (for graceful stop).
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import re
 import tempfile
 import time
 import weakref
@@ -194,6 +197,47 @@ class DiscardingContent:
         pass
 
 
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
+_request_ids = (f"{os.getpid():x}-{n:x}" for n in itertools.count(1))
+
+
+class RequestLog:
+    """
+    A site observer that logs each finished request as structured fields
+    (request id, listener, method, route pattern, status, duration), never
+    the URL's query or any header: nothing credential-bearing.
+    """
+
+    def __init__(self, listener: str) -> None:
+        self.listener = listener
+
+    def __call__(self, request: Any, seconds: float) -> None:
+        log.info(
+            "{method} {route} {status} {duration_ms}ms",
+            request_id=request.request_id,
+            listener=self.listener,
+            method=request.method.decode("ascii", "replace"),
+            route=getattr(request, "plexagent_route", None) or "(unrouted)",
+            status=request.code,
+            duration_ms=round(seconds * 1000.0, 3),
+        )
+
+
+def chain_observers(*observers: Any) -> Any:
+    """One site observer calling each of ``observers`` (None ones are skipped)."""
+    present = [o for o in observers if o is not None]
+    if not present:
+        return None
+    if len(present) == 1:
+        return present[0]
+
+    def observe(request: Any, seconds: float) -> None:
+        for observer in present:
+            observer(request, seconds)
+
+    return observe
+
+
 #: A hook that may give a request its own body sink (for streaming routes).
 #: Called as ``factory(request, method, path, length)``; returns a file-like
 #: object with ``write`` or None to use the default limited sink.
@@ -233,6 +277,9 @@ class PlexRequest(server.Request):
     #: when processing began (``time.perf_counter``), for the site's observer
     _plex_started = 0.0
 
+    #: this request's id (the client's ``X-Request-Id`` when sane), echoed back
+    request_id = ""
+
     def process(self) -> None:
         site = self.channel.site
         site._inflight += 1
@@ -240,6 +287,12 @@ class PlexRequest(server.Request):
         self._plex_site = site
         if site.observer is not None:
             self._plex_started = time.perf_counter()
+        given = self.requestHeaders.getRawHeaders(b"x-request-id")
+        if given and _REQUEST_ID.match(given[0]):
+            self.request_id = given[0].decode("ascii")
+        else:
+            self.request_id = next(_request_ids)
+        self.responseHeaders.setRawHeaders(b"x-request-id", [self.request_id.encode("ascii")])
         if getattr(self.content, "exceeded", False):
             self.setResponseCode(413)
             self.setHeader(b"content-type", JSON_CONTENT_TYPE)
