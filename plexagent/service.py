@@ -338,15 +338,18 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     top.agent = agent  # type: ignore[attr-defined]
     _Stores(agent.cache, agent.reports).setServiceParent(top)
 
-    # Docker calls run on the agent's own pool, started before the
-    # listeners and stopped after them.
-    from plexagent.dockerpool import DockerFacade, DockerPool
+    if config.agent_api.enabled:
+        # Docker calls run on the agent's own pool, started before the
+        # listeners and stopped after them. Without the agent API nothing
+        # uses Docker or the host operations: not even their imports are
+        # paid for (a node-API-only agent stays small).
+        from plexagent.dockerpool import DockerFacade, DockerPool
 
-    pool = DockerPool(reactor, config.docker.host, config.docker.threads)
-    pool.setServiceParent(top)
-    agent.agent_services["dockerpool"] = pool
-    agent.agent_services["docker"] = DockerFacade(pool)
-    add_operations(config, reactor, agent, top)
+        pool = DockerPool(reactor, config.docker.host, config.docker.threads)
+        pool.setServiceParent(top)
+        agent.agent_services["dockerpool"] = pool
+        agent.agent_services["docker"] = DockerFacade(pool)
+        add_operations(config, reactor, agent, top)
 
     cp = config.control_plane
     cp_services: list[service.Service] = []
