@@ -782,7 +782,7 @@ class DockerFacade:
         """Build (``api.build`` arguments), delivering Docker's progress lines."""
 
         def source(client: Any) -> Iterable[Any]:
-            return _raise_on_error_line(client.api.build(decode=True, rm=True, **kwargs), "build", "")
+            return _raise_on_error_line(client.api.build(decode=True, rm=True, forcerm=True, **kwargs), "build", "")
 
         return self.pool.stream(source, on_line, what="image")
 

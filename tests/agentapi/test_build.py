@@ -62,10 +62,14 @@ class BuildRoutes(unittest.TestCase):
         return defer.ensureDeferred(self._build_stream())
 
     async def _build_fails(self) -> None:
-        self.dockerfile(f"FROM {td.base_image()}\nRUN exit 7\n")
+        marker = uuid.uuid4().hex
+        self.dockerfile(f"FROM {td.base_image()}\nRUN exit 7 # {marker}\n")
         status, err = await self.api.post("/docker/build", {"context_path": self.context, "tag": self.tag})
         self.assertEqual((status, err["error"]), (400, "the build failed"), err)
         self.assertIn("7", err["details"])
+        # The failed step's container is not left behind.
+        leftovers = [c for c in self.docker.api.containers(all=True) if marker in c["Command"]]
+        self.assertEqual(leftovers, [])
         response = await self.api.request(
             "POST", "/docker/build?stream=true", json={"context_path": self.context, "tag": self.tag}
         )
