@@ -64,7 +64,7 @@ class DockerComesAndGoes(unittest.TestCase):
         return defer.ensureDeferred(self._never_up())
 
     async def _load_during_outage(self) -> None:
-        tar = b"".join(self.docker.images.get(td.base_image()).save(named=True))
+        tar = b"".join(self.docker.api.get_image(td.base_image()))
         await self.relay.cut()
         status, err = await self.api.post("/docker/load/stream", data=tar)
         self.assertEqual((status, err["error"]), (503, "docker unavailable"))
@@ -110,6 +110,7 @@ class ReactorStaysResponsive(unittest.TestCase):
         await agent.top.stopService()
         await body
         self.assertEqual(agent.pool.active, 0)
+        self.assertFalse(agent.pool.threadpool.started)
 
     def test_stopping_the_agent_ends_open_log_streams(self) -> Any:
         return defer.ensureDeferred(self._stop_with_open_stream())
