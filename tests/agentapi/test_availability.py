@@ -13,7 +13,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twisted.internet import defer, reactor
+import treq
+from twisted.internet import defer, endpoints, reactor
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 from twisted.trial import unittest
 
 from plexagent.testing import docker as td
@@ -73,6 +77,24 @@ class DockerComesAndGoes(unittest.TestCase):
         return defer.ensureDeferred(self._load_during_outage())
 
 
+@implementer(IAgentEndpointFactory)
+class _UnixEndpoints:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return endpoints.UNIXClientEndpoint(reactor, self.path)
+
+
+async def node_api_get(socket_path: str, path: str) -> int:
+    """The status of ``GET path`` on the Local Node API's Unix socket."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(socket_path), pool=pool)
+    response = await agent.request(b"GET", b"http://localhost" + path.encode())
+    await treq.content(response)
+    return response.code
+
+
 class ReactorStaysResponsive(unittest.TestCase):
     async def _slow_exec(self) -> None:
         client = td.test_client(self)
@@ -88,13 +110,16 @@ class ReactorStaysResponsive(unittest.TestCase):
         for _ in range(5):
             status, doc = await api.get("/ping", key=None)
             self.assertEqual((status, doc["docker"]), (200, True))
+        # The Local Node API on its Unix socket answers too.
+        local = await node_api_get(agent.config.node_api.socket, "/v1/state")
+        self.assertLess(local, 500)
         elapsed = time.monotonic() - started
         self.assertFalse(slow.called, "the slow exec finished before the pings")
         self.assertLess(elapsed, 1.5)
         status, result = await slow
         self.assertEqual((status, result["exit_code"]), (200, 0))
 
-    def test_ping_answers_promptly_while_a_slow_docker_call_holds_every_worker(self) -> Any:
+    def test_ping_and_the_local_node_api_answer_while_a_slow_docker_call_holds_every_worker(self) -> Any:
         return defer.ensureDeferred(self._slow_exec())
 
     async def _stop_with_open_stream(self) -> None:
