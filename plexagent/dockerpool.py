@@ -18,6 +18,7 @@ queue of body chunks).
 from __future__ import annotations
 
 import collections
+import datetime as _dt
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
@@ -28,9 +29,10 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from plexagent import errors
 
@@ -248,8 +250,6 @@ class DockerPool(service.Service):
     stays prompt while every worker is busy with slow builds.
     """
 
-    name = "dockerpool"
-
     def __init__(
         self,
         reactor: Any,
@@ -461,7 +461,11 @@ class DockerPool(service.Service):
                 result.callback(answer)
             return answer
 
-        timer = self.reactor.callLater(timeout, lambda: result.called or result.callback(False))
+        def too_slow() -> None:
+            if not result.called:
+                result.callback(False)
+
+        timer = self.reactor.callLater(timeout, too_slow)
         self._ping.addBoth(answered)
         return result
 
@@ -479,14 +483,10 @@ class DockerPool(service.Service):
 
 
 def _is_failure(value: Any) -> bool:
-    from twisted.python.failure import Failure
-
     return isinstance(value, Failure)
 
 
 # -- the facade: each method runs one blocking docker-py function on the pool --
-
-import datetime as _dt
 
 
 def _iso(value: Any) -> str:

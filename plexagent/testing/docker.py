@@ -20,12 +20,14 @@ import subprocess
 import tempfile
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import docker
 from twisted.internet import defer, endpoints, protocol, reactor as default_reactor
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from plexagent.cli import derive_api_key  # the same derivation operators use
 from plexagent.config import parse_config
 
 BASE_IMAGE_DEFAULT = "plexagent-test/busybox:latest"
@@ -91,7 +93,6 @@ def remove_image_later(testcase: unittest.TestCase, client: Any, reference: str)
     testcase.addCleanup(remove)
 
 
-from plexagent.cli import derive_api_key  # noqa: E402 - the same derivation operators use
 
 
 def agent_config(
@@ -173,6 +174,9 @@ def start_agent(testcase: unittest.TestCase, reactor: Any = None, **config_kwarg
 
 
 class _Relay(protocol.Protocol):
+    transport: Any
+    factory: Any
+
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
         self.peer: Any = None
@@ -191,19 +195,20 @@ class _Relay(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.peer.transport.write(data)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.factory.relays.discard(self)
         if self.peer is not None:
             self.peer.transport.loseConnection()
 
 
 class _RelayBack(protocol.Protocol):
+    transport: Any
     peer: Any = None
 
     def dataReceived(self, data: bytes) -> None:
         self.peer.transport.write(data)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.peer is not None:
             self.peer.transport.loseConnection()
 
@@ -318,7 +323,7 @@ class AgentClient:
         self.reactor = reactor or default_reactor
         # Not persistent: no connection outlives a test.
         self._agent = Agent(self.reactor, pool=HTTPConnectionPool(self.reactor, persistent=False))
-        self.http = HTTPClient(self._agent)
+        self.http = HTTPClient(cast(Any, self._agent))
 
     def request(self, method: str, path: str, key: str | None = "default", **kwargs: Any) -> defer.Deferred[Any]:
         headers = dict(kwargs.pop("headers", {}) or {})
@@ -359,6 +364,8 @@ class AgentClient:
 
 
 class _PartialBody(protocol.Protocol):
+    transport: Any
+
     def __init__(self, enough: Any, finished: defer.Deferred[bytes]) -> None:
         self.enough = enough
         self.data = b""
@@ -371,7 +378,7 @@ class _PartialBody(protocol.Protocol):
             # Hang up, as a client that has seen enough does.
             self.transport.stopProducing()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if not self.finished.called:
             self.finished.callback(self.data)
 
