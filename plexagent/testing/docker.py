@@ -105,6 +105,8 @@ def agent_config(
     threads: int = 4,
     max_upload_bytes: int | None = None,
     require_auth_always: bool = True,
+    tls_cert: str = "",
+    tls_key: str = "",
 ) -> Any:
     """A Config for an agent living in ``workdir`` (no control plane)."""
     key_file = os.path.join(workdir, "api-key")
@@ -120,6 +122,8 @@ def agent_config(
     }
     if max_upload_bytes is not None:
         agent_api["max_upload_bytes"] = max_upload_bytes
+    if tls_cert:
+        agent_api["tls_cert"], agent_api["tls_key"] = tls_cert, tls_key
     document = {
         "node": {"data_dir": os.path.join(workdir, "data")},
         "node_api": {"socket": os.path.join(workdir, "api.sock"), "socket_group": "", "secrets_group": ""},
@@ -141,7 +145,8 @@ class RunningAgent:
         host = address.host
         self.host = host
         self.port = address.port
-        self.base = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        scheme = "https" if config.agent_api.tls_cert else "http"
+        self.base = f"{scheme}://[{host}]:{self.port}" if ":" in host else f"{scheme}://{host}:{self.port}"
         self.pool = top.getServiceNamed("dockerpool")
 
     def url(self, path: str) -> str:
@@ -315,14 +320,21 @@ class Registry:
 class AgentClient:
     """treq against a running agent, with the API key unless told otherwise."""
 
-    def __init__(self, agent: RunningAgent, reactor: Any = None) -> None:
+    def __init__(self, agent: RunningAgent, reactor: Any = None, trust_pem: bytes | None = None) -> None:
         from treq.client import HTTPClient
-        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
         self.agent = agent
         self.reactor = reactor or default_reactor
+        policy = BrowserLikePolicyForHTTPS()
+        if trust_pem is not None:
+            from twisted.internet import ssl
+
+            policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(trust_pem))
         # Not persistent: no connection outlives a test.
-        self._agent = Agent(self.reactor, pool=HTTPConnectionPool(self.reactor, persistent=False))
+        self._agent = Agent(
+            self.reactor, contextFactory=policy, pool=HTTPConnectionPool(self.reactor, persistent=False)
+        )
         self.http = HTTPClient(cast(Any, self._agent))
 
     def request(self, method: str, path: str, key: str | None = "default", **kwargs: Any) -> defer.Deferred[Any]:

@@ -6,6 +6,9 @@ is looked at; the key answers 401; /ping is public.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from typing import Any
 
 from twisted.internet import defer
@@ -93,3 +96,57 @@ class SecurityLayers(unittest.TestCase):
 
     def test_forwarding_headers_do_not_bypass_the_allowlist(self) -> Any:
         return defer.ensureDeferred(self._forwarded())
+
+
+def self_signed(directory: str) -> tuple[str, str, bytes]:
+    """(cert path, key path, cert PEM) for 127.0.0.1."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(pem)
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    os.chmod(key_path, 0o600)
+    return cert_path, key_path, pem
+
+
+class TransportSecurity(unittest.TestCase):
+    async def _tls(self) -> None:
+        td.test_client(self)
+        directory = tempfile.mkdtemp(prefix="pa-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cert, key, pem = self_signed(directory)
+        agent = td.start_agent(self, tls_cert=cert, tls_key=key)
+        self.assertTrue(agent.base.startswith("https://"))
+        api = td.AgentClient(agent, trust_pem=pem)
+        status, doc = await api.get("/ping", key=None)
+        self.assertEqual((status, doc["status"]), (200, "ok"))
+        status, _ = await api.get("/containers")
+        self.assertEqual(status, 200)
+        # Plain HTTP gets no answer from a TLS listener.
+        plain = td.AgentClient(agent).http
+        with self.assertRaises(Exception):
+            await plain.get(agent.base.replace("https://", "http://") + "/ping")
+
+    def test_the_listener_speaks_tls_when_tls_cert_and_tls_key_are_set(self) -> Any:
+        return defer.ensureDeferred(self._tls())
