@@ -267,6 +267,7 @@ class DockerPool(service.Service):
         self._client: Any = None
         self._probe_client: Any = None
         self._lock = threading.Lock()
+        self._stop_lock = threading.Lock()
         self._streams: set[Stream] = set()
         self._active = 0
         self._idle: list[defer.Deferred[None]] = []
@@ -293,12 +294,25 @@ class DockerPool(service.Service):
         if self._reactor_trigger is not None:
             self.reactor.removeSystemEventTrigger(self._reactor_trigger)
             self._reactor_trigger = None
-        self._stop_pools()
+        # Joining the workers waits for the Docker calls in flight: do it
+        # off the reactor, which must keep running meanwhile (a call may be
+        # waiting for bytes the reactor is to deliver).
+        stopped: defer.Deferred[None] = defer.Deferred()
+
+        def stop() -> None:
+            try:
+                self._stop_pools()
+            finally:
+                self.reactor.callFromThread(stopped.callback, None)
+
+        threading.Thread(target=stop, name="plexagent-docker-stop", daemon=True).start()
+        return stopped
 
     def _stop_pools(self) -> None:
-        for pool in (self.threadpool, self._probe_pool, self._background_pool):
-            if pool.started:
-                pool.stop()
+        with self._stop_lock:
+            for pool in (self.threadpool, self._probe_pool, self._background_pool):
+                if pool.started:
+                    pool.stop()
         with self._lock:
             for client in (self._client, self._probe_client):
                 if client is not None:

@@ -5,7 +5,9 @@ while Docker is slow.
 The Docker-down tests put a relay (``td.DockerRelay``) between the agent
 and the private daemon and cut it: to the agent the daemon's socket is
 gone, exactly as when dockerd stops, while the shared daemon other tests
-use keeps running.
+use keeps running. (A second dockerd is no substitute on a shared host:
+started with ``--bridge=none`` to stay off docker0, dockerd deletes the
+docker0 bridge, breaking the shared daemon's networking.)
 """
 
 from __future__ import annotations
