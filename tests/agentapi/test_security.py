@@ -150,3 +150,55 @@ class TransportSecurity(unittest.TestCase):
 
     def test_the_listener_speaks_tls_when_tls_cert_and_tls_key_are_set(self) -> Any:
         return defer.ensureDeferred(self._tls())
+
+
+class _PeerRequest:
+    """Just what the policy reads of a request: method, path, peer, headers."""
+
+    def __init__(self, host: str, path: bytes = b"/containers", key: bytes | None = None) -> None:
+        from twisted.internet.address import IPv4Address, IPv6Address
+
+        self.method = b"GET"
+        self.path = path
+        self._peer = IPv6Address("TCP", host, 4242) if ":" in host else IPv4Address("TCP", host, 4242)
+        self._key = key
+
+    def getClientAddress(self) -> Any:
+        return self._peer
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        return self._key if name.lower() == b"x-api-key" else None
+
+
+class VPCBypass(unittest.TestCase):
+    """``require_auth_always = false`` lets RFC 1918 peers in without the key (the seed's VPC bypass)."""
+
+    def policy(self, always: bool, allowed: tuple[str, ...] = ()) -> Any:
+        from plexagent.auth import AgentAPIPolicy
+
+        return AgentAPIPolicy(allowed, "the-key", require_auth_always=always)
+
+    def test_off_by_default_private_peers_need_the_key(self) -> None:
+        from plexagent import errors
+
+        self.assertRaises(errors.Unauthorized, self.policy(True).authenticate, _PeerRequest("10.120.0.5"))
+
+    def test_when_disabled_rfc1918_peers_skip_the_key(self) -> None:
+        policy = self.policy(False)
+        for host in ("10.120.0.5", "172.16.3.4", "192.168.1.1", "::ffff:10.0.0.1"):
+            policy.authenticate(_PeerRequest(host))
+
+    def test_when_disabled_public_peers_still_need_the_key(self) -> None:
+        from plexagent import errors
+
+        policy = self.policy(False)
+        for host in ("8.8.8.8", "172.32.0.1", "2001:db8::1"):
+            self.assertRaises(errors.Unauthorized, policy.authenticate, _PeerRequest(host))
+        policy.authenticate(_PeerRequest("8.8.8.8", key=b"the-key"))
+
+    def test_the_allowlist_still_comes_first(self) -> None:
+        from plexagent import errors
+
+        policy = self.policy(False, allowed=("10.120.0.5",))
+        e = self.assertRaises(errors.Forbidden, policy.authenticate, _PeerRequest("10.120.0.6"))
+        self.assertEqual(e.message, "IP not in allowlist")
