@@ -653,7 +653,15 @@ class _Ops:
         kwargs = dict(kwargs)
         image = kwargs.pop("image")
         command = kwargs.pop("command", None)
-        container = client.containers.create(image, command, **kwargs)
+        try:
+            container = client.containers.create(image, command, **kwargs)
+        except docker.errors.ImageNotFound:
+            # As `docker run` does: pull a missing image, then create.
+            from plexagent.dockerspec import split_image
+
+            repository, tag = split_image(image)
+            client.images.pull(repository, tag=tag or "latest")
+            container = client.containers.create(image, command, **kwargs)
         try:
             container.start()
         except Exception:
