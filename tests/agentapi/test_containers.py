@@ -211,6 +211,23 @@ class ContainerRoutes(unittest.TestCase):
     def test_list_shows_containers_changed_outside_the_agent_once_docker_reports_them(self) -> Any:
         return defer.ensureDeferred(self._list_sees_outside_changes())
 
+    async def _status_sees_outside_changes(self) -> None:
+        cache = self.agent.top.agent.agent_services["docker"].container_list
+        doc = await self.run_container()
+        status, st = await self.api.get(f"/containers/{doc['name']}/status")
+        if not cache.live:
+            await cache.changed()
+        status, st = await self.api.get(f"/containers/{doc['name']}/status")
+        self.assertEqual(st["state"], "running")
+        changed = cache.changed()
+        self.docker.api.kill(doc["name"])  # behind the agent's back
+        await changed
+        status, st = await self.api.get(f"/containers/{doc['name']}/status")
+        self.assertNotEqual(st["state"], "running")
+
+    def test_status_shows_changes_made_outside_the_agent_once_docker_reports_them(self) -> Any:
+        return defer.ensureDeferred(self._status_sees_outside_changes())
+
     async def _lifecycle(self) -> None:
         doc = await self.run_container(command=["sh", "-c", "trap 'exit 0' TERM; sleep 300 & wait"])
         name = doc["name"]
