@@ -763,7 +763,8 @@ class ContainerListCache:
     Pollers of ``GET /containers`` and ``/containers/<n>/status`` then cost
     the daemon nothing. The event watch runs on its own thread; while it is
     not connected (Docker down, not yet answered) nothing is cached and
-    every call asks Docker. Any container event clears every entry.
+    every call asks Docker. A container event clears the list and that
+    container's entries.
     """
 
     def __init__(self, pool: DockerPool, max_age: float = 1.0, max_entries: int = 1024) -> None:
@@ -776,9 +777,17 @@ class ContainerListCache:
         self._cached: dict[Any, tuple[int, float, Any]] = {}
         self._waiting: list[defer.Deferred[None]] = []
 
-    def invalidate(self, _: Any = None) -> None:
+    def invalidate(self, event: Any = None) -> None:
+        """Forget what ``event`` (a Docker container event) may change; all if no event."""
         self._generation += 1
-        self._cached.clear()
+        actor = (event.get("Actor") or {}).get("ID") or event.get("id") if isinstance(event, dict) else None
+        if actor:
+            # The list, and that one container's entries; others stay.
+            for key, (_, _, value) in list(self._cached.items()):
+                if key == "list" or (isinstance(value, dict) and value.get("Id") == actor):
+                    del self._cached[key]
+        else:
+            self._cached.clear()
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
@@ -820,7 +829,7 @@ class ContainerListCache:
 
         def store(result: Any) -> Any:
             # Only a fetch that began while the watch was live, with no
-            # change since, may be served again.
+            # event since, may be served again.
             if live and self.live and generation == self._generation:
                 if len(self._cached) >= self.max_entries:
                     self._cached.clear()
