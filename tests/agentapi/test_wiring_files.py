@@ -1,0 +1,45 @@
+"""makeService gives the file routes their shared domain objects."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial import unittest
+
+from plexagent.chunks import ChunkGarbageCollector, ChunkStore
+from plexagent.config import AgentAPIConfig, Config, NodeAPIConfig, NodeConfig
+from plexagent.gitclone import GitCloner
+from plexagent.paths import PathPolicy
+from plexagent.service import makeService
+
+
+class WiringTests(unittest.TestCase):
+    def setUp(self) -> None:
+        base = os.path.realpath(self.mktemp())
+        os.makedirs(base)
+        key = os.path.join(base, "key")
+        with open(key, "w") as f:
+            f.write("k")
+        os.chmod(key, 0o600)
+        self.data_dir = os.path.join(base, "data")
+        self.config = Config(
+            node=NodeConfig(data_dir=self.data_dir),
+            node_api=NodeAPIConfig(socket=os.path.join(base, "s")),
+            agent_api=AgentAPIConfig(api_key_file=key, allowed_paths=(base + "/",), chunk_max_age=600.0),
+        )
+        self.reactor = MemoryReactorClock()
+        self.top = makeService(self.config, self.reactor)
+
+    def test_agent_services_hold_policy_chunk_store_and_cloner(self) -> None:
+        services = self.top.agent.agent_services
+        self.assertIsInstance(services["paths"], PathPolicy)
+        self.assertIsInstance(services["chunks"], ChunkStore)
+        self.assertEqual(services["chunks"].directory, os.path.join(self.data_dir, "uploads"))
+        self.assertIsInstance(services["git"], GitCloner)
+        self.assertIs(self.top.agent.agent_api.context.services["chunks"], services["chunks"])
+
+    def test_chunk_garbage_collector_runs_every_quarter_of_max_age(self) -> None:
+        gc = self.top.getServiceNamed("upload-chunk-gc")
+        self.assertIsInstance(gc, ChunkGarbageCollector)
+        self.assertEqual(gc.interval, 150.0)
