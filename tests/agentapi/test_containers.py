@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 import docker.errors
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from plexagent.testing import docker as td
@@ -361,6 +361,12 @@ class ContainerRoutes(unittest.TestCase):
         # The client has hung up: the worker reading Docker's stream ends.
         await self.agent.pool.when_idle()
         self.assertEqual(self.agent.pool.active, 0)
+        # The worker hands its result to the reactor just before it leaves
+        # ThreadPool's bookkeeping: wait (bounded) for that last step.
+        for _ in range(200):
+            if not self.agent.pool.threadpool.working:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(self.agent.pool.threadpool.working, [])
 
     def test_follow_logs_streams_lines_and_stops_when_the_client_disconnects(self) -> Any:
