@@ -8,7 +8,7 @@ before any route runs, so route code never repeats an auth check.
 from __future__ import annotations
 
 import hmac
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.web import resource
 from twisted.web.iweb import IRequest
@@ -42,7 +42,7 @@ class PeerCredentialPolicy:
         return None
 
     def may_read_secrets(self, request: IRequest) -> bool:
-        creds = peercred.credentials_of(request.channel.transport)
+        creds = peercred.credentials_of(cast(Any, request).channel.transport)
         if creds is None:
             return False
         if creds.uid == 0:
@@ -87,7 +87,7 @@ class GuardedResource(resource.Resource):
             self.policy.authenticate(request)
         except errors.PlexError as e:
             return web.respond_error(request, e)
-        request.plexagent_policy = self.policy
+        cast(Any, request).plexagent_policy = self.policy
         return self._inner.render(request)
 
 

@@ -8,7 +8,7 @@ route makes itself: whether the client may read secret values.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from klein import Klein
 from twisted.internet import defer
@@ -150,7 +150,7 @@ class NodeAPI:
 
     @app.route("/v1/state/secrets/<path:key>", methods=["GET"])
     async def secret(self, request: IRequest, key: str) -> bytes:
-        if not request.plexagent_policy.may_read_secrets(request):
+        if not cast(Any, request).plexagent_policy.may_read_secrets(request):
             raise errors.Forbidden(FORBIDDEN_SECRETS)
         value = await self.secrets.read(key)
         request.setHeader(b"cache-control", b"no-store")

@@ -327,7 +327,7 @@ class ReportStore:
             raise storage_error(e, "report log") from None
 
     def _snapshot_bytes(self) -> bytes:
-        lines = []
+        lines: list[dict[str, Any]] = []
         for key, entry in self._entries.items():
             lines.append({"seq": self._seqs[key], "op": "put", "entry": entry})
         for key, (version, seq) in self._tombstones.items():

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 from klein import Klein
 from twisted.internet import defer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -99,17 +100,17 @@ def install_error_handlers(app: Klein) -> None:
     # Handlers take *args: on an app bound to an instance (a Klein app in a
     # class body), Klein passes the instance first.
 
-    @app.handle_errors(errors.PlexError)
+    @app.handle_errors(errors.PlexError)  # type: ignore[arg-type]  # *args: see above
     def plex_error(*args: Any) -> bytes:
         request, failure = args[-2:]
         return respond_error(request, failure.value)
 
-    @app.handle_errors(RouteNotFound)
+    @app.handle_errors(RouteNotFound)  # type: ignore[arg-type]  # *args: see above
     def route_not_found(*args: Any) -> bytes:
         request, failure = args[-2:]
         return respond(request, {"error": "not found"}, 404)
 
-    @app.handle_errors(MethodNotAllowed)
+    @app.handle_errors(MethodNotAllowed)  # type: ignore[arg-type]  # *args: see above
     def method_not_allowed(*args: Any) -> bytes:
         request, failure = args[-2:]
         allowed = failure.value.valid_methods or []
@@ -117,7 +118,7 @@ def install_error_handlers(app: Klein) -> None:
             request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
         return respond(request, {"error": "method not allowed"}, 405)
 
-    @app.handle_errors(Exception)
+    @app.handle_errors(Exception)  # type: ignore[arg-type]  # *args: see above
     def unexpected(*args: Any) -> bytes:
         request, failure = args[-2:]
         log.failure(
@@ -247,6 +248,11 @@ ContentFactory = Callable[[Any, bytes, bytes, "int | None"], Any]
 class PlexRequest(server.Request):
     """A Request whose body is bounded and which its Site can count."""
 
+    # A PlexSite's channel and a body sink of ours (typed loosely on purpose:
+    # twisted.web declares them narrower than what it actually holds).
+    channel: Any
+    content: Any
+
     _counted = False
 
     def gotLength(self, length: int | None) -> None:
@@ -341,6 +347,7 @@ class PlexChannel(http.HTTPChannel):
 
     header_timeout = 10.0
     _header_deadline: Any = None
+    transport: Any
 
     def dataReceived(self, data: bytes) -> None:
         if self._header_deadline is None and self.line_mode and not self.requests:
@@ -370,7 +377,7 @@ class PlexChannel(http.HTTPChannel):
         self.transport.write(response)
         self.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_header_deadline()
         super().connectionLost(reason)
 

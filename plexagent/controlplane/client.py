@@ -124,7 +124,7 @@ class ControlPlaneClient:
 
     def _call(self, method: str, url: str, body: Any = None) -> defer.Deferred[tuple[int, Any]]:
         async def call() -> tuple[int, Any]:
-            headers = dict(self._headers)
+            headers: dict[Any, Any] = dict(self._headers)
             data = None
             if body is not None:
                 headers[b"Content-Type"] = [b"application/json"]

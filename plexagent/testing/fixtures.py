@@ -206,7 +206,7 @@ class AgentProcess:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.watcher is not None and self.watcher.status is None:
-            self.transport.signalProcess({signal.SIGKILL: "KILL", signal.SIGTERM: "TERM"}.get(sig, sig))
+            self.transport.signalProcess({int(signal.SIGKILL): "KILL", int(signal.SIGTERM): "TERM"}.get(int(sig), sig))
 
     async def wait(self) -> int:
         assert self.watcher is not None

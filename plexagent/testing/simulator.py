@@ -31,7 +31,7 @@ import datetime
 import itertools
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from klein import Klein
@@ -213,7 +213,7 @@ class ControlPlaneSimulator:
         self._site = site
         endpoint = endpoints.TCP4ServerEndpoint(reactor, port or self._portnum, interface="127.0.0.1")
         self._port = await endpoint.listen(site)
-        self._portnum = self._port.getHost().port
+        self._portnum = cast(Any, self._port.getHost()).port
 
     async def stop(self) -> None:
         """Stop listening (``go down``); ``start`` again comes back on the same port."""
@@ -221,7 +221,7 @@ class ControlPlaneSimulator:
             stream.close()
         if self._port is not None:
             port, self._port = self._port, None
-            await port.stopListening()
+            await defer.maybeDeferred(port.stopListening)
             # Also cut connections the agent holds open (pooled, streams).
             for channel in list(self._site.channels):
                 # Site builds a protocol that wraps the HTTP channel; the
