@@ -122,10 +122,11 @@ def install_error_handlers(app: Klein) -> None:
     def unexpected(*args: Any) -> bytes:
         request, failure = args[-2:]
         log.failure(
-            "unhandled error in {method} {path}",
+            "unhandled error in {method} {route}",
             failure,
             method=request.method.decode("ascii", "replace"),
-            path=request.path.decode("ascii", "replace"),
+            route=getattr(request, "plexagent_route", None) or "(unrouted)",
+            request_id=getattr(request, "request_id", ""),
         )
         return respond(request, {"error": "internal error"}, 500)
 

@@ -15,6 +15,7 @@ class DefaultsTests(unittest.TestCase):
         self.assertEqual(c.node.data_dir, "/var/lib/plexagent")
         self.assertEqual(c.node.secret_key_file, "/etc/plexagent/node-secret-key")
         self.assertEqual(c.node.shutdown_timeout, 5.0)
+        self.assertFalse(c.node.access_log)
         self.assertEqual(c.control_plane.url, "")
         self.assertTrue(c.standalone)
         self.assertEqual(

@@ -54,6 +54,7 @@ class DaemonLogTests(unittest.TestCase):
         self.addCleanup(lambda: defer.ensureDeferred(sim.stop()))
         sandbox = AgentSandbox(control_plane=sim)
         self.addCleanup(sandbox.cleanup)
+        sandbox.document["node"]["access_log"] = True
         watcher = _ProcessWatcher()
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
                 "--logger=plexagent.logs.json_observer", "plexagent", "--config", sandbox.write()]
