@@ -284,8 +284,14 @@ class PlexRequest(server.Request):
     #: when processing began (``time.perf_counter``), for the site's observer
     _plex_started = 0.0
 
-    #: this request's id (the client's ``X-Request-Id`` when sane), echoed back
-    request_id = ""
+    _request_id: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        """The client's ``X-Request-Id`` when sane (and echoed back), else made up on first use."""
+        if self._request_id is None:
+            self._request_id = next(_request_ids)
+        return self._request_id
 
     def process(self) -> None:
         site = self.channel.site
@@ -296,10 +302,8 @@ class PlexRequest(server.Request):
             self._plex_started = time.perf_counter()
         given = self.requestHeaders.getRawHeaders(b"x-request-id")
         if given and _REQUEST_ID.match(given[0]):
-            self.request_id = given[0].decode("ascii")
-        else:
-            self.request_id = next(_request_ids)
-        self.responseHeaders.setRawHeaders(b"x-request-id", [self.request_id.encode("ascii")])
+            self._request_id = given[0].decode("ascii")
+            self.responseHeaders.setRawHeaders(b"x-request-id", given[:1])
         if getattr(self.content, "exceeded", False):
             self.setResponseCode(413)
             self.setHeader(b"content-type", JSON_CONTENT_TYPE)
@@ -347,26 +351,36 @@ class PlexChannel(http.HTTPChannel):
     """
 
     header_timeout = 10.0
-    _header_deadline: Any = None
     transport: Any
+    site: Any
+    #: when the current request's headers must be complete (None: not waiting)
+    _headers_due: float | None = None
+    # One timer per connection, re-armed only when it fires: no timer is
+    # created or cancelled per request on a busy keep-alive connection.
+    _header_timer: Any = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self._header_deadline is None and self.line_mode and not self.requests:
-            self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
+        if self._headers_due is None and self.line_mode and not self.requests:
+            self._headers_due = self.site.reactor.seconds() + self.header_timeout
+            timer = self._header_timer
+            if timer is None or not timer.active():
+                self._header_timer = self.callLater(self.header_timeout, self._check_headers)
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
-        self._cancel_header_deadline()
+        self._headers_due = None
         super().allHeadersReceived()
 
-    def _cancel_header_deadline(self) -> None:
-        if self._header_deadline is not None:
-            if self._header_deadline.active():
-                self._header_deadline.cancel()
-            self._header_deadline = None
-
-    def _headers_too_slow(self) -> None:
-        self._header_deadline = None
+    def _check_headers(self) -> None:
+        self._header_timer = None
+        due = self._headers_due
+        if due is None:
+            return
+        remaining = due - self.site.reactor.seconds()
+        if remaining > 0:
+            self._header_timer = self.callLater(remaining, self._check_headers)
+            return
+        self._headers_due = None
         self.transport.write(_raw_json_response(408, b"Request Timeout", "request headers not received in time"))
         self.transport.loseConnection()
 
@@ -379,7 +393,9 @@ class PlexChannel(http.HTTPChannel):
         self.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_header_deadline()
+        if self._header_timer is not None and self._header_timer.active():
+            self._header_timer.cancel()
+        self._header_timer = None
         super().connectionLost(reason)
 
 
