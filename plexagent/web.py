@@ -179,7 +179,10 @@ class _LimitedContent:
 
 
 class DiscardingContent:
-    """A body sink that keeps nothing (for requests refused before routing)."""
+    """
+    A body sink that keeps nothing (for requests refused before routing),
+    and the file-like base of sinks that pass the body on as it arrives.
+    """
 
     exceeded = False
 

@@ -103,7 +103,7 @@ class Base64Field:
             raise errors.InvalidInput(f"{self.key} is required", f"send the image tar base64-encoded in {self.key}")
 
 
-class ImageTarSink:
+class ImageTarSink(web.DiscardingContent):
     """
     The body sink of an image-load request (see ``AgentContext.stream_body``).
 
@@ -228,19 +228,6 @@ class ImageTarSink:
         self.feed.close()
         return self.result
 
-    # -- the rest of the file-like interface the request expects ----------
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return 0
-
-    def read(self, size: int = -1) -> bytes:
-        return b""
-
-    def tell(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
 
 
 def register_load(app: Any, context: Any, path: str) -> None:
