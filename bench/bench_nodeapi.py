@@ -156,7 +156,7 @@ def start_agent(workdir: str) -> tuple[subprocess.Popen, AgentSandbox, int]:
     env = dict(os.environ, PYTHONPATH=ROOT)
     code = "import os; os.sched_setaffinity(0, {0}); from twisted.scripts.twistd import run; run()"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "-n", "--pidfile=", "--logfile=/dev/null", "plexagent", "--config", config],
+        [sys.executable, "-c", code, "-n", "--pidfile=", "--logfile=-", "plexagent", "--config", config],
         env=env,
         stdout=subprocess.DEVNULL,
     )

@@ -11,6 +11,14 @@ PACKAGES="docker.io busybox-static nginx-light docker-registry ufw apache2-utils
 
 log() { echo "setup: $*" >&2; }
 
+# A program that "rotates" /dev/null (a log file pointed there) leaves a
+# regular file behind, which breaks git and anything else reading it.
+if [ ! -c /dev/null ]; then
+    log "repairing /dev/null (it is not a character device)"
+    rm -f /dev/null
+    mknod -m 666 /dev/null c 1 3
+fi
+
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
