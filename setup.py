@@ -13,6 +13,7 @@ setup(
         "klein>=23.5",
         "treq>=23.11",
         "docker>=7.0",
+        "multipart>=1.0",
         "pyopenssl>=23.0",
         "service-identity>=21.1",
         "cryptography>=41",

@@ -18,6 +18,7 @@ queue of body chunks).
 from __future__ import annotations
 
 import collections
+import datetime as _dt
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
@@ -28,9 +29,10 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from plexagent import errors
 
@@ -248,8 +250,6 @@ class DockerPool(service.Service):
     stays prompt while every worker is busy with slow builds.
     """
 
-    name = "dockerpool"
-
     def __init__(
         self,
         reactor: Any,
@@ -262,10 +262,12 @@ class DockerPool(service.Service):
         self.host = host
         self.threadpool = ThreadPool(minthreads=0, maxthreads=threads, name="plexagent-docker")
         self._probe_pool = ThreadPool(minthreads=0, maxthreads=1, name="plexagent-docker-ping")
+        self._background_pool = ThreadPool(minthreads=0, maxthreads=1, name="plexagent-docker-events")
         self._client_factory = client_factory or default_client_factory(host)
         self._client: Any = None
         self._probe_client: Any = None
         self._lock = threading.Lock()
+        self._stop_lock = threading.Lock()
         self._streams: set[Stream] = set()
         self._active = 0
         self._idle: list[defer.Deferred[None]] = []
@@ -278,22 +280,39 @@ class DockerPool(service.Service):
         super().startService()
         self.threadpool.start()
         self._probe_pool.start()
+        self._background_pool.start()
         # If the reactor stops without stopService (a crash), do not leave
         # non-daemon threads holding the process.
         self._reactor_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pools)
 
     def stopService(self) -> Any:
+        if not self.running:
+            return None  # stopped already (a parent stopped twice)
         super().stopService()
         for stream in list(self._streams):
             stream.stop()
         if self._reactor_trigger is not None:
             self.reactor.removeSystemEventTrigger(self._reactor_trigger)
             self._reactor_trigger = None
-        self._stop_pools()
+        # Joining the workers waits for the Docker calls in flight: do it
+        # off the reactor, which must keep running meanwhile (a call may be
+        # waiting for bytes the reactor is to deliver).
+        stopped: defer.Deferred[None] = defer.Deferred()
+
+        def stop() -> None:
+            try:
+                self._stop_pools()
+            finally:
+                self.reactor.callFromThread(stopped.callback, None)
+
+        threading.Thread(target=stop, name="plexagent-docker-stop", daemon=True).start()
+        return stopped
 
     def _stop_pools(self) -> None:
-        self.threadpool.stop()
-        self._probe_pool.stop()
+        with self._stop_lock:
+            for pool in (self.threadpool, self._probe_pool, self._background_pool):
+                if pool.started:
+                    pool.stop()
         with self._lock:
             for client in (self._client, self._probe_client):
                 if client is not None:
@@ -345,9 +364,16 @@ class DockerPool(service.Service):
         **kwargs: Any,
     ) -> defer.Deferred[Any]:
         """``fn(client, *args, **kwargs)`` on the pool; errors translated."""
-        self._active += 1
-        d = deferToThreadPool(self.reactor, self.threadpool, self._run, fn, what, secrets, args, kwargs)
-        d.addBoth(self._finished)
+        return self._submit(self.threadpool, True, fn, what, secrets, args, kwargs)
+
+    def _submit(
+        self, pool: ThreadPool, counted: bool, fn: Callable[..., Any], what: str, secrets: tuple[str, ...],
+        args: Any, kwargs: Any,
+    ) -> defer.Deferred[Any]:
+        d = deferToThreadPool(self.reactor, pool, self._run, fn, what, secrets, args, kwargs)
+        if counted:
+            self._active += 1
+            d.addBoth(self._finished)
         return d
 
     def _finished(self, result: Any) -> Any:
@@ -377,11 +403,16 @@ class DockerPool(service.Service):
         on_item: Callable[[Any], None],
         what: str = "container",
         secrets: tuple[str, ...] = (),
+        on_open: Callable[[], None] | None = None,
+        background: bool = False,
     ) -> Stream:
         """
         Iterate ``open_source(client)`` on the pool, delivering each item to
         ``on_item`` on the reactor. ``stream.done`` fires (or fails with the
-        translated error) when the worker has ended.
+        translated error) when the worker has ended. ``on_open`` is called
+        on the reactor once Docker has answered. A ``background`` stream
+        runs on its own thread, not the pool's, and is not counted as an
+        active call (the container event watch).
         """
         handle = Stream()
         self._streams.add(handle)
@@ -392,6 +423,8 @@ class DockerPool(service.Service):
             if handle.stopped:
                 handle.stop()
                 return
+            if on_open is not None:
+                self.reactor.callFromThread(on_open)
             try:
                 for item in source:
                     handle.wait_flowing()
@@ -417,7 +450,8 @@ class DockerPool(service.Service):
             else:
                 handle.done.callback(None)
 
-        self.call(work, what=what, secrets=secrets).addBoth(ended)
+        pool = self._background_pool if background else self.threadpool
+        self._submit(pool, not background, work, what, secrets, (), {}).addBoth(ended)
         return handle
 
     def ping(self, timeout: float = 3.0) -> defer.Deferred[bool]:
@@ -441,7 +475,11 @@ class DockerPool(service.Service):
                 result.callback(answer)
             return answer
 
-        timer = self.reactor.callLater(timeout, lambda: result.called or result.callback(False))
+        def too_slow() -> None:
+            if not result.called:
+                result.callback(False)
+
+        timer = self.reactor.callLater(timeout, too_slow)
         self._ping.addBoth(answered)
         return result
 
@@ -459,14 +497,10 @@ class DockerPool(service.Service):
 
 
 def _is_failure(value: Any) -> bool:
-    from twisted.python.failure import Failure
-
     return isinstance(value, Failure)
 
 
 # -- the facade: each method runs one blocking docker-py function on the pool --
-
-import datetime as _dt
 
 
 def _iso(value: Any) -> str:
@@ -711,17 +745,98 @@ class _Ops:
         return {"success": True, "registry": registry, "status": (result or {}).get("Status", "Login Succeeded")}
 
 
+class ContainerListCache:
+    """
+    The container list, answered from memory while Docker's event stream
+    reports no container change since it was fetched, and for at most
+    ``max_age`` seconds (so Docker's "Up 5 minutes" text stays current).
+
+    Pollers of ``GET /containers`` then cost the daemon nothing. The event
+    watch runs on its own thread; while it is not connected (Docker down,
+    not yet answered) nothing is cached and every call asks Docker.
+    """
+
+    def __init__(self, pool: DockerPool, max_age: float = 1.0) -> None:
+        self.pool = pool
+        self.max_age = max_age
+        self.live = False
+        self._watch: Stream | None = None
+        self._generation = 0
+        self._cached: tuple[int, float, list[dict[str, Any]]] | None = None
+        self._waiting: list[defer.Deferred[None]] = []
+
+    def invalidate(self, _: Any = None) -> None:
+        self._generation += 1
+        self._cached = None
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def changed(self) -> defer.Deferred[None]:
+        """Fires at the next invalidation (an event, a change by the agent)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _opened(self) -> None:
+        self.live = True
+        self.invalidate()
+
+    def _watch_ended(self, _: Any) -> None:
+        self._watch = None
+        self.live = False
+        self.invalidate()
+
+    def watch(self) -> None:
+        """Start watching Docker's container events, unless already watching."""
+        if self._watch is not None or not self.pool.running:
+            return
+        self._watch = self.pool.stream(
+            lambda client: client.api.events(filters={"type": "container"}, decode=True),
+            self.invalidate,
+            on_open=self._opened,
+            background=True,
+        )
+        self._watch.done.addBoth(self._watch_ended)
+
+    def get(self, fetch: Callable[[], defer.Deferred[list[dict[str, Any]]]]) -> defer.Deferred[list[dict[str, Any]]]:
+        self.watch()
+        now = self.pool.reactor.seconds()
+        cached = self._cached
+        if self.live and cached is not None and cached[0] == self._generation and now - cached[1] <= self.max_age:
+            return defer.succeed(cached[2])
+        generation, live = self._generation, self.live
+
+        def store(result: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            # Only a fetch that began while the watch was live, with no
+            # change since, may be served again.
+            if live and self.live and generation == self._generation:
+                self._cached = (generation, now, result)
+            return result
+
+        return fetch().addCallback(store)
+
+
 class DockerFacade:
     """Deferred-returning Docker operations on a ``DockerPool``."""
 
     def __init__(self, pool: DockerPool) -> None:
         self.pool = pool
+        self.container_list = ContainerListCache(pool)
+
+    def _changes(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        # The agent's own changes show at once, before their event arrives.
+        def invalidate(result: Any) -> Any:
+            self.container_list.invalidate()
+            return result
+
+        return d.addBoth(invalidate)
 
     def ping(self) -> defer.Deferred[bool]:
         return self.pool.ping()
 
     def list_containers(self) -> defer.Deferred[list[dict[str, Any]]]:
-        return self.pool.call(_Ops.list_containers)
+        return self.container_list.get(lambda: self.pool.call(_Ops.list_containers))
 
     def inspect(self, name: str) -> defer.Deferred[dict[str, Any]]:
         return self.pool.call(_Ops.inspect, name)
@@ -730,10 +845,10 @@ class DockerFacade:
         return self.inspect(name).addCallback(container_status)
 
     def run(self, kwargs: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
-        return self.pool.call(_Ops.run, kwargs, what="image")
+        return self._changes(self.pool.call(_Ops.run, kwargs, what="image"))
 
     def act(self, name: str, action: str, **kwargs: Any) -> defer.Deferred[dict[str, Any]]:
-        return self.pool.call(_Ops.act, name, action, **kwargs)
+        return self._changes(self.pool.call(_Ops.act, name, action, **kwargs))
 
     def logs(self, name: str, tail: int | str) -> defer.Deferred[str]:
         return self.pool.call(_Ops.logs, name, tail)
@@ -782,7 +897,7 @@ class DockerFacade:
         """Build (``api.build`` arguments), delivering Docker's progress lines."""
 
         def source(client: Any) -> Iterable[Any]:
-            return _raise_on_error_line(client.api.build(decode=True, rm=True, **kwargs), "build", "")
+            return _raise_on_error_line(client.api.build(decode=True, rm=True, forcerm=True, **kwargs), "build", "")
 
         return self.pool.stream(source, on_line, what="image")
 
@@ -810,12 +925,20 @@ class DockerFacade:
 
 
 def _raise_on_error_line(lines: Iterable[dict[str, Any]], kind: str, secret: str) -> Iterator[dict[str, Any]]:
-    """Docker reports build and pull failures as a line of the stream: raise it."""
+    """
+    Docker reports build and pull failures as a line of the stream: raise
+    it, but only once Docker has ended the stream. Hanging up earlier
+    cancels the build before Docker removes the failed step's container.
+    """
+    error = None
     for line in lines:
         if isinstance(line, dict) and ("error" in line or "errorDetail" in line):
             message = line.get("error") or (line.get("errorDetail") or {}).get("message") or "failed"
-            raise stream_error(kind, _scrub(str(message), (secret,)))
+            error = error or stream_error(kind, _scrub(str(message), (secret,)))
+            continue
         yield line
+    if error is not None:
+        raise error
 
 
 def stream_error(kind: str, message: str) -> errors.PlexError:

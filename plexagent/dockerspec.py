@@ -159,7 +159,7 @@ def parse_volumes(value: Any, policy: PathPolicy) -> dict[str, dict[str, str]]:
     """
     if value is None:
         return {}
-    entries: list[tuple[str, Any, str, str]] = []
+    entries: list[tuple[str, Any, Any, Any]] = []
     if isinstance(value, dict):
         for source, target in value.items():
             field = f"volumes[{source!r}]"
@@ -202,6 +202,7 @@ def parse_volumes(value: Any, policy: PathPolicy) -> dict[str, dict[str, str]]:
 def parse_restart_policy(value: Any) -> dict[str, Any] | None:
     if value is None or value == "":
         return None
+    retries: Any
     if isinstance(value, dict):
         name = value.get("Name", value.get("name"))
         retries = value.get("MaximumRetryCount", value.get("maximum_retry_count", 0))

@@ -119,7 +119,8 @@ class Base64FieldDecoding(unittest.TestCase):
 
 
 class Lifecycle(unittest.TestCase):
-    def test_the_pool_is_named_bounded_and_follows_the_service(self) -> None:
+    @defer.inlineCallbacks
+    def test_the_pool_is_named_bounded_and_follows_the_service(self):  # type: ignore[no-untyped-def]
         from twisted.internet import reactor
 
         pool = DockerPool(reactor, "unix:///nonexistent/docker.sock", threads=3)
@@ -127,8 +128,9 @@ class Lifecycle(unittest.TestCase):
         self.assertFalse(pool.threadpool.started)
         pool.startService()
         self.assertTrue(pool.threadpool.started)
-        pool.stopService()
+        yield pool.stopService()
         self.assertFalse(pool.threadpool.started)
+        self.assertIsNone(pool.stopService())  # a second stop is harmless
 
     @defer.inlineCallbacks
     def test_calls_run_off_the_reactor_thread(self):  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ import multipart
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from plexagent import errors
+from plexagent import errors, web
 from plexagent.dockerpool import DockerFacade, TarFeed
 
 log = Logger()
@@ -251,8 +251,6 @@ def register_load(app: Any, context: Any, path: str) -> None:
 
     context.stream_body(b"POST", path.encode("ascii"),
                         lambda request, length: ImageTarSink(request, length, docker, reactor, limit))
-
-    from plexagent import web
 
     async def load(request: Any) -> bytes:
         sink = request.content

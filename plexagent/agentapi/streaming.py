@@ -10,27 +10,26 @@ from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 
 from plexagent import errors, web
 
 NDJSON = b"application/x-ndjson"
 
 
-def json_object(request: IRequest) -> dict[str, Any]:
+def json_object(request: Any) -> dict[str, Any]:
     body = web.read_json(request)
     if not isinstance(body, dict):
         raise errors.InvalidInput("invalid body", "the body must be a JSON object")
     return body
 
 
-def arg(request: IRequest, name: str) -> bytes | None:
+def arg(request: Any, name: str) -> bytes | None:
     values = request.args.get(name.encode("ascii"))
     return values[0] if values else None
 
 
 def stream_response(
-    request: IRequest,
+    request: Any,
     start: Callable[[Callable[[Any], None]], Any],
     content_type: bytes,
     encode: Callable[[Any], bytes],

@@ -20,12 +20,14 @@ import subprocess
 import tempfile
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import docker
 from twisted.internet import defer, endpoints, protocol, reactor as default_reactor
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from plexagent.cli import derive_api_key  # the same derivation operators use
 from plexagent.config import parse_config
 
 BASE_IMAGE_DEFAULT = "plexagent-test/busybox:latest"
@@ -91,7 +93,6 @@ def remove_image_later(testcase: unittest.TestCase, client: Any, reference: str)
     testcase.addCleanup(remove)
 
 
-from plexagent.cli import derive_api_key  # noqa: E402 - the same derivation operators use
 
 
 def agent_config(
@@ -104,6 +105,8 @@ def agent_config(
     threads: int = 4,
     max_upload_bytes: int | None = None,
     require_auth_always: bool = True,
+    tls_cert: str = "",
+    tls_key: str = "",
 ) -> Any:
     """A Config for an agent living in ``workdir`` (no control plane)."""
     key_file = os.path.join(workdir, "api-key")
@@ -119,6 +122,8 @@ def agent_config(
     }
     if max_upload_bytes is not None:
         agent_api["max_upload_bytes"] = max_upload_bytes
+    if tls_cert:
+        agent_api["tls_cert"], agent_api["tls_key"] = tls_cert, tls_key
     document = {
         "node": {"data_dir": os.path.join(workdir, "data")},
         "node_api": {"socket": os.path.join(workdir, "api.sock"), "socket_group": "", "secrets_group": ""},
@@ -140,7 +145,8 @@ class RunningAgent:
         host = address.host
         self.host = host
         self.port = address.port
-        self.base = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        scheme = "https" if config.agent_api.tls_cert else "http"
+        self.base = f"{scheme}://[{host}]:{self.port}" if ":" in host else f"{scheme}://{host}:{self.port}"
         self.pool = top.getServiceNamed("dockerpool")
 
     def url(self, path: str) -> str:
@@ -173,6 +179,9 @@ def start_agent(testcase: unittest.TestCase, reactor: Any = None, **config_kwarg
 
 
 class _Relay(protocol.Protocol):
+    transport: Any
+    factory: Any
+
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
         self.peer: Any = None
@@ -191,19 +200,20 @@ class _Relay(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.peer.transport.write(data)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.factory.relays.discard(self)
         if self.peer is not None:
             self.peer.transport.loseConnection()
 
 
 class _RelayBack(protocol.Protocol):
+    transport: Any
     peer: Any = None
 
     def dataReceived(self, data: bytes) -> None:
         self.peer.transport.write(data)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.peer is not None:
             self.peer.transport.loseConnection()
 
@@ -310,15 +320,22 @@ class Registry:
 class AgentClient:
     """treq against a running agent, with the API key unless told otherwise."""
 
-    def __init__(self, agent: RunningAgent, reactor: Any = None) -> None:
+    def __init__(self, agent: RunningAgent, reactor: Any = None, trust_pem: bytes | None = None) -> None:
         from treq.client import HTTPClient
-        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
         self.agent = agent
         self.reactor = reactor or default_reactor
+        policy = BrowserLikePolicyForHTTPS()
+        if trust_pem is not None:
+            from twisted.internet import ssl
+
+            policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(trust_pem))
         # Not persistent: no connection outlives a test.
-        self._agent = Agent(self.reactor, pool=HTTPConnectionPool(self.reactor, persistent=False))
-        self.http = HTTPClient(self._agent)
+        self._agent = Agent(
+            self.reactor, contextFactory=policy, pool=HTTPConnectionPool(self.reactor, persistent=False)
+        )
+        self.http = HTTPClient(cast(Any, self._agent))
 
     def request(self, method: str, path: str, key: str | None = "default", **kwargs: Any) -> defer.Deferred[Any]:
         headers = dict(kwargs.pop("headers", {}) or {})
@@ -359,6 +376,8 @@ class AgentClient:
 
 
 class _PartialBody(protocol.Protocol):
+    transport: Any
+
     def __init__(self, enough: Any, finished: defer.Deferred[bytes]) -> None:
         self.enough = enough
         self.data = b""
@@ -371,7 +390,7 @@ class _PartialBody(protocol.Protocol):
             # Hang up, as a client that has seen enough does.
             self.transport.stopProducing()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if not self.finished.called:
             self.finished.callback(self.data)
 

@@ -5,7 +5,9 @@ while Docker is slow.
 The Docker-down tests put a relay (``td.DockerRelay``) between the agent
 and the private daemon and cut it: to the agent the daemon's socket is
 gone, exactly as when dockerd stops, while the shared daemon other tests
-use keeps running.
+use keeps running. (A second dockerd is no substitute on a shared host:
+started with ``--bridge=none`` to stay off docker0, dockerd deletes the
+docker0 bridge, breaking the shared daemon's networking.)
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twisted.internet import defer, reactor
+import treq
+from twisted.internet import defer, endpoints, reactor
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 from twisted.trial import unittest
 
 from plexagent.testing import docker as td
@@ -64,13 +70,31 @@ class DockerComesAndGoes(unittest.TestCase):
         return defer.ensureDeferred(self._never_up())
 
     async def _load_during_outage(self) -> None:
-        tar = b"".join(self.docker.images.get(td.base_image()).save(named=True))
+        tar = b"".join(self.docker.api.get_image(td.base_image()))
         await self.relay.cut()
         status, err = await self.api.post("/docker/load/stream", data=tar)
         self.assertEqual((status, err["error"]), (503, "docker unavailable"))
 
     def test_a_streamed_load_while_docker_is_down_is_503(self) -> Any:
         return defer.ensureDeferred(self._load_during_outage())
+
+
+@implementer(IAgentEndpointFactory)
+class _UnixEndpoints:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return endpoints.UNIXClientEndpoint(reactor, self.path)
+
+
+async def node_api_get(socket_path: str, path: str) -> int:
+    """The status of ``GET path`` on the Local Node API's Unix socket."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(socket_path), pool=pool)
+    response = await agent.request(b"GET", b"http://localhost" + path.encode())
+    await treq.content(response)
+    return response.code
 
 
 class ReactorStaysResponsive(unittest.TestCase):
@@ -88,13 +112,16 @@ class ReactorStaysResponsive(unittest.TestCase):
         for _ in range(5):
             status, doc = await api.get("/ping", key=None)
             self.assertEqual((status, doc["docker"]), (200, True))
+        # The Local Node API on its Unix socket answers too.
+        local = await node_api_get(agent.config.node_api.socket, "/v1/state")
+        self.assertLess(local, 500)
         elapsed = time.monotonic() - started
         self.assertFalse(slow.called, "the slow exec finished before the pings")
         self.assertLess(elapsed, 1.5)
         status, result = await slow
         self.assertEqual((status, result["exit_code"]), (200, 0))
 
-    def test_ping_answers_promptly_while_a_slow_docker_call_holds_every_worker(self) -> Any:
+    def test_ping_and_the_local_node_api_answer_while_a_slow_docker_call_holds_every_worker(self) -> Any:
         return defer.ensureDeferred(self._slow_exec())
 
     async def _stop_with_open_stream(self) -> None:
@@ -110,6 +137,7 @@ class ReactorStaysResponsive(unittest.TestCase):
         await agent.top.stopService()
         await body
         self.assertEqual(agent.pool.active, 0)
+        self.assertFalse(agent.pool.threadpool.started)
 
     def test_stopping_the_agent_ends_open_log_streams(self) -> Any:
         return defer.ensureDeferred(self._stop_with_open_stream())

@@ -62,15 +62,21 @@ class BuildRoutes(unittest.TestCase):
         return defer.ensureDeferred(self._build_stream())
 
     async def _build_fails(self) -> None:
-        self.dockerfile(f"FROM {td.base_image()}\nRUN exit 7\n")
+        marker = uuid.uuid4().hex
+        self.dockerfile(f"FROM {td.base_image()}\nLABEL pa-test-marker={marker}\nRUN exit 7\n")
         status, err = await self.api.post("/docker/build", {"context_path": self.context, "tag": self.tag})
         self.assertEqual((status, err["error"]), (400, "the build failed"), err)
         self.assertIn("7", err["details"])
+        # The failed step's container is not left behind.
+        leftovers = self.docker.api.containers(all=True, filters={"label": f"pa-test-marker={marker}"})
+        self.assertEqual(leftovers, [])
         response = await self.api.request(
             "POST", "/docker/build?stream=true", json={"context_path": self.context, "tag": self.tag}
         )
         lines = [json.loads(line) for line in (await response.content()).splitlines()]
         self.assertEqual(lines[-1]["error"], "the build failed")
+        leftovers = self.docker.api.containers(all=True, filters={"label": f"pa-test-marker={marker}"})
+        self.assertEqual(leftovers, [])
 
     def test_a_failing_build_is_400_with_dockers_message(self) -> Any:
         return defer.ensureDeferred(self._build_fails())

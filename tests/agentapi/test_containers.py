@@ -193,6 +193,24 @@ class ContainerRoutes(unittest.TestCase):
     def test_list_has_the_seed_keys(self) -> Any:
         return defer.ensureDeferred(self._list())
 
+    async def _list_sees_outside_changes(self) -> None:
+        cache = self.agent.top.agent.agent_services["docker"].container_list
+        await self.api.get("/containers")
+        if not cache.live:
+            await cache.changed()  # the event watch has connected
+        status, before = await self.api.get("/containers")
+        name = self.name()
+        changed = cache.changed()
+        # Created behind the agent's back, as with the docker CLI.
+        self.docker.containers.create(td.base_image(), ["true"], name=name)
+        await changed
+        status, after = await self.api.get("/containers")
+        self.assertNotIn("/" + name, [c["Names"] for c in before["containers"]])
+        self.assertIn("/" + name, [c["Names"] for c in after["containers"]])
+
+    def test_list_shows_containers_changed_outside_the_agent_once_docker_reports_them(self) -> Any:
+        return defer.ensureDeferred(self._list_sees_outside_changes())
+
     async def _lifecycle(self) -> None:
         doc = await self.run_container(command=["sh", "-c", "trap 'exit 0' TERM; sleep 300 & wait"])
         name = doc["name"]

@@ -22,7 +22,8 @@ from plexagent.testing import docker as td
 
 def saved_tar(client: Any, reference: str) -> bytes:
     """``docker save`` of ``reference``."""
-    return b"".join(client.images.get(reference).save(named=True))
+    # By reference, so the tar names exactly this tag (the image may have others).
+    return b"".join(client.api.get_image(reference))
 
 
 class CapturedLogs:
