@@ -12,12 +12,32 @@ scheduled). The rest of each value stays as hostile as generated.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import schemathesis
 
 NAME_PREFIX = "pa-fuzz-"
 IMAGE_PREFIX = "pa-fuzz/"
+
+# So that the fuzz reaches past "not found" and "path not allowed", about
+# half of the generated names and paths are made real: container names
+# become the test's running container (``PLEXAGENT_FUZZ_TARGET``), service names
+# the allowed services, and paths are put under the sandboxed allowed root
+# (still hostile: ``..``, ``//``, control characters, long names). Which
+# half depends on the value only, so that shrinking stays deterministic.
+TARGET = "target"
+SERVICES = ("nginx", "docker", "node-agent")
+PATH_FIELDS = ("path", "target_path", "context_path", "extract_path")
+
+
+def _real(value: str) -> bool:
+    return len(value) % 2 == 0
+
+
+def _inside(value: str) -> str:
+    root = os.environ.get("PLEXAGENT_FUZZ_ROOT")
+    return f"{root}/{value}" if root and _real(value) else value
 
 #: Operations whose ``{n}`` names a Docker object.
 _DOCKER_NAMED = ("/containers/{n}/", "/networks/{n}")
@@ -38,17 +58,33 @@ def _path(ctx: Any) -> str:
 @schemathesis.hook
 def map_path_parameters(ctx: Any, path_parameters: Any) -> Any:
     path = _path(ctx)
-    if isinstance(path_parameters, dict) and any(path.startswith(p) for p in _DOCKER_NAMED):
-        n = path_parameters.get("n")
-        if isinstance(n, str):
-            path_parameters["n"] = NAME_PREFIX + n
+    n = path_parameters.get("n") if isinstance(path_parameters, dict) else None
+    if not isinstance(n, str):
+        return path_parameters
+    if any(path.startswith(p) for p in _DOCKER_NAMED):
+        target = os.environ.get("PLEXAGENT_FUZZ_TARGET", NAME_PREFIX + TARGET)
+        path_parameters["n"] = target if _real(n) else NAME_PREFIX + n
+    elif path.startswith("/services/{n}/") and _real(n):
+        path_parameters["n"] = SERVICES[len(n) % len(SERVICES)]
     return path_parameters
+
+
+@schemathesis.hook
+def map_query(ctx: Any, query: Any) -> Any:
+    if isinstance(query, dict):
+        for field in PATH_FIELDS:
+            if isinstance(query.get(field), str):
+                query[field] = _inside(query[field])
+    return query
 
 
 @schemathesis.hook
 def map_body(ctx: Any, body: Any) -> Any:
     fields = _IMAGE_FIELDS.get(_path(ctx), ())
     if isinstance(body, dict):
+        for field in PATH_FIELDS:
+            if isinstance(body.get(field), str):
+                body[field] = _inside(body[field])
         for field in fields:
             if isinstance(body.get(field), str):
                 body[field] = IMAGE_PREFIX + body[field]

@@ -44,6 +44,7 @@ import tempfile
 import uuid
 from typing import Any
 
+import docker
 import treq
 from twisted.internet import defer, protocol, reactor, task
 from twisted.logger import Logger
@@ -100,8 +101,6 @@ class FuzzedAgent:
     """The daemon under fuzz, with the host pieces it is configured against."""
 
     def __init__(self, testcase: unittest.TestCase) -> None:
-        client = docker_fixtures.test_client(testcase)  # fails under CI without Docker
-        client.close()
         self.sandbox = AgentSandbox()
         testcase.addCleanup(self.sandbox.cleanup)
         self.allowed_root = os.path.join(self.sandbox.root, "allowed")
@@ -134,6 +133,24 @@ class FuzzedAgent:
         document["cron"] = {"max_jobs": 20}
         self.process = AgentProcess(self.sandbox.write())
         testcase.addCleanup(self.stop)
+        # The container fuzzed names often become (see fuzz_hooks): a shell
+        # without a network that exits at once on SIGTERM (so a fuzzed stop
+        # or restart never waits out its timeout), removed after the test
+        # unless the fuzz removed it.
+        self.target = "pa-fuzz-target-" + uuid.uuid4().hex[:8]
+        client = docker_fixtures.test_client(testcase)
+        client.containers.run(
+            docker_fixtures.base_image(), ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"],
+            name=self.target, detach=True, network_mode="none",
+        )
+
+        def remove_target() -> None:
+            try:
+                client.api.remove_container(self.target, force=True)
+            except docker.errors.NotFound:
+                pass
+
+        testcase.addCleanup(remove_target)
 
     @property
     def agent_url(self) -> str:
@@ -143,7 +160,12 @@ class FuzzedAgent:
     def node_url(self) -> str:
         return f"http://127.0.0.1:{self.node_port}"
 
+    def sandbox_entries(self) -> set[str]:
+        """The sandbox's top level: the allowed root is inside, its siblings outside."""
+        return set(os.listdir(self.sandbox.root))
+
     async def start(self) -> None:
+        self.entries_before = self.sandbox_entries()
         self.process.start()
         await self.process.wait_for_socket(self.sandbox.socket)
         # The TCP listeners start with the socket; wait until /ping answers.
@@ -163,7 +185,8 @@ class FuzzedAgent:
 
 
 async def run_schemathesis(testcase: unittest.TestCase, document: str, url: str, headers: list[str],
-                           excluded: list[tuple[str, str]] = ()) -> tuple[int, str, list[dict[str, Any]], set[str]]:
+                           excluded: list[tuple[str, str]] = (), agent: FuzzedAgent | None = None,
+                           ) -> tuple[int, str, list[dict[str, Any]], set[str]]:
     """Run ``st run`` on ``document`` against ``url``; (exit code, output, failures from the JUnit report)."""
     workdir = tempfile.mkdtemp(prefix="pa-fuzz-")
     testcase.addCleanup(shutil.rmtree, workdir, True)
@@ -188,6 +211,9 @@ async def run_schemathesis(testcase: unittest.TestCase, document: str, url: str,
         argv += ["--exclude-path-regex", "^(" + "|".join(path for _, path in excluded) + ")$"]
     env = dict(os.environ)
     env["SCHEMATHESIS_HOOKS"] = "tests.fuzz_hooks"
+    if agent is not None:
+        env["PLEXAGENT_FUZZ_ROOT"] = agent.allowed_root
+        env["PLEXAGENT_FUZZ_TARGET"] = agent.target
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT, env.get("PYTHONPATH", "")]))
     collector = _Collector()
     reactor.spawnProcess(collector, argv[0], argv, env=env, path=workdir)
@@ -243,7 +269,7 @@ class FuzzTests(unittest.TestCase):
         agent = FuzzedAgent(self)
         await agent.start()
         result = await run_schemathesis(
-            self, "node-agent-api.yaml", agent.agent_url, [f"X-API-Key: {agent.api_key}"], AGENT_API_EXCLUDED
+            self, "node-agent-api.yaml", agent.agent_url, [f"X-API-Key: {agent.api_key}"], AGENT_API_EXCLUDED, agent
         )
         self.assert_clean(result, fuzzed_operations("node-agent-api", AGENT_API_EXCLUDED))
         # Still serving, and nothing escaped the allowed root.
@@ -253,6 +279,7 @@ class FuzzTests(unittest.TestCase):
         response = await treq.get(agent.agent_url + "/ping", persistent=False)
         self.assertEqual(json.loads(await response.content())["docker"], True)
         self.assertIsNone(agent.process.watcher.status, agent.process.output)
+        self.assertEqual(agent.sandbox_entries() - agent.entries_before - {"data"}, set())
 
     async def test_local_node_api_answers_every_fuzzed_request_as_documented(self) -> None:
         agent = FuzzedAgent(self)
