@@ -653,7 +653,15 @@ class _Ops:
         kwargs = dict(kwargs)
         image = kwargs.pop("image")
         command = kwargs.pop("command", None)
-        container = client.containers.create(image, command, **kwargs)
+        try:
+            container = client.containers.create(image, command, **kwargs)
+        except docker.errors.ImageNotFound:
+            # As `docker run` does: pull a missing image, then create.
+            from plexagent.dockerspec import split_image
+
+            repository, tag = split_image(image)
+            client.images.pull(repository, tag=tag or "latest")
+            container = client.containers.create(image, command, **kwargs)
         try:
             container.start()
         except Exception:
@@ -747,27 +755,39 @@ class _Ops:
 
 class ContainerListCache:
     """
-    The container list, answered from memory while Docker's event stream
-    reports no container change since it was fetched, and for at most
-    ``max_age`` seconds (so Docker's "Up 5 minutes" text stays current).
+    Container views (the list; one container's inspect data, for its
+    status) answered from memory while Docker's event stream reports no
+    container change since they were fetched, and for at most ``max_age``
+    seconds (so Docker's "Up 5 minutes" text stays current).
 
-    Pollers of ``GET /containers`` then cost the daemon nothing. The event
-    watch runs on its own thread; while it is not connected (Docker down,
-    not yet answered) nothing is cached and every call asks Docker.
+    Pollers of ``GET /containers`` and ``/containers/<n>/status`` then cost
+    the daemon nothing. The event watch runs on its own thread; while it is
+    not connected (Docker down, not yet answered) nothing is cached and
+    every call asks Docker. A container event clears the list and that
+    container's entries.
     """
 
-    def __init__(self, pool: DockerPool, max_age: float = 1.0) -> None:
+    def __init__(self, pool: DockerPool, max_age: float = 1.0, max_entries: int = 1024) -> None:
         self.pool = pool
         self.max_age = max_age
+        self.max_entries = max_entries
         self.live = False
         self._watch: Stream | None = None
         self._generation = 0
-        self._cached: tuple[int, float, list[dict[str, Any]]] | None = None
+        self._cached: dict[Any, tuple[int, float, Any]] = {}
         self._waiting: list[defer.Deferred[None]] = []
 
-    def invalidate(self, _: Any = None) -> None:
+    def invalidate(self, event: Any = None) -> None:
+        """Forget what ``event`` (a Docker container event) may change; all if no event."""
         self._generation += 1
-        self._cached = None
+        actor = (event.get("Actor") or {}).get("ID") or event.get("id") if isinstance(event, dict) else None
+        if actor:
+            # The list, and that one container's entries; others stay.
+            for key, (_, _, value) in list(self._cached.items()):
+                if key == "list" or (isinstance(value, dict) and value.get("Id") == actor):
+                    del self._cached[key]
+        else:
+            self._cached.clear()
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
@@ -799,19 +819,21 @@ class ContainerListCache:
         )
         self._watch.done.addBoth(self._watch_ended)
 
-    def get(self, fetch: Callable[[], defer.Deferred[list[dict[str, Any]]]]) -> defer.Deferred[list[dict[str, Any]]]:
+    def get(self, fetch: Callable[[], defer.Deferred[Any]], key: Any = "list") -> defer.Deferred[Any]:
         self.watch()
         now = self.pool.reactor.seconds()
-        cached = self._cached
+        cached = self._cached.get(key)
         if self.live and cached is not None and cached[0] == self._generation and now - cached[1] <= self.max_age:
             return defer.succeed(cached[2])
         generation, live = self._generation, self.live
 
-        def store(result: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        def store(result: Any) -> Any:
             # Only a fetch that began while the watch was live, with no
-            # change since, may be served again.
+            # event since, may be served again.
             if live and self.live and generation == self._generation:
-                self._cached = (generation, now, result)
+                if len(self._cached) >= self.max_entries:
+                    self._cached.clear()
+                self._cached[key] = (generation, now, result)
             return result
 
         return fetch().addCallback(store)
@@ -842,7 +864,9 @@ class DockerFacade:
         return self.pool.call(_Ops.inspect, name)
 
     def status(self, name: str) -> defer.Deferred[dict[str, Any]]:
-        return self.inspect(name).addCallback(container_status)
+        # The status text is computed now from the (possibly cached) state.
+        info = self.container_list.get(lambda: self.inspect(name), key=("inspect", name))
+        return info.addCallback(container_status)
 
     def run(self, kwargs: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
         return self._changes(self.pool.call(_Ops.run, kwargs, what="image"))

@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from plexagent import errors
 from plexagent.agentapi.imageload import Base64Field
-from plexagent.dockerpool import DockerPool, TarFeed, translate
+from plexagent.dockerpool import ContainerListCache, DockerPool, TarFeed, translate
 
 
 def api_error(status: int, explanation: str) -> docker.errors.APIError:
@@ -165,3 +165,31 @@ class Lifecycle(unittest.TestCase):
         yield self.assertFailure(pool.call(fail), errors.Unavailable)
         second = yield pool.call(lambda client: client)
         self.assertEqual((made, second), ([0, 1], 1))
+
+
+class ContainerCacheInvalidation(unittest.TestCase):
+    def cache(self) -> "ContainerListCache":
+        from plexagent.dockerpool import ContainerListCache
+
+        class NotRunning:
+            running = False
+
+        cache = ContainerListCache(NotRunning())  # type: ignore[arg-type]
+        cache._cached = {
+            "list": (0, 0.0, []),
+            ("inspect", "web"): (0, 0.0, {"Id": "aaa"}),
+            ("inspect", "db"): (0, 0.0, {"Id": "bbb"}),
+        }
+        return cache
+
+    def test_an_event_clears_the_list_and_that_containers_entries_only(self) -> None:
+        cache = self.cache()
+        cache.invalidate({"Type": "container", "Action": "die", "Actor": {"ID": "aaa", "Attributes": {}}})
+        self.assertEqual(list(cache._cached), [("inspect", "db")])
+
+    def test_a_change_without_an_event_clears_everything_and_wakes_waiters(self) -> None:
+        cache = self.cache()
+        changed = cache.changed()
+        cache.invalidate()
+        self.assertEqual(cache._cached, {})
+        self.assertTrue(changed.called)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import docker.errors
 from twisted.internet import defer
 from twisted.trial import unittest
 
@@ -48,17 +49,19 @@ class ContainerRoutes(unittest.TestCase):
     async def _run_with_seed_body(self) -> None:
         volume_dir = os.path.join(self.agent.workdir, "volume")
         os.makedirs(volume_dir)
+        volume = f"pa-test-vol-{os.urandom(4).hex()}"
+        # Registered before the container's cleanup, so it runs after it.
+        self.addCleanup(self._remove_volume, volume)
         name = self.name()
         doc = await self.run_container(
             name=name,
             ports=["127.0.0.1:0:80", "0:53/udp"],
             environment=["DEBUG=1", "NODE_ENV=prod"],
-            volumes=[f"{volume_dir}:/app/data", f"pa-test-vol-{name[-6:]}:/cache:ro"],
+            volumes=[f"{volume_dir}:/app/data", f"{volume}:/cache:ro"],
             restart_policy="unless-stopped",
             health_check={"test": "true", "interval": 30, "timeout": 10, "retries": 3},
         )
         self.assertEqual((doc["name"], doc["state"]), (name, "running"))
-        self.addCleanup(self._remove_volume, f"pa-test-vol-{name[-6:]}")
         info = self.docker.api.inspect_container(name)
         self.assertIn("DEBUG=1", info["Config"]["Env"])
         self.assertEqual(info["HostConfig"]["RestartPolicy"]["Name"], "unless-stopped")
@@ -71,7 +74,7 @@ class ContainerRoutes(unittest.TestCase):
     def _remove_volume(self, name: str) -> None:
         try:
             self.docker.api.remove_volume(name, force=True)
-        except Exception:
+        except docker.errors.NotFound:
             pass
 
     def test_run_accepts_the_seed_body(self) -> Any:
@@ -210,6 +213,23 @@ class ContainerRoutes(unittest.TestCase):
 
     def test_list_shows_containers_changed_outside_the_agent_once_docker_reports_them(self) -> Any:
         return defer.ensureDeferred(self._list_sees_outside_changes())
+
+    async def _status_sees_outside_changes(self) -> None:
+        cache = self.agent.top.agent.agent_services["docker"].container_list
+        doc = await self.run_container()
+        status, st = await self.api.get(f"/containers/{doc['name']}/status")
+        if not cache.live:
+            await cache.changed()
+        status, st = await self.api.get(f"/containers/{doc['name']}/status")
+        self.assertEqual(st["state"], "running")
+        changed = cache.changed()
+        self.docker.api.kill(doc["name"])  # behind the agent's back
+        await changed
+        status, st = await self.api.get(f"/containers/{doc['name']}/status")
+        self.assertNotEqual(st["state"], "running")
+
+    def test_status_shows_changes_made_outside_the_agent_once_docker_reports_them(self) -> Any:
+        return defer.ensureDeferred(self._status_sees_outside_changes())
 
     async def _lifecycle(self) -> None:
         doc = await self.run_container(command=["sh", "-c", "trap 'exit 0' TERM; sleep 300 & wait"])

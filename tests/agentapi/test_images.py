@@ -289,6 +289,21 @@ class RegistryRoutes(unittest.TestCase):
     def test_login_then_pull_without_credentials(self) -> Any:
         return defer.ensureDeferred(self._login())
 
+    async def _run_pulls(self) -> None:
+        status, doc = await self.api.post(
+            "/docker/login", {"registry": self.registry.address, "username": self.USER, "password": self.password}
+        )
+        self.assertEqual(status, 200, doc)
+        name = td.unique_name(self, self.docker)
+        status, doc = await self.api.post(
+            "/containers/run", {"name": name, "image": f"{self.repository}:v1", "command": ["true"]}
+        )
+        self.assertEqual(status, 201, doc)
+        self.docker.images.get(f"{self.repository}:v1")
+
+    def test_run_pulls_a_missing_image_as_docker_run_does(self) -> Any:
+        return defer.ensureDeferred(self._run_pulls())
+
     async def _login_refused(self) -> None:
         wrong = "nope-" + self.password
         status, err = await self.api.post(

@@ -1,17 +1,86 @@
-"""makeService gives the file routes their shared domain objects."""
+"""
+How service.makeService wires the agent API's domain objects: the file
+routes' shared policy, chunk store and cloner; the Docker pool and the Docker
+route modules (no Docker needed: a memory reactor, nothing started).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.trial import unittest
 
+from plexagent import service, web
 from plexagent.chunks import ChunkGarbageCollector, ChunkStore
 from plexagent.config import AgentAPIConfig, Config, NodeAPIConfig, NodeConfig
+from plexagent.dockerpool import DockerFacade, DockerPool
 from plexagent.gitclone import GitCloner
 from plexagent.paths import PathPolicy
 from plexagent.service import makeService
+from plexagent.testing import docker as td
+
+#: Every route of issue 5, with its methods.
+DOCKER_ROUTES = {
+    "/ping": {"GET"},
+    "/containers": {"GET"},
+    "/containers/run": {"POST"},
+    "/containers/<n>/start": {"POST"},
+    "/containers/<n>/stop": {"POST"},
+    "/containers/<n>/restart": {"POST"},
+    "/containers/<n>/remove": {"POST"},
+    "/containers/<n>/status": {"GET"},
+    "/containers/<n>/health": {"GET"},
+    "/containers/all/health": {"GET"},
+    "/containers/<n>/logs": {"GET"},
+    "/containers/<n>/inspect": {"GET"},
+    "/containers/<n>/exec": {"POST"},
+    "/images/list": {"GET"},
+    "/images/pull": {"POST"},
+    "/images/tag": {"POST"},
+    "/images/load": {"POST"},
+    "/images/cleanup": {"POST"},
+    "/docker/build": {"POST"},
+    "/docker/dockerfile": {"POST"},
+    "/docker/login": {"POST"},
+    "/docker/load": {"POST"},
+    "/docker/load/stream": {"POST"},
+}
+
+
+class Wiring(unittest.TestCase):
+    def setUp(self) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="pa-wiring-")
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        config = td.agent_config(self.workdir, "unix:///run/example/docker.sock", "key", threads=7)
+        self.top = service.makeService(config, MemoryReactor())
+
+    def test_the_docker_pool_is_a_service_sized_and_pointed_by_the_config(self) -> None:
+        pool = self.top.getServiceNamed("dockerpool")
+        self.assertIsInstance(pool, DockerPool)
+        self.assertEqual((pool.threadpool.max, pool.host), (7, "unix:///run/example/docker.sock"))
+        self.assertFalse(pool.threadpool.started)  # nothing runs before startService
+
+    def test_the_pool_starts_before_and_stops_after_the_agent_api_listener(self) -> None:
+        names = [s.name for s in self.top]
+        self.assertLess(names.index("dockerpool"), names.index("agent_api.listen"))
+
+    def test_route_modules_share_the_pool_through_the_context(self) -> None:
+        services = self.top.agent.agent_services  # type: ignore[attr-defined]
+        self.assertIsInstance(services["docker"], DockerFacade)
+        self.assertIs(services["docker"].pool, services["dockerpool"])
+        self.assertIs(self.top.agent.agent_api.context.services["docker"], services["docker"])  # type: ignore[attr-defined]
+
+    def test_every_docker_route_of_the_seed_is_registered(self) -> None:
+        app = self.top.agent.agent_api.app  # type: ignore[attr-defined]
+        routes: dict[str, set[str]] = {}
+        for rule, methods in web.iter_routes(app):
+            routes.setdefault(rule, set()).update(methods)
+        for rule, methods in DOCKER_ROUTES.items():
+            self.assertIn(rule, routes)
+            self.assertTrue(methods <= routes[rule], (rule, routes[rule]))
 
 
 class WiringTests(unittest.TestCase):
