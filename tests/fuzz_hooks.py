@@ -6,8 +6,10 @@ ID prefix wherever it takes a name, so a fuzzed container name such as
 ``a`` could stop or remove another test's container whose ID starts with
 ``a``. Every Docker object name the fuzzer sends is therefore prefixed with
 ``pa-fuzz-`` (never hex, so never an ID prefix), and image references with
-``pa-fuzz/`` (an image that does not exist: nothing real is run, tagged or
-scheduled). The rest of each value stays as hostile as generated.
+``<test registry>/pa-fuzz/`` (an image that does not exist, in a registry
+that refuses anonymous pulls: nothing real is pulled, run, tagged or
+scheduled, and a missing image's pull is a quick 403, not a wait on the
+internet). The rest of each value stays as hostile as generated.
 """
 
 from __future__ import annotations
@@ -47,47 +49,55 @@ _IMAGE_FIELDS = {
     "/containers/run": ("image",),
     "/cron/run-docker": ("image",),
     "/images/tag": ("source_image", "target_image", "source", "target"),
+    "/images/pull": ("image",),
 }
 
+#: Operations that talk to a registry: always the test's own
+#: (``PLEXAGENT_FUZZ_REGISTRY``, on loopback, with a password nobody
+#: generates), never one on the internet.
+_REGISTRY_PATHS = ("/images/pull", "/docker/login")
 
-def _path(ctx: Any) -> str:
-    operation = getattr(ctx, "operation", None)
-    return getattr(operation, "path", "") or ""
 
-
-@schemathesis.hook
-def map_path_parameters(ctx: Any, path_parameters: Any) -> Any:
-    path = _path(ctx)
+def _bound_path_parameters(path: str, path_parameters: Any) -> None:
     n = path_parameters.get("n") if isinstance(path_parameters, dict) else None
     if not isinstance(n, str):
-        return path_parameters
+        return
     if any(path.startswith(p) for p in _DOCKER_NAMED):
         target = os.environ.get("PLEXAGENT_FUZZ_TARGET", NAME_PREFIX + TARGET)
         path_parameters["n"] = target if _real(n) else NAME_PREFIX + n
     elif path.startswith("/services/{n}/") and _real(n):
         path_parameters["n"] = SERVICES[len(n) % len(SERVICES)]
-    return path_parameters
 
 
-@schemathesis.hook
-def map_query(ctx: Any, query: Any) -> Any:
+def _bound_query(query: Any) -> None:
     if isinstance(query, dict):
         for field in PATH_FIELDS:
             if isinstance(query.get(field), str):
                 query[field] = _inside(query[field])
-    return query
+
+
+def _bound_body(path: str, body: Any) -> None:
+    if not isinstance(body, dict):
+        return
+    for field in PATH_FIELDS:
+        if isinstance(body.get(field), str):
+            body[field] = _inside(body[field])
+    registry = os.environ.get("PLEXAGENT_FUZZ_REGISTRY", "")
+    prefix = f"{registry}/{IMAGE_PREFIX}" if registry else IMAGE_PREFIX
+    for field in _IMAGE_FIELDS.get(path, ()):
+        if isinstance(body.get(field), str):
+            body[field] = prefix + body[field]
+    if path in _REGISTRY_PATHS and registry:
+        body["registry"] = registry
+    if path == "/containers/run" and isinstance(body.get("name"), str):
+        body["name"] = NAME_PREFIX + body["name"]
 
 
 @schemathesis.hook
-def map_body(ctx: Any, body: Any) -> Any:
-    fields = _IMAGE_FIELDS.get(_path(ctx), ())
-    if isinstance(body, dict):
-        for field in PATH_FIELDS:
-            if isinstance(body.get(field), str):
-                body[field] = _inside(body[field])
-        for field in fields:
-            if isinstance(body.get(field), str):
-                body[field] = IMAGE_PREFIX + body[field]
-        if _path(ctx) == "/containers/run" and isinstance(body.get("name"), str):
-            body["name"] = NAME_PREFIX + body["name"]
-    return body
+def before_call(ctx: Any, case: Any, kwargs: Any) -> None:
+    # Here rather than in map_* hooks: every phase's cases (coverage
+    # included) pass through before_call.
+    path = case.operation.path
+    _bound_path_parameters(path, case.path_parameters)
+    _bound_query(case.query)
+    _bound_body(path, case.body)

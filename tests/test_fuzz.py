@@ -20,10 +20,9 @@ past the timeout. Afterwards the daemon must still answer on both APIs.
 
 Left out of the fuzz (each is covered by its own tests):
 
-- ``POST /images/pull``, ``POST /docker/login``, ``POST /git/clone``: they
-  reach registries and git hosts; none is reachable from CI, so they can
-  only answer the documented 500 (``the pull failed``, ``git clone
-  failed``) after network timeouts;
+- ``POST /git/clone``: it reaches git hosts; none is reachable from CI, so
+  it can only answer the documented 500 (``git clone failed``) after
+  network timeouts;
 - ``POST /images/cleanup``: prunes images of the Docker engine other tests
   share;
 - ``POST /networks/create``: every valid body takes one of Docker's few
@@ -31,7 +30,9 @@ Left out of the fuzz (each is covered by its own tests):
 
 Bounded to be harmless (see tests/fuzz_hooks.py): Docker object names are
 prefixed so they can never match another test's container by name or ID
-prefix, and image references point at an image that does not exist.
+prefix; image references, pulls and logins go to a registry of the test's
+own on loopback (Debian's docker-registry, with a password), where every
+fuzzed image is missing.
 """
 
 from __future__ import annotations
@@ -73,8 +74,6 @@ CHECKS = ",".join([
 
 #: (method, path) left out of the agent API's fuzz; see the module docstring.
 AGENT_API_EXCLUDED = [
-    ("POST", "/images/pull"),
-    ("POST", "/docker/login"),
     ("POST", "/git/clone"),
     ("POST", "/images/cleanup"),
     ("POST", "/networks/create"),
@@ -133,6 +132,12 @@ class FuzzedAgent:
         document["cron"] = {"max_jobs": 20}
         self.process = AgentProcess(self.sandbox.write())
         testcase.addCleanup(self.stop)
+        self.registry = docker_fixtures.Registry("fuzz", uuid.uuid4().hex)
+        try:
+            self.registry.start()
+        except (OSError, RuntimeError) as e:
+            docker_fixtures.unreachable(testcase, "docker-registry", str(e))
+        testcase.addCleanup(self.registry.stop)
         # The container fuzzed names often become (see fuzz_hooks): a shell
         # without a network that exits at once on SIGTERM (so a fuzzed stop
         # or restart never waits out its timeout), removed after the test
@@ -214,6 +219,7 @@ async def run_schemathesis(testcase: unittest.TestCase, document: str, url: str,
     if agent is not None:
         env["PLEXAGENT_FUZZ_ROOT"] = agent.allowed_root
         env["PLEXAGENT_FUZZ_TARGET"] = agent.target
+        env["PLEXAGENT_FUZZ_REGISTRY"] = agent.registry.address
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT, env.get("PYTHONPATH", "")]))
     collector = _Collector()
     reactor.spawnProcess(collector, argv[0], argv, env=env, path=workdir)
