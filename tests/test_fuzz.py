@@ -54,7 +54,7 @@ from twisted.trial import unittest
 from plexagent import processes
 from plexagent.testing import docker as docker_fixtures
 from plexagent.testing import ops
-from plexagent.testing.fixtures import AgentProcess, AgentSandbox, write_secret_file
+from plexagent.testing.fixtures import AgentProcess, AgentSandbox, unix_http_client, write_secret_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
@@ -262,6 +262,15 @@ def fuzzed_operations(document: str, excluded: list[tuple[str, str]] = ()) -> se
     return {f"{m} {p}" for m, p in documented_routes(document) if (m, p) not in set(excluded)}
 
 
+def socket_bridge(path: str) -> Any:
+    """A listening port on 127.0.0.1 whose every connection is relayed to the Unix socket ``path``."""
+    factory = protocol.Factory.forProtocol(docker_fixtures._Relay)
+    factory.relays = set()  # type: ignore[attr-defined]
+    factory.reactor = reactor  # type: ignore[attr-defined]
+    factory.target = path  # type: ignore[attr-defined]
+    return reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+
 class FuzzTests(unittest.TestCase):
     timeout = 900
 
@@ -286,6 +295,21 @@ class FuzzTests(unittest.TestCase):
         self.assertEqual(json.loads(await response.content())["docker"], True)
         self.assertIsNone(agent.process.watcher.status, agent.process.output)
         self.assertEqual(agent.sandbox_entries() - agent.entries_before - {"data"}, set())
+
+    async def test_local_node_api_on_its_unix_socket_answers_every_fuzzed_request_as_documented(self) -> None:
+        # schemathesis speaks TCP only: a loopback bridge to the socket. The
+        # peer the agent sees is this (root) process: secret reads allowed.
+        agent = FuzzedAgent(self)
+        await agent.start()
+        bridge = socket_bridge(agent.sandbox.socket)
+        self.addCleanup(bridge.stopListening)
+        url = f"http://127.0.0.1:{bridge.getHost().port}"
+        result = await run_schemathesis(self, "local-node-api.yaml", url, [])
+        self.assert_clean(result, fuzzed_operations("local-node-api"))
+        client = unix_http_client(agent.sandbox.socket)
+        response = await client.get("http://localhost/v1/state")
+        self.assertEqual(response.code, 200, await response.text())
+        self.assertIsNone(agent.process.watcher.status, agent.process.output)
 
     async def test_local_node_api_answers_every_fuzzed_request_as_documented(self) -> None:
         agent = FuzzedAgent(self)
