@@ -72,6 +72,10 @@ CHECKS = ",".join([
     "response_schema_conformance",
 ])
 
+#: The Local Node API's document links a written report to reading,
+#: replacing (If-Match) and deleting it: sequences are fuzzed too.
+LOCAL_PHASES = "examples,coverage,fuzzing,stateful"
+
 #: (method, path) left out of the agent API's fuzz; see the module docstring.
 AGENT_API_EXCLUDED = [
     ("POST", "/git/clone"),
@@ -191,6 +195,7 @@ class FuzzedAgent:
 
 async def run_schemathesis(testcase: unittest.TestCase, document: str, url: str, headers: list[str],
                            excluded: list[tuple[str, str]] = (), agent: FuzzedAgent | None = None,
+                           phases: str = "examples,coverage,fuzzing",
                            ) -> tuple[int, str, list[dict[str, Any]], set[str]]:
     """Run ``st run`` on ``document`` against ``url``; (exit code, output, failures from the JUnit report)."""
     workdir = tempfile.mkdtemp(prefix="pa-fuzz-")
@@ -200,7 +205,7 @@ async def run_schemathesis(testcase: unittest.TestCase, document: str, url: str,
         sys.executable, "-m", "schemathesis.cli", "run", os.path.join(OPENAPI, document),
         "--url", url,
         "--checks", CHECKS,
-        "--phases", "examples,coverage,fuzzing",
+        "--phases", phases,
         "--max-examples", str(MAX_EXAMPLES),
         "--request-timeout", str(REQUEST_TIMEOUT),
         "--workers", "1",
@@ -304,7 +309,7 @@ class FuzzTests(unittest.TestCase):
         bridge = socket_bridge(agent.sandbox.socket)
         self.addCleanup(bridge.stopListening)
         url = f"http://127.0.0.1:{bridge.getHost().port}"
-        result = await run_schemathesis(self, "local-node-api.yaml", url, [])
+        result = await run_schemathesis(self, "local-node-api.yaml", url, [], phases=LOCAL_PHASES)
         self.assert_clean(result, fuzzed_operations("local-node-api"))
         client = unix_http_client(agent.sandbox.socket)
         response = await client.get("http://localhost/v1/state")
@@ -315,7 +320,8 @@ class FuzzTests(unittest.TestCase):
         agent = FuzzedAgent(self)
         await agent.start()
         result = await run_schemathesis(
-            self, "local-node-api.yaml", agent.node_url, [f"Authorization: Bearer {agent.sandbox.http_token}"]
+            self, "local-node-api.yaml", agent.node_url, [f"Authorization: Bearer {agent.sandbox.http_token}"],
+            phases=LOCAL_PHASES,
         )
         self.assert_clean(result, fuzzed_operations("local-node-api"))
         response = await treq.get(agent.node_url + "/v1/state",
