@@ -14,7 +14,9 @@ One ``twistd -n plexagent`` process per test, configured with:
 
 schemathesis (the ``st`` CLI, run as a child process so the reactor keeps
 serving) then sends generated valid and invalid requests built from each
-published document over TCP, with a per-request timeout, and checks: no 5xx,
+published document over loopback TCP (the Local Node API also over its
+Unix socket, through a TCP bridge, and in link-driven sequences of report
+writes, reads and deletes), with a per-request timeout, and checks: no 5xx,
 every status, content type, header and body as the document says, no request
 past the timeout. Afterwards the daemon must still answer on both APIs.
 
@@ -51,7 +53,6 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from plexagent import processes
 from plexagent.testing import docker as docker_fixtures
 from plexagent.testing import ops
 from plexagent.testing.fixtures import AgentProcess, AgentSandbox, unix_http_client, write_secret_file

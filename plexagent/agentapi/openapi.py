@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from klein import Klein
-from twisted.web.iweb import IRequest
 
 from plexagent import web
 from plexagent.openapi import document_json
@@ -13,7 +12,7 @@ from plexagent.openapi import document_json
 
 def register(app: Klein, context: Any) -> None:
     @app.route("/openapi.json", methods=["GET"])
-    def openapi(request: IRequest) -> bytes:
+    def openapi(request: Any) -> bytes:
         body = document_json("node-agent-api")
         request.setHeader(b"content-type", web.JSON_CONTENT_TYPE)
         request.setHeader(b"content-length", b"%d" % len(body))
