@@ -25,7 +25,13 @@ setup(
         "multipart>=1.0",
     ],
     extras_require={
-        "test": ["hypothesis>=6.90", "mypy>=1.8", "mypy-zope>=1.0", "openapi-spec-validator>=0.7"],
+        "test": [
+            "hypothesis>=6.90",
+            "mypy>=1.8",
+            "mypy-zope>=1.0",
+            "openapi-spec-validator>=0.7",
+            "schemathesis>=4.0",
+        ],
     },
     entry_points={"console_scripts": ["plexagent = plexagent.cli:main"]},
 )

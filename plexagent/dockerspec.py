@@ -325,7 +325,8 @@ def parse_bool_arg(value: bytes | str | None, field: str, default: bool = False)
     raise errors.InvalidInput(f"invalid {field}", f"{field} must be true or false")
 
 
-def parse_int_arg(value: bytes | str | None, field: str, default: int, minimum: int = 0) -> int:
+def parse_int_arg(value: bytes | str | None, field: str, default: int, minimum: int = 0,
+                  maximum: int | None = None) -> int:
     if value is None:
         return default
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
@@ -335,4 +336,6 @@ def parse_int_arg(value: bytes | str | None, field: str, default: int, minimum: 
         raise errors.InvalidInput(f"invalid {field}", f"{field} must be an integer") from None
     if number < minimum:
         raise errors.InvalidInput(f"invalid {field}", f"{field} must be at least {minimum}")
+    if maximum is not None and number > maximum:
+        raise errors.InvalidInput(f"invalid {field}", f"{field} must be at most {maximum}")
     return number

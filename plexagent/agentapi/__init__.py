@@ -32,6 +32,7 @@ ROUTE_MODULES: list[str] = [
     "plexagent.agentapi.services",
     "plexagent.agentapi.firewall",
     "plexagent.agentapi.metrics",
+    "plexagent.agentapi.openapi",
 ]
 
 #: ``factory(request, length) -> sink``: a file-like object (``write``) that

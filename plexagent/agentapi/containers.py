@@ -20,6 +20,11 @@ from plexagent.paths import PathPolicy
 #: The logs a client gets when it does not say ``tail``.
 DEFAULT_TAIL = 100
 
+#: The longest ``timeout`` of stop and restart, in seconds. Docker's client
+#: waits that long plus its own timeout; an unbounded one overflowed the
+#: socket timeout (a 500).
+MAX_STOP_TIMEOUT = 3600
+
 
 def _tail(request: IRequest) -> int | str:
     raw = arg(request, "tail")
@@ -71,12 +76,12 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/containers/<n>/stop", methods=["POST"])
     async def stop(request: IRequest, n: str) -> bytes:
-        timeout = parse_int_arg(arg(request, "timeout"), "timeout", 10)
+        timeout = parse_int_arg(arg(request, "timeout"), "timeout", 10, maximum=MAX_STOP_TIMEOUT)
         return web.respond(request, await docker.act(n, "stop", timeout=timeout))
 
     @app.route("/containers/<n>/restart", methods=["POST"])
     async def restart(request: IRequest, n: str) -> bytes:
-        timeout = parse_int_arg(arg(request, "timeout"), "timeout", 10)
+        timeout = parse_int_arg(arg(request, "timeout"), "timeout", 10, maximum=MAX_STOP_TIMEOUT)
         return web.respond(request, await docker.act(n, "restart", timeout=timeout))
 
     @app.route("/containers/<n>/remove", methods=["POST", "DELETE"])

@@ -20,7 +20,7 @@ import io
 import os
 import threading
 from typing import Any, Callable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
 
 import multipart
 from klein import Klein
@@ -226,12 +226,16 @@ def _boundary(content_type: bytes | None) -> str | None:
 def _query(request: Any) -> dict[str, str]:
     uri = getattr(request, "uri", b"") or b""
     _, _, qs = uri.partition(b"?")
+    # Parsed as text: parse_qs on bytes re-encodes each decoded value as
+    # ASCII, and raised (dropping the connection) for any escaped non-ASCII
+    # character such as extract_path=%C3%A9.
+    try:
+        pairs = parse_qsl(qs.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeError:
+        raise errors.InvalidInput("invalid query parameter", "query parameters must be UTF-8") from None
     out: dict[str, str] = {}
-    for key, values in parse_qs(qs, keep_blank_values=True).items():
-        try:
-            out[key.decode("utf-8")] = values[0].decode("utf-8")
-        except UnicodeDecodeError:
-            raise errors.InvalidInput("invalid query parameter", "query parameters must be UTF-8") from None
+    for key, value in pairs:
+        out.setdefault(key, value)
     return out
 
 

@@ -288,6 +288,14 @@ class ContainerRoutes(unittest.TestCase):
     def test_malformed_query_parameters_are_400(self) -> Any:
         return defer.ensureDeferred(self._bad_query())
 
+    async def _huge_timeout(self) -> None:
+        for action in ("stop", "restart"):
+            status, err = await self.api.post(f"/containers/pa-test-absent/{action}?timeout=4380790747497521843024166912")
+            self.assertEqual((status, err["error"]), (400, "invalid timeout"), action)
+
+    def test_stop_and_restart_timeout_over_an_hour_is_400_before_docker_is_asked(self) -> Any:
+        return defer.ensureDeferred(self._huge_timeout())
+
     # -- inspect, exec -----------------------------------------------------
 
     async def _inspect(self) -> None:

@@ -140,6 +140,17 @@ class StreamTests(unittest.TestCase):
         code, body = await self.stream(SITE)
         self.assertEqual((code, body["error"]), (400, "extract_path is required"))
 
+    async def test_non_ascii_extract_path_is_extracted_into(self) -> None:
+        target = self.agent.p("caf\u00e9")
+        code, body = await self.stream(SITE, extract_path=target)
+        self.assertEqual((code, body["path"]), (200, target))
+        self.assertEqual(tree(target)["index.html"], b"<h1>hi</h1>")
+
+    async def test_extract_path_that_is_not_utf8_is_400(self) -> None:
+        code, body = await self.agent.call("POST", "/upload/tar/stream?extract_path=%FF", data=SITE,
+                                           headers={"Content-Type": "application/gzip"})
+        self.assertEqual((code, body["error"]), (400, "invalid query parameter"))
+
     async def test_forbidden_extract_path_is_403_and_creates_nothing(self) -> None:
         target = os.path.join(self.agent.outside, "x")
         code, body = await self.stream(SITE, extract_path=target)
@@ -271,6 +282,10 @@ class ChunkedTests(unittest.TestCase):
     async def send(self, index: int, chunk_id: str = "up-1", total: int = 3, **extra: str):
         params = {"chunk_id": chunk_id, "chunk_index": str(index), "total_chunks": str(total), **extra}
         return await self.agent.call("POST", "/upload/tar/chunked", data=self.pieces[index], params=params)
+
+    async def test_non_ascii_chunk_id_is_400_invalid_chunk_id(self) -> None:
+        code, body = await self.send(0, chunk_id="\u0080")
+        self.assertEqual((code, body["error"]), (400, "invalid chunk_id"))
 
     async def test_chunks_in_any_order_with_resend_are_assembled(self) -> None:
         target = self.agent.p("chunked")
