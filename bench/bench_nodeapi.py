@@ -33,6 +33,8 @@ sys.path.insert(0, ROOT)
 
 from plexagent.testing.fixtures import AgentSandbox  # noqa: E402
 
+from common import free_port, rss_mib  # noqa: E402
+
 STATE = {
     "metadata": {"node_id": "edge-us-west-42", "region": "us-west-2", "role": "gateway"},
     "data": [
@@ -91,14 +93,6 @@ reactor.run()
 """
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def wait_ready(sock: str, port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -121,14 +115,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def raw_request(sock: str, method: str, path: str, headers: dict[str, str], body: str) -> bytes:

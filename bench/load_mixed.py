@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import sys
 import time
 from typing import Any
@@ -32,30 +31,9 @@ from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 from plexagent.testing import ControlPlaneSimulator  # noqa: E402
 from plexagent.testing.fixtures import AgentProcess, AgentSandbox, unix_http_client  # noqa: E402
 
+from common import free_port, percentile, rss_mib  # noqa: E402
+
 BASE_IMAGE = os.environ.get("PLEXAGENT_TEST_BASE_IMAGE", "plexagent-test/busybox:latest")
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 async def main(args: argparse.Namespace) -> None:
