@@ -69,3 +69,40 @@ class DiskFullTests(unittest.TestCase):
         self.service.startService()
         code, listing = await json_response(await self.client.get(BASE + "/v1/state/report"))
         self.assertEqual(listing, [{"key": "big", "version": 1}, {"key": "kept", "version": 1}])
+
+
+class FilesDiskFullTests(unittest.TestCase):
+    """The agent API's file writes on a full disk: a JSON 507, nothing half-written."""
+
+    async def test_file_write_on_a_full_disk_is_507_and_keeps_the_old_file(self) -> None:
+        from tests.agentapi.support import RunningAgentAPI
+
+        agent = RunningAgentAPI(self)
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", agent.root], capture_output=True
+        )
+        if mounted.returncode != 0:
+            self.fail(f"cannot mount a tmpfs for the disk-full drill (needs root): {mounted.stderr!r}")
+        self.addCleanup(subprocess.run, ["umount", "-l", agent.root])
+        code, _ = await agent.call("POST", "/files/write", json={"path": agent.p("config.json"), "content": "old"})
+        self.assertEqual(code, 200)
+        filler = agent.p("filler")
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        code, body = await agent.call(
+            "POST", "/files/write", json={"path": agent.p("config.json"), "content": "new" * 50_000}
+        )
+        self.assertEqual(code, 507, body)
+        self.assertEqual(body["error"], "insufficient storage")
+        with open(agent.p("config.json")) as f:
+            self.assertEqual(f.read(), "old")
+        self.assertEqual(sorted(os.listdir(agent.root)), ["config.json", "filler"])
+        os.unlink(filler)
+        code, _ = await agent.call("POST", "/files/write", json={"path": agent.p("config.json"), "content": "new"})
+        self.assertEqual(code, 200)
