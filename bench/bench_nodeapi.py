@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--readers", type=int, default=32)
     parser.add_argument("--writers", type=int, default=16)
+    parser.add_argument("--only", default="", help="measure only routes whose label contains this text")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds per measurement, servers interleaved; the median round is reported")
     args = parser.parse_args()
@@ -199,6 +200,8 @@ def main() -> None:
 
         rows = []
         for label, method, path, body in ROUTES:
+            if args.only not in label:
+                continue
             concurrency = args.writers if method == "PUT" else args.readers
             for t_index, transport in enumerate(("unix", "tcp")):
                 rounds: dict[str, list[dict[str, Any]]] = {"bare": [], "klein": [], "agent": []}
