@@ -48,6 +48,18 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+def _close_quietly(source: Any) -> None:
+    """Close a docker-py stream if it can be closed; it may be closed already."""
+    close = getattr(source, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            # Already closed or not closable from here: its reader ends at
+            # its next item anyway.
+            pass
+
+
 def translate(exc: BaseException, what: str = "container", secrets: Iterable[str] = ()) -> BaseException:
     """
     The project's error for a docker-py exception (or ``exc`` itself when it
@@ -132,15 +144,7 @@ class Stream:
     def stop(self) -> None:
         self.stopped = True
         self._flowing.set()
-        source = self.source
-        close = getattr(source, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                # Already closed or not closable from here: the worker ends
-                # at its next item anyway.
-                pass
+        _close_quietly(self.source)
 
     def wait_flowing(self) -> None:
         self._flowing.wait()
@@ -432,12 +436,7 @@ class DockerPool(service.Service):
                         break
                     self.reactor.callFromThread(_deliver, item)
             finally:
-                close = getattr(source, "close", None)
-                if close is not None:
-                    try:
-                        close()
-                    except Exception:
-                        pass
+                _close_quietly(source)
 
         def _deliver(item: Any) -> None:
             if not handle.stopped:
@@ -563,7 +562,7 @@ def status_text(state: dict[str, Any], now: _dt.datetime | None = None) -> str:
             text = "Restarting"
         health = (state.get("Health") or {}).get("Status")
         if health and status == "running":
-            text += f" (health: starting)" if health == "starting" else f" ({health})"
+            text += " (health: starting)" if health == "starting" else f" ({health})"
         return text
     if status == "exited":
         finished = _parse_time(state.get("FinishedAt", ""))

@@ -19,18 +19,33 @@ from plexagent.testing.fixtures import AgentSandbox, json_response, unix_http_cl
 BASE = "http://localhost"
 
 
+def mount_tmpfs(testcase: unittest.TestCase, path: str, options: str) -> None:
+    """A small tmpfs at ``path`` for the test's lifetime (needs root)."""
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path], capture_output=True)
+    if mounted.returncode != 0:
+        testcase.fail(f"cannot mount a tmpfs for the disk-full drill (needs root): {mounted.stderr!r}")
+    testcase.addCleanup(subprocess.run, ["umount", "-l", path])
+
+
+def fill_disk(filler: str) -> str:
+    """Write ``filler`` until the filesystem holding it is full."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
 class DiskFullTests(unittest.TestCase):
     async def setUp(self) -> None:
         self.sandbox = AgentSandbox()
         self.addCleanup(self.sandbox.cleanup)
         os.makedirs(self.sandbox.data_dir)
-        mounted = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", self.sandbox.data_dir],
-            capture_output=True,
-        )
-        if mounted.returncode != 0:
-            self.fail(f"cannot mount a tmpfs for the disk-full drill (needs root): {mounted.stderr!r}")
-        self.addCleanup(subprocess.run, ["umount", "-l", self.sandbox.data_dir])
+        mount_tmpfs(self, self.sandbox.data_dir, "size=256k,mode=0700")
         self.service = makeService(self.sandbox.config(), reactor)
         self.service.startService()
         self.addCleanup(lambda: self.service.stopService() if self.service.running else None)
@@ -40,21 +55,9 @@ class DiskFullTests(unittest.TestCase):
         body = json.dumps({"content_type": "application/json", "payload": payload}).encode()
         return await json_response(await self.client.put(f"{BASE}/v1/state/report/{key}", data=body))
 
-    def fill_disk(self) -> str:
-        filler = os.path.join(self.sandbox.data_dir, "filler")
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-        return filler
-
     async def test_writes_fail_with_507_and_recover_when_space_returns(self) -> None:
         self.assertEqual((await self.put("kept", "before"))[0], 200)
-        filler = self.fill_disk()
+        filler = fill_disk(os.path.join(self.sandbox.data_dir, "filler"))
         code, body = await self.put("big", "x" * 200_000)
         self.assertEqual(code, 507)
         self.assertEqual(body["error"], "insufficient storage")
@@ -78,23 +81,10 @@ class FilesDiskFullTests(unittest.TestCase):
         from tests.agentapi.support import RunningAgentAPI
 
         agent = RunningAgentAPI(self)
-        mounted = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", agent.root], capture_output=True
-        )
-        if mounted.returncode != 0:
-            self.fail(f"cannot mount a tmpfs for the disk-full drill (needs root): {mounted.stderr!r}")
-        self.addCleanup(subprocess.run, ["umount", "-l", agent.root])
+        mount_tmpfs(self, agent.root, "size=256k")
         code, _ = await agent.call("POST", "/files/write", json={"path": agent.p("config.json"), "content": "old"})
         self.assertEqual(code, 200)
-        filler = agent.p("filler")
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        filler = fill_disk(agent.p("filler"))
         code, body = await agent.call(
             "POST", "/files/write", json={"path": agent.p("config.json"), "content": "new" * 50_000}
         )

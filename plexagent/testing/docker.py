@@ -83,6 +83,20 @@ def unique_name(testcase: unittest.TestCase, client: Any, label: str = "c") -> s
     return name
 
 
+def unique_network_name(testcase: unittest.TestCase, client: Any, label: str = "net") -> str:
+    """A network name no other test uses; the network (if made) is removed after the test."""
+    name = f"{PREFIX}{label}-{uuid.uuid4().hex[:8]}"
+
+    def remove() -> None:
+        try:
+            client.api.remove_network(name)
+        except docker.errors.NotFound:
+            pass
+
+    testcase.addCleanup(remove)
+    return name
+
+
 def remove_image_later(testcase: unittest.TestCase, client: Any, reference: str) -> None:
     def remove() -> None:
         try:

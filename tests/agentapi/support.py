@@ -6,7 +6,6 @@ import json
 import os
 from typing import Any
 
-import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -85,3 +84,22 @@ def tree(directory: str) -> dict[str, bytes | str]:
                 with open(path, "rb") as f:
                     out[rel] = f.read()
     return out
+
+
+class WiringDirectory:
+    """
+    A temp directory for makeService wiring tests: ``key`` (a private key
+    file usable as API key and bearer token), ``data_dir``, ``socket`` and
+    ``root`` (allowed for the agent API).
+    """
+
+    def __init__(self, testcase: Any) -> None:
+        self.base = os.path.realpath(testcase.mktemp())
+        os.makedirs(self.base)
+        self.key = os.path.join(self.base, "key")
+        with open(self.key, "w") as f:
+            f.write("k")
+        os.chmod(self.key, 0o600)
+        self.data_dir = os.path.join(self.base, "data")
+        self.socket = os.path.join(self.base, "s")
+        self.root = self.base + "/"

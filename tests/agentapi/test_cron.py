@@ -7,13 +7,11 @@ removes the container, and the job survives a restart of the agent.
 from __future__ import annotations
 
 import os
-import uuid
 
-import docker
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from plexagent.testing.docker import PREFIX, AgentClient, base_image, test_client
+from plexagent.testing.docker import PREFIX, AgentClient, base_image, test_client, unique_network_name
 from plexagent.testing.ops import start_agent
 
 
@@ -29,16 +27,8 @@ class CronRoutesTests(unittest.TestCase):
         return (agent or self.agent).top.agent.agent_services["cron"]
 
     def network(self) -> str:
-        name = f"{PREFIX}cron-net-{uuid.uuid4().hex[:8]}"
+        name = unique_network_name(self, self.docker, "cron-net")
         self.docker.networks.create(name)
-
-        def remove() -> None:
-            try:
-                self.docker.api.remove_network(name)
-            except docker.errors.NotFound:
-                pass
-
-        self.addCleanup(remove)
         return name
 
     def leftover_containers(self, job_id: str) -> list:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import uuid
 
-import docker
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from plexagent import errors, networks
-from plexagent.testing.docker import PREFIX, AgentClient, base_image, start_agent, test_client, unique_name
+from plexagent.testing.docker import (
+    PREFIX,
+    AgentClient,
+    base_image,
+    start_agent,
+    test_client,
+    unique_name,
+    unique_network_name,
+)
 
 
 class ParseCreateTests(unittest.TestCase):
@@ -47,16 +53,7 @@ class NetworkRoutesTests(unittest.TestCase):
         self.client = AgentClient(self.agent)
 
     def network_name(self) -> str:
-        name = f"{PREFIX}net-{uuid.uuid4().hex[:8]}"
-
-        def remove() -> None:
-            try:
-                self.docker.api.remove_network(name)
-            except docker.errors.NotFound:
-                pass
-
-        self.addCleanup(remove)
-        return name
+        return unique_network_name(self, self.docker)
 
     def free_subnet(self) -> tuple[str, str]:
         # Pick a /24 under 10.213.0.0/16 that no existing network uses.

@@ -15,21 +15,17 @@ from plexagent.metrics import AgentMetrics
 from plexagent.nginx import Nginx
 from plexagent.service import ListenerService, makeService
 from plexagent.servicecontrol import ServiceControl
+from tests.agentapi.support import WiringDirectory
 
 
 class OperationsWiringTests(unittest.TestCase):
     def setUp(self) -> None:
-        base = os.path.realpath(self.mktemp())
-        os.makedirs(base)
-        key = os.path.join(base, "key")
-        with open(key, "w") as f:
-            f.write("k")
-        os.chmod(key, 0o600)
-        self.data_dir = os.path.join(base, "data")
+        d = WiringDirectory(self)
+        self.data_dir = d.data_dir
         self.config = Config(
-            node=NodeConfig(data_dir=self.data_dir),
-            node_api=NodeAPIConfig(socket=os.path.join(base, "s"), http_enabled=True, http_token_file=key),
-            agent_api=AgentAPIConfig(api_key_file=key, allowed_paths=(base + "/",)),
+            node=NodeConfig(data_dir=d.data_dir),
+            node_api=NodeAPIConfig(socket=d.socket, http_enabled=True, http_token_file=d.key),
+            agent_api=AgentAPIConfig(api_key_file=d.key, allowed_paths=(d.root,)),
             system=SystemConfig(ufw=("ip", "netns", "exec", "ns", "ufw"), agent_service="plexagent"),
         )
         self.top = makeService(self.config, MemoryReactorClock())

@@ -12,21 +12,17 @@ from plexagent.config import AgentAPIConfig, Config, NodeAPIConfig, NodeConfig
 from plexagent.gitclone import GitCloner
 from plexagent.paths import PathPolicy
 from plexagent.service import makeService
+from tests.agentapi.support import WiringDirectory
 
 
 class WiringTests(unittest.TestCase):
     def setUp(self) -> None:
-        base = os.path.realpath(self.mktemp())
-        os.makedirs(base)
-        key = os.path.join(base, "key")
-        with open(key, "w") as f:
-            f.write("k")
-        os.chmod(key, 0o600)
-        self.data_dir = os.path.join(base, "data")
+        d = WiringDirectory(self)
+        self.data_dir = d.data_dir
         self.config = Config(
-            node=NodeConfig(data_dir=self.data_dir),
-            node_api=NodeAPIConfig(socket=os.path.join(base, "s")),
-            agent_api=AgentAPIConfig(api_key_file=key, allowed_paths=(base + "/",), chunk_max_age=600.0),
+            node=NodeConfig(data_dir=d.data_dir),
+            node_api=NodeAPIConfig(socket=d.socket),
+            agent_api=AgentAPIConfig(api_key_file=d.key, allowed_paths=(d.root,), chunk_max_age=600.0),
         )
         self.reactor = MemoryReactorClock()
         self.top = makeService(self.config, self.reactor)
