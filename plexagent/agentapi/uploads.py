@@ -267,6 +267,16 @@ class RefusedBody(_NoContent):
         pass
 
 
+def streamed_body(request: Any, kind: type) -> Any:
+    """The sink a streaming route's body went to: its refusal raised, or one of ``kind``."""
+    sink = request.content
+    if isinstance(sink, RefusedBody):
+        raise sink.error
+    if not isinstance(sink, kind):
+        raise errors.InvalidInput("invalid request", "the body could not be streamed")
+    return sink
+
+
 class StreamingExtraction(_NoContent):
     """
     A body sink that extracts the archive while it arrives. ``finish()``
@@ -398,11 +408,7 @@ def register(app: Klein, context: Any) -> None:
     context.stream_body(b"POST", STREAM_PATH, stream_sink)
 
     async def finish_streaming(request: Any) -> bytes:
-        sink = request.content
-        if isinstance(sink, RefusedBody):
-            raise sink.error
-        if not isinstance(sink, StreamingExtraction):
-            raise errors.InvalidInput("invalid request", "the body could not be streamed")
+        sink = streamed_body(request, StreamingExtraction)
         result = await sink.finish()
         return web.respond(request, result.to_json())
 
@@ -474,11 +480,7 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/upload/tar/chunked", methods=["POST"])
     async def upload_chunk(request: Any) -> bytes:
-        sink = request.content
-        if isinstance(sink, RefusedBody):
-            raise sink.error
-        if not isinstance(sink, ChunkSink):
-            raise errors.InvalidInput("invalid request", "the body could not be streamed")
+        sink = streamed_body(request, ChunkSink)
         writer = sink.writer
         sink.claimed = True
         if writer.chunk_id in store.assembling:
