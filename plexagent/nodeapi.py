@@ -32,12 +32,28 @@ def parse_if_match(request: IRequest) -> int | None:
     return int(text)
 
 
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return "a string"
+
+
 def parse_report_body(body: Any) -> tuple[str, Any]:
     if not isinstance(body, dict):
         raise errors.InvalidInput("invalid JSON body", "the body must be a JSON object")
     content_type = body.get("content_type")
-    if not isinstance(content_type, str) or not content_type:
+    if content_type is None or content_type == "":
         raise errors.InvalidInput("content_type is required")
+    if not isinstance(content_type, str):
+        raise errors.InvalidInput(
+            "content_type must be a string", f"got {_json_type(content_type)}; send e.g. \"application/json\""
+        )
     if "payload" not in body:
         raise errors.InvalidInput("payload must be valid JSON")
     return content_type, body["payload"]

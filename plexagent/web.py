@@ -24,7 +24,7 @@ from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
 
-from plexagent import errors
+from plexagent import errors, strictparse
 
 log = Logger()
 
@@ -86,12 +86,13 @@ def read_body(request: IRequest) -> bytes:
 
 
 def read_json(request: IRequest) -> Any:
-    """Parse the request body as JSON or raise ``invalid JSON body``."""
+    """
+    The request body parsed by the one strict JSON parser, or 400
+    ``invalid JSON body`` saying what is wrong and where.
+    """
     raw = read_body(request)
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise errors.InvalidInput("invalid JSON body") from None
+    # The body sink already bounded the size; the parser need not again.
+    return strictparse.parse_json(raw, max_bytes=max(len(raw), 1))
 
 
 def install_error_handlers(app: Klein) -> None:
