@@ -197,12 +197,12 @@ def _field_kinds(cls: type) -> dict[str, Any]:
     return kinds
 
 
-_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _name(*parts: str) -> str:
     """A dotted key name for messages; odd names are quoted so a message stays one line."""
-    return ".".join(p if _PLAIN_KEY.match(p) else repr(p) for p in parts)
+    return ".".join(p if _PLAIN_KEY.fullmatch(p) else repr(p) for p in parts)
 
 
 def parse_bool(key: str, text: str) -> bool:

@@ -14,7 +14,7 @@ from klein import Klein
 from twisted.internet import defer
 from twisted.web.iweb import IRequest
 
-from plexagent import errors, web
+from plexagent import errors, strictparse, web
 from plexagent.reports import ReportStore
 from plexagent.secrets import DecryptionFailed, SecretBox
 from plexagent.state import StateCache
@@ -26,10 +26,11 @@ def parse_if_match(request: IRequest) -> int | None:
     raw = request.getHeader(b"if-match")
     if raw is None:
         return None
-    text = raw.strip()
-    if not text.isdigit() or len(text) > 18:
-        raise errors.InvalidInput("If-Match must be an integer")
-    return int(text)
+    try:
+        # Surrounding whitespace is not part of an HTTP header's value.
+        return strictparse.parse_int(raw.strip(b" \t"))
+    except ValueError:
+        raise errors.InvalidInput("If-Match must be an integer") from None
 
 
 def _json_type(value: Any) -> str:

@@ -211,7 +211,7 @@ def parse_json(
     return document
 
 
-def parse_int(value: str | bytes | int, *, signed: bool = False) -> int:
+def parse_int(value: object, *, signed: bool = False) -> int:
     """
     ``value`` as an integer: an ``int`` (not a bool) or a string of ASCII
     digits, with one leading ``-`` only when ``signed``; at most 19 digits

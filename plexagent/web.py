@@ -203,7 +203,7 @@ class DiscardingContent:
         pass
 
 
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 _request_ids = (f"{os.getpid():x}-{n:x}" for n in itertools.count(1))
 
 
@@ -305,7 +305,7 @@ class PlexRequest(server.Request):
         if site.observer is not None:
             self._plex_started = time.perf_counter()
         given = self.requestHeaders.getRawHeaders(b"x-request-id")
-        if given and _REQUEST_ID.match(given[0]):
+        if given and _REQUEST_ID.fullmatch(given[0]):
             self._request_id = given[0].decode("ascii")
             self.responseHeaders.setRawHeaders(b"x-request-id", given[:1])
         if getattr(self.content, "exceeded", False):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import re
 from typing import Any
 
 from klein import Klein
@@ -18,6 +19,8 @@ from twisted.internet import threads
 
 from plexagent import errors, web
 from plexagent.paths import PathPolicy
+
+_OCTAL = re.compile("[0-7]{1,4}")
 
 
 def path_policy(context: Any) -> PathPolicy:
@@ -40,10 +43,8 @@ def parse_mode(value: object, default: int, field: str = "mode") -> int:
     text = str(value) if isinstance(value, int) else value
     if not isinstance(text, str):
         raise errors.InvalidInput(f"invalid {field}", f"{field} must be octal digits such as 644 or \"0644\"")
-    digits = text.strip().lower()
-    if digits.startswith("0o"):
-        digits = digits[2:]
-    if not digits or len(digits) > 4 or any(c not in "01234567" for c in digits):
+    digits = text[2:] if text[:2] in ("0o", "0O") else text
+    if not _OCTAL.fullmatch(digits):
         raise errors.InvalidInput(f"invalid {field}", f"{field} must be octal digits such as 644 or \"0644\", got {value!r}")
     mode = int(digits, 8)
     if mode > 0o777:

@@ -517,7 +517,7 @@ def register(app: Klein, context: Any) -> None:
     @app.route("/upload/tar/chunked", methods=["GET"])
     async def chunk_status(request: Any) -> bytes:
         chunk_id = query_arg(request, "chunk_id")
-        if not chunks.CHUNK_ID.match(chunk_id or ""):
+        if not chunks.CHUNK_ID.fullmatch(chunk_id or ""):
             raise errors.InvalidInput("invalid chunk_id", "chunk_id must be 1-128 letters, digits, '.', '_' or '-'")
         status = await in_thread(store.status, chunk_id)
         if status is None:
