@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from klein import Klein
 from twisted.internet import defer
 from twisted.web.iweb import IRequest
 
@@ -106,8 +105,7 @@ class SecretReader:
 class NodeAPI:
     """Routes of the Local Node API over the shared domain objects."""
 
-    app = Klein()
-    web.install_error_handlers(app)
+    app = web.json_app()
 
     def __init__(self, cache: StateCache, reports: ReportStore, secrets: SecretReader) -> None:
         self.cache = cache

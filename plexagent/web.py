@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
+from werkzeug.routing import PathConverter, RequestRedirect
 
 from plexagent import errors, strictparse
 
@@ -95,6 +96,37 @@ def read_json(request: IRequest) -> Any:
     return strictparse.parse_json(raw, max_bytes=max(len(raw), 1))
 
 
+class _AnyPath(PathConverter):
+    """
+    ``<path:key>`` that takes the rest of the path as given: werkzeug's own
+    will not start with '/', so a key such as ``/etc/x`` (sent as
+    ``%2Fetc%2Fx``) would name no route.
+    """
+
+    regex = ".+?"
+    part_isolating = False
+
+
+def json_app() -> Klein:
+    """
+    A Klein app that answers only JSON and routes each path as given.
+
+    werkzeug by default merges ``//`` and adds or drops a trailing slash by
+    *redirecting* (an exception Klein does not render): a key beginning
+    with '/' (``/v1/state/report/%2Fetc`` arrives as ``.../report//etc``)
+    or a stray ``//`` would be a 500. Here such a path is routed as it is,
+    and one that matches no route is the usual JSON 404.
+    """
+    app = Klein()
+    url_map = app.url_map
+    url_map.merge_slashes = False
+    url_map.strict_slashes = False
+    url_map.redirect_defaults = False
+    url_map.converters["path"] = _AnyPath
+    install_error_handlers(app)
+    return app
+
+
 def install_error_handlers(app: Klein) -> None:
     """Make every failure on ``app`` a JSON error; never an HTML traceback."""
 
@@ -108,6 +140,13 @@ def install_error_handlers(app: Klein) -> None:
 
     @app.handle_errors(RouteNotFound)  # type: ignore[arg-type]  # *args: see above
     def route_not_found(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        return respond(request, {"error": "not found"}, 404)
+
+    @app.handle_errors(RequestRedirect)  # type: ignore[arg-type]  # *args: see above
+    def route_redirect(*args: Any) -> bytes:
+        # json_app() turns werkzeug's redirects off; should one come anyway,
+        # the path as given names no route.
         request, failure = args[-2:]
         return respond(request, {"error": "not found"}, 404)
 
@@ -130,6 +169,27 @@ def install_error_handlers(app: Klein) -> None:
             request_id=getattr(request, "request_id", ""),
         )
         return respond(request, {"error": "internal error"}, 500)
+
+
+def refuse_unservable(request: Any) -> None:
+    """
+    Raise the error for a request that no route may see: its body was over
+    the limit (413), or its path or Host header cannot be decoded (400,
+    which Klein would answer in HTML). Called once the listener's policy
+    has let the request in, so a refused client learns nothing more.
+    """
+    if getattr(request.content, "exceeded", False):
+        limit = getattr(request, "body_limit", None) or request.channel.site.max_body_bytes
+        raise errors.TooLarge("request body too large", f"the limit is {limit} bytes")
+    try:
+        b"/".join(request.prepath + request.postpath).decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.InvalidInput(
+            "invalid URL", "the path must be UTF-8 (percent-escape its bytes as UTF-8)"
+        ) from None
+    host = request.getHeader(b"host")
+    if host is not None and not host.isascii():
+        raise errors.InvalidInput("invalid Host header", "the Host header must be ASCII")
 
 
 class _LimitedContent:
@@ -251,7 +311,10 @@ ContentFactory = Callable[[Any, bytes, bytes, "int | None"], Any]
 
 
 class PlexRequest(server.Request):
-    """A Request whose body is bounded and which its Site can count."""
+    """
+    A Request whose body is bounded, which its Site can count, and which
+    never answers with one of twisted.web's HTML pages.
+    """
 
     # A PlexSite's channel and a body sink of ours (typed loosely on purpose:
     # twisted.web declares them narrower than what it actually holds).
@@ -259,6 +322,8 @@ class PlexRequest(server.Request):
     content: Any
 
     _counted = False
+    #: the body limit that applied to this request
+    body_limit: int | None = None
 
     def gotLength(self, length: int | None) -> None:
         site = self.channel.site
@@ -281,6 +346,7 @@ class PlexRequest(server.Request):
                 self.content.exceeded = True
                 return
         self.content = _LimitedContent(limit)
+        self.body_limit = limit
 
     def handleContentChunk(self, data: bytes) -> None:
         self.content.write(data)
@@ -308,16 +374,46 @@ class PlexRequest(server.Request):
         if given and _REQUEST_ID.fullmatch(given[0]):
             self._request_id = given[0].decode("ascii")
             self.responseHeaders.setRawHeaders(b"x-request-id", given[:1])
-        if getattr(self.content, "exceeded", False):
-            self.setResponseCode(413)
-            self.setHeader(b"content-type", JSON_CONTENT_TYPE)
-            body = encode_json({"error": "request body too large",
-                                "details": f"the limit is {site.max_body_bytes} bytes"})
-            self.setHeader(b"content-length", str(len(body)).encode())
-            self.write(body)
-            self.finish()
-            return
         super().process()
+
+    def _handleStar(self) -> None:
+        # twisted.web answers a request for '*' (OPTIONS *) itself, before
+        # any resource: hand it to the site's resource like any other
+        # target, so the listener's policy decides (no route serves '*').
+        try:
+            self.render(self.channel.site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def getRequestHostname(self) -> bytes:
+        # Without a Host header twisted.web falls back to the listening
+        # address's host, which a Unix socket does not have.
+        if self.getHeader(b"host") is None and getattr(self.getHost(), "host", None) is None:
+            return b"localhost"
+        return super().getRequestHostname()
+
+    def processingFailed(self, reason: Failure) -> Any:
+        """A failure no handler caught: log it once, answer a JSON 500, never a traceback."""
+        log.failure(
+            "unhandled error in {method} {route}",
+            reason,
+            method=self.method.decode("ascii", "replace"),
+            route=getattr(self, "plexagent_route", None) or "(unrouted)",
+            request_id=self.request_id,
+        )
+        if self.finished or self._disconnected:
+            return reason
+        if self.startedWriting:
+            # Part of another answer is out: the client must not take it as whole.
+            self.channel.transport.abortConnection()
+            return reason
+        body = encode_json({"error": "internal error"})
+        self.setResponseCode(500)
+        self.responseHeaders.setRawHeaders(b"content-type", [JSON_CONTENT_TYPE])
+        self.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        self.write(body)
+        self.finish()
+        return reason
 
     def _uncount(self) -> None:
         if self._counted:
@@ -338,8 +434,8 @@ class PlexRequest(server.Request):
         self._uncount()
 
 
-def _raw_json_response(code: int, reason: bytes, error: str) -> bytes:
-    body = encode_json({"error": error})
+def _raw_json_response(code: int, reason: bytes, error: str, details: str | None = None) -> bytes:
+    body = encode_json(error_document(error, details))
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
         b"Connection: close\r\n\r\n" % (code, reason, len(body))
@@ -390,10 +486,21 @@ class PlexChannel(http.HTTPChannel):
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         if self._receivedHeaderSize > self.totalHeadersSize:
-            response = _raw_json_response(413, b"Request Entity Too Large", "request headers too large")
+            response = _raw_json_response(
+                413, b"Request Entity Too Large", "request headers too large",
+                f"the request line and headers may be {self.totalHeadersSize} bytes in all",
+            )
         else:
             response = _raw_json_response(400, b"Bad Request", "malformed HTTP request")
         self.transport.write(response)
+        self.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver's answer is to drop the connection without a word.
+        self.transport.write(_raw_json_response(
+            413, b"Request Entity Too Large", "request headers too large",
+            f"the request line and each header line may be {self.MAX_LENGTH} bytes",
+        ))
         self.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -430,7 +537,11 @@ class PlexSite(server.Site):
         content_factory: ContentFactory | None = None,
         idle_timeout: float = 60.0,
     ) -> None:
-        super().__init__(resource, timeout=idle_timeout)
+        # parsePOSTFormSubmission: twisted.web would parse a urlencoded or
+        # multipart POST body into ``args`` (beside the query) before any
+        # resource runs, and answer a malformed one itself, ahead of the
+        # listener's policy. These APIs take JSON bodies and query params.
+        super().__init__(resource, timeout=idle_timeout, parsePOSTFormSubmission=False)
         self.max_body_bytes = max_body_bytes
         self.content_factory = content_factory
         #: the listener's config key (e.g. ``agent_api.listen``), for metrics

@@ -13,7 +13,6 @@ import importlib
 from typing import Any, Callable
 
 import attrs
-from klein import Klein
 
 from plexagent import auth, web
 from plexagent.config import Config
@@ -65,8 +64,7 @@ class AgentAPI:
     def __init__(self, context: AgentContext, policy: auth.AgentAPIPolicy, modules: list[str] | None = None) -> None:
         self.context = context
         self.policy = policy
-        self.app = Klein()
-        web.install_error_handlers(self.app)
+        self.app = web.json_app()
         for name in ROUTE_MODULES if modules is None else modules:
             module = importlib.import_module(name)
             module.register(self.app, context)
