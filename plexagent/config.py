@@ -77,8 +77,11 @@ class AgentAPIConfig:
     tls_key: str = ""
     #: /files/read refuses larger files (413)
     max_read_bytes: int = 10485760
-    #: /files/write and the legacy JSON form of /upload/tar accept bodies up to this
-    max_json_bytes: int = 268435456
+    #: /files/write and the legacy JSON form of /upload/tar accept bodies up to
+    #: this (other JSON routes: 1 MiB). Such a body is parsed whole: its text,
+    #: the decoded content and the file's bytes are each about this size in
+    #: memory at once. Larger files go through /upload/tar/stream.
+    max_json_bytes: int = 67108864
     #: members (files, directories, links) per extracted archive
     max_archive_members: int = 200000
     #: seconds after its last chunk an unfinished chunked upload is removed

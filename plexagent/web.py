@@ -241,8 +241,8 @@ class _LimitedContent:
 
 class DiscardingContent:
     """
-    A body sink that keeps nothing (for requests refused before routing),
-    and the file-like base of sinks that pass the body on as it arrives.
+    A body sink that keeps nothing, and the file-like base of sinks that
+    pass the body on as it arrives.
     """
 
     exceeded = False
@@ -261,6 +261,20 @@ class DiscardingContent:
 
     def close(self) -> None:
         pass
+
+
+class UnreadBody(DiscardingContent):
+    """
+    The sink of a request answered before its body is read: its declared
+    length is over the route's limit (``exceeded``), or the listener's
+    policy refused it. The channel reads none of the body, answers at once
+    and then closes the connection (``PlexChannel``).
+    """
+
+    answer_before_body = True
+
+    def __init__(self, exceeded: bool = False) -> None:
+        self.exceeded = exceeded
 
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
@@ -309,6 +323,10 @@ def chain_observers(*observers: Any) -> Any:
 #: object with ``write`` or None to use the default limited sink.
 ContentFactory = Callable[[Any, bytes, bytes, "int | None"], Any]
 
+#: ``limits(method, path)``: the body limit of the route a request line
+#: names (``path`` without its query), or None for the site's default.
+BodyLimits = Callable[[bytes, bytes], "int | None"]
+
 
 class PlexRequest(server.Request):
     """
@@ -326,27 +344,25 @@ class PlexRequest(server.Request):
     body_limit: int | None = None
 
     def gotLength(self, length: int | None) -> None:
+        # Called once the headers are in, before any byte of the body: the
+        # channel knows the request line, so the route's limit applies now.
         site = self.channel.site
-        limit = site.max_body_bytes
-        if length is not None and length > limit and site.content_factory is None:
-            # Refuse before storing a byte.
-            self.content = _LimitedContent(0)
-            self.content.exceeded = True
-            return
+        method = getattr(self.channel, "_command", b"")
+        path = getattr(self.channel, "_path", b"")
+        limit = self.body_limit = site.body_limit(method, path)
         if site.content_factory is not None:
-            # The channel knows the request line before the body arrives.
-            method = getattr(self.channel, "_command", b"")
-            path = getattr(self.channel, "_path", b"")
+            # A streaming route's sink bounds its body itself.
             sink = site.content_factory(self, method, path, length)
             if sink is not None:
                 self.content = sink
                 return
-            if length is not None and length > limit:
-                self.content = _LimitedContent(0)
-                self.content.exceeded = True
-                return
+        if length is not None and length > limit:
+            # Answer 413 without reading (or storing) a byte of the body.
+            self.content = UnreadBody(exceeded=True)
+            return
+        # A chunked body (no length) is counted as it comes: past the limit
+        # nothing more is kept, and the answer is 413.
         self.content = _LimitedContent(limit)
-        self.body_limit = limit
 
     def handleContentChunk(self, data: bytes) -> None:
         self.content.write(data)
@@ -451,8 +467,17 @@ class PlexChannel(http.HTTPChannel):
     """
 
     header_timeout = 10.0
+    #: seconds, from its headers, that the body of a request answered before
+    #: its body is still read and thrown away: a client that sends its body
+    #: before reading the answer (most do) reads the answer, rather than a
+    #: reset from a connection closed on unread data
+    linger_timeout = 30.0
     transport: Any
     site: Any
+    #: bytes of such a body still to throw away
+    _unread_body = 0
+    _close_when_read = False
+    _linger_timer: Any = None
     #: when the current request's headers must be complete (None: not waiting)
     _headers_due: float | None = None
     # One timer per connection, re-armed only when it fires: no timer is
@@ -470,6 +495,42 @@ class PlexChannel(http.HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._headers_due = None
         super().allHeadersReceived()
+        request = self.requests[-1]
+        if self.length and getattr(request.content, "answer_before_body", False):
+            # Answer now: with no length left to read, HTTPChannel hands the
+            # request on at once. Its body, as it comes, is thrown away (a
+            # chunked body has no known end: it is read as usual), and the
+            # connection is closed after it.
+            self._unread_body = self.length
+            self.length = 0
+            self.persistent = False
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            self._linger_timer = self.callLater(self.linger_timeout, self.transport.abortConnection)
+
+    def _send100Continue(self) -> None:
+        # No "100 Continue" to a client whose body will not be read.
+        if not (self.length and getattr(self.requests[-1].content, "answer_before_body", False)):
+            super()._send100Continue()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._unread_body:
+            taken = min(len(data), self._unread_body)
+            self._unread_body -= taken
+            if not self._unread_body and self._close_when_read:
+                super().loseConnection()
+                return
+            data = data[taken:]
+            if not data:
+                return
+        super().rawDataReceived(data)
+
+    def loseConnection(self) -> None:
+        if self._unread_body:
+            # Answered before its body: close once the body is in (no reset
+            # for the client still sending it), or at the linger timeout.
+            self._close_when_read = True
+            return None
+        return super().loseConnection()
 
     def _check_headers(self) -> None:
         self._header_timer = None
@@ -504,9 +565,10 @@ class PlexChannel(http.HTTPChannel):
         self.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._header_timer is not None and self._header_timer.active():
-            self._header_timer.cancel()
-        self._header_timer = None
+        for timer in (self._header_timer, self._linger_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._header_timer = self._linger_timer = None
         super().connectionLost(reason)
 
 
@@ -518,7 +580,12 @@ def _plex_channel() -> Any:
 
 class PlexSite(server.Site):
     """
-    A Site with JSON body limits and graceful draining.
+    A Site with body limits and graceful draining.
+
+    Each request's body limit is ``body_limits(method, path)`` of its route
+    (else ``max_body_bytes``), applied from the request line and headers
+    before any byte of the body is read: a declared length over it is a 413
+    at once, a chunked body is counted as it arrives.
 
     ``drain(timeout)`` waits until every in-flight request has finished, or
     the timeout (on the given clock) passes.
@@ -536,6 +603,7 @@ class PlexSite(server.Site):
         max_body_bytes: int,
         content_factory: ContentFactory | None = None,
         idle_timeout: float = 60.0,
+        body_limits: BodyLimits | None = None,
     ) -> None:
         # parsePOSTFormSubmission: twisted.web would parse a urlencoded or
         # multipart POST body into ``args`` (beside the query) before any
@@ -544,6 +612,7 @@ class PlexSite(server.Site):
         super().__init__(resource, timeout=idle_timeout, parsePOSTFormSubmission=False)
         self.max_body_bytes = max_body_bytes
         self.content_factory = content_factory
+        self._body_limits = body_limits
         #: the listener's config key (e.g. ``agent_api.listen``), for metrics
         self.listener_name = ""
         #: ``observer(request, seconds)`` is called as each request finishes
@@ -566,6 +635,14 @@ class PlexSite(server.Site):
 
     def log(self, request: Any) -> None:
         pass
+
+    def body_limit(self, method: bytes, path: bytes) -> int:
+        """The body limit of the route ``method path`` names (else ``max_body_bytes``)."""
+        if self._body_limits is not None:
+            limit = self._body_limits(method, path.split(b"?", 1)[0])
+            if limit is not None:
+                return limit
+        return self.max_body_bytes
 
     @property
     def inflight(self) -> int:

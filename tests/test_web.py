@@ -7,6 +7,8 @@ listener's policy, never a 5xx, an HTML page or a dropped connection.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
 from twisted.internet import reactor
@@ -18,6 +20,7 @@ from twisted.web import resource
 from plexagent import web
 from plexagent.testing import docker as td
 from plexagent.testing.rawhttp import RawResponse, exchange
+from tests.test_drills_disk import mount_tmpfs
 
 JSON = b"application/json"
 
@@ -52,16 +55,26 @@ class Listeners(unittest.TestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
 
-    async def socket(self, data: bytes) -> RawResponse:
-        return await exchange(UNIXClientEndpoint(reactor, self.agent.config.node_api.socket), data)
+    async def socket(self, data: bytes, until_closed: bool = True) -> RawResponse:
+        endpoint = UNIXClientEndpoint(reactor, self.agent.config.node_api.socket)
+        return await exchange(endpoint, data, until_closed=until_closed)
 
-    async def tcp(self, data: bytes) -> RawResponse:
-        return await exchange(TCP4ClientEndpoint(reactor, self.agent.host, self.agent.port), data)
+    async def tcp(self, data: bytes, until_closed: bool = True) -> RawResponse:
+        endpoint = TCP4ClientEndpoint(reactor, self.agent.host, self.agent.port)
+        return await exchange(endpoint, data, until_closed=until_closed)
 
     async def agent_api(self, method: bytes, target: bytes, body: bytes = b"",
                         headers: dict[bytes, bytes] | None = None, key: bool = True) -> RawResponse:
         given = {b"X-API-Key": self.agent.api_key.encode()} if key else {}
         return await self.tcp(http_request(method, target, {**given, **(headers or {})}, body))
+
+    def head_only(self, method: bytes, target: bytes, length: int, key: bool = True,
+                  headers: dict[bytes, bytes] | None = None) -> bytes:
+        """A request line and headers declaring a body of ``length`` bytes, and no body."""
+        given = {b"X-API-Key": self.agent.api_key.encode()} if key else {}
+        given.update(headers or {})
+        given[b"Content-Length"] = b"%d" % length
+        return http_request(method, target, given)[:-len(b"Content-Length: 0\r\n\r\n")] + b"\r\n"
 
     def assertJSON(self, response: RawResponse, status: int, error: str | None = None) -> Any:
         self.assertEqual(response.status, status, response.raw[:300])
@@ -143,6 +156,75 @@ class RequestForms(Listeners):
         self.assertJSON(response, 401, "unauthorized")
         response = await self.agent_api(b"POST", b"/files/mkdir", b"not a form", form)
         self.assertJSON(response, 400, "invalid JSON body")
+
+
+class BodyLimits(Listeners):
+    """Each route's body limit applies from the request's head, before any byte of the body."""
+
+    async def test_a_declared_body_over_the_routes_limit_is_413_before_any_byte_is_read(self) -> None:
+        # The client sends no byte of its 600 MB body and still gets the answer.
+        request = self.head_only(b"POST", b"/files/mkdir", 600_000_000)
+        response = await self.tcp(request, until_closed=False)
+        self.assertEqual(self.assertJSON(response, 413, "request body too large")["details"],
+                         "the limit is 1048576 bytes")
+        self.assertEqual(response.headers[b"connection"], b"close")
+
+    async def test_the_start_of_a_body_over_the_limit_is_thrown_away_not_spooled(self) -> None:
+        spool = os.path.realpath(self.mktemp())
+        os.makedirs(spool)
+        mount_tmpfs(self, spool, "size=64m")
+        self.patch(tempfile, "tempdir", spool)
+
+        def used() -> int:
+            st = os.statvfs(spool)
+            return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+        before = used()
+        request = self.head_only(b"POST", b"/files/mkdir", 600_000_000) + b"x" * (8 << 20)
+        self.assertJSON(await self.tcp(request, until_closed=False), 413, "request body too large")
+        # The Local Node API too (one limit for all its routes).
+        request = self.head_only(b"PUT", b"/v1/state/report/k", 600_000_000) + b"x" * (8 << 20)
+        self.assertJSON(await self.socket(request, until_closed=False), 413, "request body too large")
+        self.assertEqual(used(), before)
+
+    async def test_no_100_continue_for_a_body_that_will_not_be_read(self) -> None:
+        request = self.head_only(b"POST", b"/files/mkdir", 600_000_000, headers={b"Expect": b"100-continue"})
+        response = await self.tcp(request, until_closed=False)
+        self.assertEqual(response.status, 413, response.raw)
+        self.assertNotIn(b"100 Continue", response.raw)
+
+    async def test_an_unauthenticated_body_is_refused_before_it_is_read(self) -> None:
+        response = await self.tcp(self.head_only(b"POST", b"/files/write", 600_000_000, key=False),
+                                  until_closed=False)
+        self.assertJSON(response, 401, "unauthorized")
+
+    async def test_routes_have_their_own_limits(self) -> None:
+        content = "a" * (2 << 20)
+        target = os.path.join(self.agent.workdir, "big")
+        body = b'{"path": "%s", "content": "%s"}' % (target.encode(), content.encode())
+        self.assertEqual(self.assertJSON(await self.agent_api(b"POST", b"/files/write", body), 200)["size"], 2 << 20)
+        body = b'{"path": "%s", "mode": "%s"}' % (target.encode(), content.encode())
+        self.assertJSON(await self.agent_api(b"POST", b"/files/mkdir", body), 413, "request body too large")
+        self.assertJSON(await self.agent_api(b"POST", b"/containers/x/exec", body), 413, "request body too large")
+
+    async def test_a_chunked_body_over_the_limit_is_413(self) -> None:
+        chunk = b"x" * (64 << 10)
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(20)) + b"0\r\n\r\n"
+        request = (b"POST /files/mkdir HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-API-Key: "
+                   + self.agent.api_key.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+        self.assertJSON(await self.tcp(request), 413, "request body too large")
+
+    async def test_a_client_that_neither_sends_its_body_nor_closes_is_cut_off(self) -> None:
+        self.patch(web.PlexChannel, "linger_timeout", 0.2)
+        response = await self.socket(self.head_only(b"PUT", b"/v1/state/report/k", 600_000_000))
+        self.assertJSON(response, 413, "request body too large")
+
+    async def test_a_client_that_sends_its_body_anyway_reads_the_413(self) -> None:
+        # A refused client that sends its body anyway reads the answer, and
+        # the connection is closed once the body is in (no reset).
+        body = b"x" * (3 << 20)
+        response = await self.socket(http_request(b"PUT", b"/v1/state/report/k", body=body))
+        self.assertJSON(response, 413, "request body too large")
 
 
 class AllowlistedListener(Listeners):

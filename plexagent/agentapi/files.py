@@ -64,10 +64,8 @@ def query_arg(request: Any, name: str, required: bool = True) -> str | None:
         raise errors.InvalidInput(f"invalid {name}", f"{name} must be UTF-8") from None
 
 
-def read_json_object(request: Any, limit: int) -> dict[str, Any]:
-    received = getattr(request.content, "received", None)
-    if received is not None and received > limit:
-        raise errors.TooLarge("request body too large", f"the limit is {limit} bytes")
+def read_json_object(request: Any) -> dict[str, Any]:
+    """The body as a JSON object (the route's body limit applied before it was read)."""
     body = web.read_json(request)
     if not isinstance(body, dict):
         raise errors.InvalidInput("invalid JSON body", "the body must be a JSON object")
@@ -86,9 +84,13 @@ def register(app: Klein, context: Any) -> None:
     def in_thread(f: Any, *args: Any, **kwargs: Any) -> Any:
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
 
+    # The file's content is in the JSON body (base64 or text), parsed whole:
+    # max_json_bytes bounds it (larger files go through /upload/tar/stream).
+    context.limit_body(b"POST", b"/files/write", aapi.max_json_bytes)
+
     @app.route("/files/write", methods=["POST"])
     async def write(request: Any) -> bytes:
-        body = read_json_object(request, aapi.max_json_bytes)
+        body = read_json_object(request)
         path = body.get("path")
         content = body.get("content")
         if not isinstance(content, str):
@@ -143,7 +145,7 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/files/mkdir", methods=["POST"])
     async def mkdir(request: Any) -> bytes:
-        body = read_json_object(request, 1 << 20)
+        body = read_json_object(request)
         path = body.get("path")
         mode = parse_mode(body.get("mode"), 0o755)
         policy.resolve(path)
@@ -153,7 +155,7 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/files/delete", methods=["POST"])
     async def delete(request: Any) -> bytes:
-        body = read_json_object(request, 1 << 20)
+        body = read_json_object(request)
         path = body.get("path")
         recursive = body.get("recursive", False)
         if not isinstance(recursive, bool):

@@ -48,8 +48,9 @@ class RawResponse:
 class _Exchange(protocol.Protocol):
     transport: Any
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, until_closed: bool) -> None:
         self.data = data
+        self.until_closed = until_closed
         self.received = bytearray()
         self.closed: defer.Deferred[bytes] = defer.Deferred()
 
@@ -58,20 +59,35 @@ class _Exchange(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+        if not self.until_closed and _complete(bytes(self.received)):
+            self.closed.callback(bytes(self.received))
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if not self.closed.called:
             self.closed.callback(bytes(self.received))
 
 
-async def exchange(endpoint: Any, data: bytes, timeout: float = 15.0, reactor: Any = None) -> RawResponse:
+def _complete(raw: bytes) -> bool:
+    """Whether ``raw`` holds a whole response with a Content-Length."""
+    head, separator, body = raw.partition(b"\r\n\r\n")
+    if not separator:
+        return False
+    length = RawResponse.parse(head + separator).headers.get(b"content-length")
+    return length is not None and length.isdigit() and len(body) >= int(length)
+
+
+async def exchange(endpoint: Any, data: bytes, timeout: float = 15.0, reactor: Any = None,
+                   until_closed: bool = True) -> RawResponse:
     """
     Connect to ``endpoint``, send ``data`` and return what came back once
     the server closed the connection (send ``Connection: close``, or a
-    request the server must close on). Fails after ``timeout`` seconds.
+    request the server must close on), or with ``until_closed=False`` as
+    soon as a whole response (by its Content-Length) is in, closing the
+    connection then as a client does. Fails after ``timeout`` seconds.
     """
     reactor = reactor or default_reactor
-    client = _Exchange(data)
+    client = _Exchange(data, until_closed)
     await connectProtocol(endpoint, client)
 
     client.closed.addTimeout(timeout, reactor, onTimeoutCancel=lambda result, seconds: _timed_out(client, seconds))
