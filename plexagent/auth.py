@@ -85,6 +85,7 @@ class GuardedResource(resource.Resource):
     def render(self, request: IRequest) -> Any:
         try:
             self.policy.authenticate(request)
+            web.refuse_unservable(request)
         except errors.PlexError as e:
             return web.respond_error(request, e)
         cast(Any, request).plexagent_policy = self.policy

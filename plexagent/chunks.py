@@ -32,10 +32,11 @@ from twisted.logger import Logger
 
 from plexagent import errors
 from plexagent.fileio import atomic_write, ensure_private_dir, fsync_dir, storage_error
+from plexagent.strictparse import parse_int
 
 log = Logger()
 
-CHUNK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CHUNK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Most chunks one upload may have.
 MAX_CHUNKS = 100000
 _META = "meta.json"
@@ -78,18 +79,18 @@ class UploadStatus:
 
 def validate_chunk_params(chunk_id: object, index: object, total: object) -> tuple[str, int, int]:
     """(chunk_id, chunk_index, total_chunks) checked, or ``InvalidInput``."""
-    if not isinstance(chunk_id, str) or not CHUNK_ID.match(chunk_id):
+    if not isinstance(chunk_id, str) or not CHUNK_ID.fullmatch(chunk_id):
         raise errors.InvalidInput(
             "invalid chunk_id", "chunk_id must be 1-128 letters, digits, '.', '_' or '-', not starting with '.', '_' or '-'"
         )
     try:
-        total_n = int(total)  # type: ignore[call-overload]
+        total_n = parse_int(total)
     except (TypeError, ValueError):
         raise errors.InvalidInput("invalid total_chunks", "total_chunks must be an integer") from None
     if not 1 <= total_n <= MAX_CHUNKS:
         raise errors.InvalidInput("invalid total_chunks", f"total_chunks must be between 1 and {MAX_CHUNKS}")
     try:
-        index_n = int(index)  # type: ignore[call-overload]
+        index_n = parse_int(index)
     except (TypeError, ValueError):
         raise errors.InvalidInput("invalid chunk_index", "chunk_index must be an integer") from None
     if not 0 <= index_n < total_n:

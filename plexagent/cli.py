@@ -139,9 +139,11 @@ def _print_response(status: int, body: bytes, stdout: Any, stderr: Any) -> int:
 
     if not body:
         return 0 if status < 400 else 1
+    from plexagent import errors, strictparse
+
     try:
-        text = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
-    except ValueError:
+        text = json.dumps(strictparse.parse_json(body), indent=2, ensure_ascii=False)
+    except errors.InvalidInput:
         text = body.decode("utf-8", "replace")
     print(text, file=stdout if status < 400 else stderr)
     return 0 if status < 400 else 1
@@ -189,10 +191,12 @@ def _report(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> i
             result = _call_socket(args, stderr, "DELETE", url, headers=headers)
         else:
             raw = args.payload if args.payload is not None else stdin.read()
+            from plexagent import errors, strictparse
+
             try:
-                payload = json.loads(raw)
-            except ValueError:
-                print("plexagent report put: the payload is not valid JSON", file=stderr)
+                payload = strictparse.parse_json(raw)
+            except errors.InvalidInput as e:
+                print(f"plexagent report put: the payload is not valid JSON: {e.details}", file=stderr)
                 return 2
             body = json.dumps({"content_type": args.content_type, "payload": payload}).encode("utf-8")
             headers["Content-Type"] = "application/json"

@@ -77,8 +77,11 @@ class AgentAPIConfig:
     tls_key: str = ""
     #: /files/read refuses larger files (413)
     max_read_bytes: int = 10485760
-    #: /files/write and the legacy JSON form of /upload/tar accept bodies up to this
-    max_json_bytes: int = 268435456
+    #: /files/write and the legacy JSON form of /upload/tar accept bodies up to
+    #: this (other JSON routes: 1 MiB). Such a body is parsed whole: its text,
+    #: the decoded content and the file's bytes are each about this size in
+    #: memory at once. Larger files go through /upload/tar/stream.
+    max_json_bytes: int = 67108864
     #: members (files, directories, links) per extracted archive
     max_archive_members: int = 200000
     #: seconds after its last chunk an unfinished chunked upload is removed
@@ -197,12 +200,12 @@ def _field_kinds(cls: type) -> dict[str, Any]:
     return kinds
 
 
-_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _name(*parts: str) -> str:
     """A dotted key name for messages; odd names are quoted so a message stays one line."""
-    return ".".join(p if _PLAIN_KEY.match(p) else repr(p) for p in parts)
+    return ".".join(p if _PLAIN_KEY.fullmatch(p) else repr(p) for p in parts)
 
 
 def parse_bool(key: str, text: str) -> bool:

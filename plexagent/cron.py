@@ -37,8 +37,8 @@ from plexagent.paths import PathPolicy
 log = Logger()
 
 JOBS_FILE = "cron-jobs.json"
-_NETWORK = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
-_IMAGE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/@-]{0,511}$")
+_NETWORK = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
+_IMAGE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.:/@-]{0,511}")
 
 
 def iso(epoch: float | None) -> str | None:
@@ -111,7 +111,7 @@ def parse_job(body: Any, policy: PathPolicy) -> dict[str, Any]:
     image = body.get("image")
     if not isinstance(image, str) or not image:
         raise errors.InvalidInput("image is required", "image must be an image reference such as myapp:latest")
-    if not _IMAGE.match(image):
+    if not _IMAGE.fullmatch(image):
         raise errors.InvalidInput("invalid image", f"image {image!r} is not an image reference")
     command = parse_command(body.get("command"))
     environment = parse_environment(body.get("environment"))
@@ -119,7 +119,7 @@ def parse_job(body: Any, policy: PathPolicy) -> dict[str, Any]:
     networks = body.get("networks")
     if networks is None:
         networks = [body["network"]] if isinstance(body.get("network"), str) else []
-    if not isinstance(networks, list) or not all(isinstance(n, str) and _NETWORK.match(n) for n in networks):
+    if not isinstance(networks, list) or not all(isinstance(n, str) and _NETWORK.fullmatch(n) for n in networks):
         raise errors.InvalidInput("invalid networks", "networks must be a list of network names")
     return {
         "schedule": schedule,

@@ -18,9 +18,10 @@ from typing import Any
 
 from plexagent import errors
 from plexagent.paths import PathPolicy
+from plexagent.strictparse import parse_int
 
-_NAME = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
-_VOLUME_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+_NAME = re.compile(r"/?[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+_VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 _RESTART = ("no", "always", "unless-stopped", "on-failure")
 
 
@@ -41,7 +42,7 @@ def optional_str(body: dict[str, Any], field: str) -> str | None:
 
 
 def container_name(value: Any, field: str = "name") -> str:
-    if not isinstance(value, str) or not _NAME.match(value) or len(value) > 255:
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or len(value) > 255:
         raise errors.InvalidInput(
             f"invalid {field}",
             f"{field} must start with a letter or digit and contain only letters, digits, '_', '.' and '-'",
@@ -51,7 +52,7 @@ def container_name(value: Any, field: str = "name") -> str:
 
 def _port_number(value: Any, field: str) -> int:
     try:
-        number = int(str(value).strip())
+        number = parse_int(value)
     except ValueError:
         raise errors.InvalidInput("invalid ports", f"{field}: {value!r} is not a port number") from None
     if not 1 <= number <= 65535:
@@ -60,7 +61,7 @@ def _port_number(value: Any, field: str) -> int:
 
 
 def _container_port(value: Any, field: str) -> str:
-    text = str(value).strip()
+    text = str(value)
     port, _, proto = text.partition("/")
     proto = proto or "tcp"
     if proto not in ("tcp", "udp", "sctp"):
@@ -88,9 +89,9 @@ def parse_ports(value: Any) -> dict[str, Any]:
         field = f"ports[{i}]"
         if isinstance(entry, int):
             entry = str(entry)
-        if not isinstance(entry, str) or not entry.strip():
+        if not isinstance(entry, str) or not entry:
             raise errors.InvalidInput("invalid ports", f"{field} must be a string such as \"8080:80\"")
-        spec, slash, proto = entry.strip().partition("/")
+        spec, slash, proto = entry.partition("/")
         suffix = f"/{proto}" if slash else ""
         if spec.startswith("["):
             # [::1]:8443:443
@@ -189,11 +190,11 @@ def parse_volumes(value: Any, policy: PathPolicy) -> dict[str, dict[str, str]]:
             raise errors.InvalidInput("invalid volumes", f"{field}: the source must be a host path or a volume name")
         if not isinstance(bind, str) or not bind.startswith("/"):
             raise errors.InvalidInput("invalid volumes", f"{field}: the target must be an absolute path in the container")
-        if not isinstance(mode, str) or not re.match(r"^[a-zA-Z,]+$", mode):
+        if not isinstance(mode, str) or not re.fullmatch(r"[a-zA-Z,]+", mode):
             raise errors.InvalidInput("invalid volumes", f"{field}: mode must be such as rw or ro")
         if source.startswith(("/", ".", "~")):
             source = policy.resolve(source, field)
-        elif not _VOLUME_NAME.match(source):
+        elif not _VOLUME_NAME.fullmatch(source):
             raise errors.InvalidInput("invalid volumes", f"{field}: {source!r} is neither an absolute host path nor a volume name")
         result[source] = {"bind": bind, "mode": mode}
     return result
@@ -214,7 +215,7 @@ def parse_restart_policy(value: Any) -> dict[str, Any] | None:
     if name not in _RESTART:
         raise errors.InvalidInput("invalid restart_policy", f"restart_policy must be one of {', '.join(_RESTART)}")
     try:
-        retries = int(retries)
+        retries = parse_int(retries)
     except (TypeError, ValueError):
         raise errors.InvalidInput("invalid restart_policy", "the retry count must be an integer") from None
     policy: dict[str, Any] = {"Name": name}
@@ -329,9 +330,8 @@ def parse_int_arg(value: bytes | str | None, field: str, default: int, minimum: 
                   maximum: int | None = None) -> int:
     if value is None:
         return default
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     try:
-        number = int(text.strip())
+        number = parse_int(value, signed=True)
     except ValueError:
         raise errors.InvalidInput(f"invalid {field}", f"{field} must be an integer") from None
     if number < minimum:

@@ -15,10 +15,11 @@ import attrs
 
 from plexagent import errors, processes
 from plexagent.programs import Programs
+from plexagent.strictparse import parse_int
 
 UFW_UNAVAILABLE = "ufw not available"
 
-_PORT = re.compile(r"^(\d{1,5})(?:[:-](\d{1,5}))?$")
+_PORT = re.compile(r"([0-9]{1,5})(?:[:-]([0-9]{1,5}))?")
 _COLUMNS = re.compile(r"\s{2,}")
 
 
@@ -44,7 +45,7 @@ class AllowRule:
 
 
 def _port_number(text: str) -> int:
-    value = int(text)
+    value = parse_int(text)
     if not 1 <= value <= 65535:
         raise ValueError(text)
     return value
@@ -63,10 +64,10 @@ def parse_allow(body: Any) -> AllowRule:
     if isinstance(raw_port, int):
         text = str(raw_port)
     elif isinstance(raw_port, str):
-        text = raw_port.strip()
+        text = raw_port
     else:
         raise port_error
-    m = _PORT.match(text)
+    m = _PORT.fullmatch(text)
     if m is None:
         raise port_error
     try:
@@ -124,7 +125,7 @@ def _parse_to(text: str) -> tuple[Any, str, str | None]:
         port, proto = text, "both"
     if port.isdigit():
         return int(port), proto, destination
-    if _PORT.match(port) or "," in port:
+    if _PORT.fullmatch(port) or "," in port:
         return port, proto, destination
     # An application profile (e.g. "Nginx Full") or an address.
     return port, proto, destination

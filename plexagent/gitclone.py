@@ -35,7 +35,7 @@ from plexagent.tarsafe import chmod_directory_at
 
 _ALLOWED_SCHEMES = ("https", "http", "ssh", "git", "file")
 _SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^/\\]")
-_BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+-]{0,254}$")
+_BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+-]{0,254}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _ASKPASS = """#!/bin/sh
 # Answers git's credential prompts from the environment; holds no secret.
@@ -85,7 +85,7 @@ def parse_clone_request(body: dict[str, Any]) -> CloneRequest:
     if depth is not None:
         if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 1_000_000:
             raise errors.InvalidInput("invalid depth", "depth must be an integer from 1 to 1000000")
-    if branch is not None and (not _BRANCH.match(branch) or ".." in branch):
+    if branch is not None and (not _BRANCH.fullmatch(branch) or ".." in branch):
         raise errors.InvalidInput("invalid branch", "branch must be a branch or tag name")
     if len(url) > 4096 or url.startswith("-") or any(c.isspace() for c in url):
         raise errors.InvalidInput("invalid url", "url must be a git URL without spaces")

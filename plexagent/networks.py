@@ -17,8 +17,8 @@ from twisted.internet import defer
 from plexagent import errors
 
 # Docker's own rule for network names.
-_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
-_DRIVER = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_./:-]{0,127}$")
+_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
+_DRIVER = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_./:-]{0,127}")
 
 
 @attrs.frozen
@@ -49,12 +49,12 @@ def parse_create(body: Any) -> NetworkSpec:
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise errors.InvalidInput("name is required", "name must be a non-empty string")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise errors.InvalidInput("invalid name", "name must start with a letter or digit and contain only [a-zA-Z0-9_.-]")
     driver = body.get("driver", "bridge")
     if driver is None:
         driver = "bridge"
-    if not isinstance(driver, str) or not _DRIVER.match(driver):
+    if not isinstance(driver, str) or not _DRIVER.fullmatch(driver):
         raise errors.InvalidInput("invalid driver", "driver must be a driver name such as bridge or overlay")
     for field in ("internal", "attachable"):
         if not isinstance(body.get(field, False), bool):

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from klein import Klein
 from twisted.internet import defer
 from twisted.web.iweb import IRequest
 
-from plexagent import errors, web
+from plexagent import errors, strictparse, web
 from plexagent.reports import ReportStore
 from plexagent.secrets import DecryptionFailed, SecretBox
 from plexagent.state import StateCache
@@ -26,18 +25,35 @@ def parse_if_match(request: IRequest) -> int | None:
     raw = request.getHeader(b"if-match")
     if raw is None:
         return None
-    text = raw.strip()
-    if not text.isdigit() or len(text) > 18:
-        raise errors.InvalidInput("If-Match must be an integer")
-    return int(text)
+    try:
+        # Surrounding whitespace is not part of an HTTP header's value.
+        return strictparse.parse_int(raw.strip(b" \t"))
+    except ValueError:
+        raise errors.InvalidInput("If-Match must be an integer") from None
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return "a string"
 
 
 def parse_report_body(body: Any) -> tuple[str, Any]:
     if not isinstance(body, dict):
         raise errors.InvalidInput("invalid JSON body", "the body must be a JSON object")
     content_type = body.get("content_type")
-    if not isinstance(content_type, str) or not content_type:
+    if content_type is None or content_type == "":
         raise errors.InvalidInput("content_type is required")
+    if not isinstance(content_type, str):
+        raise errors.InvalidInput(
+            "content_type must be a string", f"got {_json_type(content_type)}; send e.g. \"application/json\""
+        )
     if "payload" not in body:
         raise errors.InvalidInput("payload must be valid JSON")
     return content_type, body["payload"]
@@ -89,8 +105,7 @@ class SecretReader:
 class NodeAPI:
     """Routes of the Local Node API over the shared domain objects."""
 
-    app = Klein()
-    web.install_error_handlers(app)
+    app = web.json_app()
 
     def __init__(self, cache: StateCache, reports: ReportStore, secrets: SecretReader) -> None:
         self.cache = cache

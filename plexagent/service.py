@@ -27,7 +27,7 @@ from plexagent.state import StateCache
 
 log = Logger()
 
-_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})$")
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]{1,5})")
 
 
 def endpoint_description(listen: str) -> str:
@@ -35,7 +35,7 @@ def endpoint_description(listen: str) -> str:
     Turn ``HOST:PORT`` (``[v6]:PORT`` too) into a Twisted endpoint
     description; anything else is taken as a description already.
     """
-    m = _HOST_PORT.match(listen)
+    m = _HOST_PORT.fullmatch(listen)
     if m is None:
         return listen
     port = int(m.group("port"))

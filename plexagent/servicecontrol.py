@@ -20,7 +20,7 @@ from plexagent.systemd import Systemd
 
 log = Logger()
 
-_UNIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.@-]{0,255}$")
+_UNIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,255}")
 
 
 class ServiceControl:
@@ -43,7 +43,7 @@ class ServiceControl:
         self.self_restart: defer.Deferred[None] | None = None
 
     def check(self, name: str) -> str:
-        if not _UNIT_NAME.match(name) or name not in self.allowed:
+        if not _UNIT_NAME.fullmatch(name) or name not in self.allowed:
             raise errors.Forbidden(
                 "service not allowed", f"only these services can be controlled: {', '.join(self.allowed)}"
             )

@@ -23,8 +23,9 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
+from werkzeug.routing import PathConverter, RequestRedirect
 
-from plexagent import errors
+from plexagent import errors, strictparse
 
 log = Logger()
 
@@ -86,12 +87,44 @@ def read_body(request: IRequest) -> bytes:
 
 
 def read_json(request: IRequest) -> Any:
-    """Parse the request body as JSON or raise ``invalid JSON body``."""
+    """
+    The request body parsed by the one strict JSON parser, or 400
+    ``invalid JSON body`` saying what is wrong and where.
+    """
     raw = read_body(request)
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise errors.InvalidInput("invalid JSON body") from None
+    # The body sink already bounded the size; the parser need not again.
+    return strictparse.parse_json(raw, max_bytes=max(len(raw), 1))
+
+
+class _AnyPath(PathConverter):
+    """
+    ``<path:key>`` that takes the rest of the path as given: werkzeug's own
+    will not start with '/', so a key such as ``/etc/x`` (sent as
+    ``%2Fetc%2Fx``) would name no route.
+    """
+
+    regex = ".+?"
+    part_isolating = False
+
+
+def json_app() -> Klein:
+    """
+    A Klein app that answers only JSON and routes each path as given.
+
+    werkzeug by default merges ``//`` and adds or drops a trailing slash by
+    *redirecting* (an exception Klein does not render): a key beginning
+    with '/' (``/v1/state/report/%2Fetc`` arrives as ``.../report//etc``)
+    or a stray ``//`` would be a 500. Here such a path is routed as it is,
+    and one that matches no route is the usual JSON 404.
+    """
+    app = Klein()
+    url_map = app.url_map
+    url_map.merge_slashes = False
+    url_map.strict_slashes = False
+    url_map.redirect_defaults = False
+    url_map.converters["path"] = _AnyPath
+    install_error_handlers(app)
+    return app
 
 
 def install_error_handlers(app: Klein) -> None:
@@ -107,6 +140,13 @@ def install_error_handlers(app: Klein) -> None:
 
     @app.handle_errors(RouteNotFound)  # type: ignore[arg-type]  # *args: see above
     def route_not_found(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        return respond(request, {"error": "not found"}, 404)
+
+    @app.handle_errors(RequestRedirect)  # type: ignore[arg-type]  # *args: see above
+    def route_redirect(*args: Any) -> bytes:
+        # json_app() turns werkzeug's redirects off; should one come anyway,
+        # the path as given names no route.
         request, failure = args[-2:]
         return respond(request, {"error": "not found"}, 404)
 
@@ -129,6 +169,27 @@ def install_error_handlers(app: Klein) -> None:
             request_id=getattr(request, "request_id", ""),
         )
         return respond(request, {"error": "internal error"}, 500)
+
+
+def refuse_unservable(request: Any) -> None:
+    """
+    Raise the error for a request that no route may see: its body was over
+    the limit (413), or its path or Host header cannot be decoded (400,
+    which Klein would answer in HTML). Called once the listener's policy
+    has let the request in, so a refused client learns nothing more.
+    """
+    if getattr(request.content, "exceeded", False):
+        limit = getattr(request, "body_limit", None) or request.channel.site.max_body_bytes
+        raise errors.TooLarge("request body too large", f"the limit is {limit} bytes")
+    try:
+        b"/".join(request.prepath + request.postpath).decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.InvalidInput(
+            "invalid URL", "the path must be UTF-8 (percent-escape its bytes as UTF-8)"
+        ) from None
+    host = request.getHeader(b"host")
+    if host is not None and not host.isascii():
+        raise errors.InvalidInput("invalid Host header", "the Host header must be ASCII")
 
 
 class _LimitedContent:
@@ -180,8 +241,8 @@ class _LimitedContent:
 
 class DiscardingContent:
     """
-    A body sink that keeps nothing (for requests refused before routing),
-    and the file-like base of sinks that pass the body on as it arrives.
+    A body sink that keeps nothing, and the file-like base of sinks that
+    pass the body on as it arrives.
     """
 
     exceeded = False
@@ -202,7 +263,21 @@ class DiscardingContent:
         pass
 
 
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
+class UnreadBody(DiscardingContent):
+    """
+    The sink of a request answered before its body is read: its declared
+    length is over the route's limit (``exceeded``), or the listener's
+    policy refused it. The channel reads none of the body, answers at once
+    and then closes the connection (``PlexChannel``).
+    """
+
+    answer_before_body = True
+
+    def __init__(self, exceeded: bool = False) -> None:
+        self.exceeded = exceeded
+
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 _request_ids = (f"{os.getpid():x}-{n:x}" for n in itertools.count(1))
 
 
@@ -248,9 +323,16 @@ def chain_observers(*observers: Any) -> Any:
 #: object with ``write`` or None to use the default limited sink.
 ContentFactory = Callable[[Any, bytes, bytes, "int | None"], Any]
 
+#: ``limits(method, path)``: the body limit of the route a request line
+#: names (``path`` without its query), or None for the site's default.
+BodyLimits = Callable[[bytes, bytes], "int | None"]
+
 
 class PlexRequest(server.Request):
-    """A Request whose body is bounded and which its Site can count."""
+    """
+    A Request whose body is bounded, which its Site can count, and which
+    never answers with one of twisted.web's HTML pages.
+    """
 
     # A PlexSite's channel and a body sink of ours (typed loosely on purpose:
     # twisted.web declares them narrower than what it actually holds).
@@ -258,27 +340,28 @@ class PlexRequest(server.Request):
     content: Any
 
     _counted = False
+    #: the body limit that applied to this request
+    body_limit: int | None = None
 
     def gotLength(self, length: int | None) -> None:
+        # Called once the headers are in, before any byte of the body: the
+        # channel knows the request line, so the route's limit applies now.
         site = self.channel.site
-        limit = site.max_body_bytes
-        if length is not None and length > limit and site.content_factory is None:
-            # Refuse before storing a byte.
-            self.content = _LimitedContent(0)
-            self.content.exceeded = True
-            return
+        method = getattr(self.channel, "_command", b"")
+        path = getattr(self.channel, "_path", b"")
+        limit = self.body_limit = site.body_limit(method, path)
         if site.content_factory is not None:
-            # The channel knows the request line before the body arrives.
-            method = getattr(self.channel, "_command", b"")
-            path = getattr(self.channel, "_path", b"")
+            # A streaming route's sink bounds its body itself.
             sink = site.content_factory(self, method, path, length)
             if sink is not None:
                 self.content = sink
                 return
-            if length is not None and length > limit:
-                self.content = _LimitedContent(0)
-                self.content.exceeded = True
-                return
+        if length is not None and length > limit:
+            # Answer 413 without reading (or storing) a byte of the body.
+            self.content = UnreadBody(exceeded=True)
+            return
+        # A chunked body (no length) is counted as it comes: past the limit
+        # nothing more is kept, and the answer is 413.
         self.content = _LimitedContent(limit)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -304,19 +387,49 @@ class PlexRequest(server.Request):
         if site.observer is not None:
             self._plex_started = time.perf_counter()
         given = self.requestHeaders.getRawHeaders(b"x-request-id")
-        if given and _REQUEST_ID.match(given[0]):
+        if given and _REQUEST_ID.fullmatch(given[0]):
             self._request_id = given[0].decode("ascii")
             self.responseHeaders.setRawHeaders(b"x-request-id", given[:1])
-        if getattr(self.content, "exceeded", False):
-            self.setResponseCode(413)
-            self.setHeader(b"content-type", JSON_CONTENT_TYPE)
-            body = encode_json({"error": "request body too large",
-                                "details": f"the limit is {site.max_body_bytes} bytes"})
-            self.setHeader(b"content-length", str(len(body)).encode())
-            self.write(body)
-            self.finish()
-            return
         super().process()
+
+    def _handleStar(self) -> None:
+        # twisted.web answers a request for '*' (OPTIONS *) itself, before
+        # any resource: hand it to the site's resource like any other
+        # target, so the listener's policy decides (no route serves '*').
+        try:
+            self.render(self.channel.site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def getRequestHostname(self) -> bytes:
+        # Without a Host header twisted.web falls back to the listening
+        # address's host, which a Unix socket does not have.
+        if self.getHeader(b"host") is None and getattr(self.getHost(), "host", None) is None:
+            return b"localhost"
+        return super().getRequestHostname()
+
+    def processingFailed(self, reason: Failure) -> Any:
+        """A failure no handler caught: log it once, answer a JSON 500, never a traceback."""
+        log.failure(
+            "unhandled error in {method} {route}",
+            reason,
+            method=self.method.decode("ascii", "replace"),
+            route=getattr(self, "plexagent_route", None) or "(unrouted)",
+            request_id=self.request_id,
+        )
+        if self.finished or self._disconnected:
+            return reason
+        if self.startedWriting:
+            # Part of another answer is out: the client must not take it as whole.
+            self.channel.transport.abortConnection()
+            return reason
+        body = encode_json({"error": "internal error"})
+        self.setResponseCode(500)
+        self.responseHeaders.setRawHeaders(b"content-type", [JSON_CONTENT_TYPE])
+        self.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        self.write(body)
+        self.finish()
+        return reason
 
     def _uncount(self) -> None:
         if self._counted:
@@ -337,8 +450,8 @@ class PlexRequest(server.Request):
         self._uncount()
 
 
-def _raw_json_response(code: int, reason: bytes, error: str) -> bytes:
-    body = encode_json({"error": error})
+def _raw_json_response(code: int, reason: bytes, error: str, details: str | None = None) -> bytes:
+    body = encode_json(error_document(error, details))
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
         b"Connection: close\r\n\r\n" % (code, reason, len(body))
@@ -354,8 +467,17 @@ class PlexChannel(http.HTTPChannel):
     """
 
     header_timeout = 10.0
+    #: seconds, from its headers, that the body of a request answered before
+    #: its body is still read and thrown away: a client that sends its body
+    #: before reading the answer (most do) reads the answer, rather than a
+    #: reset from a connection closed on unread data
+    linger_timeout = 30.0
     transport: Any
     site: Any
+    #: bytes of such a body still to throw away
+    _unread_body = 0
+    _close_when_read = False
+    _linger_timer: Any = None
     #: when the current request's headers must be complete (None: not waiting)
     _headers_due: float | None = None
     # One timer per connection, re-armed only when it fires: no timer is
@@ -373,6 +495,42 @@ class PlexChannel(http.HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._headers_due = None
         super().allHeadersReceived()
+        request = self.requests[-1]
+        if self.length and getattr(request.content, "answer_before_body", False):
+            # Answer now: with no length left to read, HTTPChannel hands the
+            # request on at once. Its body, as it comes, is thrown away (a
+            # chunked body has no known end: it is read as usual), and the
+            # connection is closed after it.
+            self._unread_body = self.length
+            self.length = 0
+            self.persistent = False
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            self._linger_timer = self.callLater(self.linger_timeout, self.transport.abortConnection)
+
+    def _send100Continue(self) -> None:
+        # No "100 Continue" to a client whose body will not be read.
+        if not (self.length and getattr(self.requests[-1].content, "answer_before_body", False)):
+            super()._send100Continue()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._unread_body:
+            taken = min(len(data), self._unread_body)
+            self._unread_body -= taken
+            if not self._unread_body and self._close_when_read:
+                super().loseConnection()
+                return
+            data = data[taken:]
+            if not data:
+                return
+        super().rawDataReceived(data)
+
+    def loseConnection(self) -> None:
+        if self._unread_body:
+            # Answered before its body: close once the body is in (no reset
+            # for the client still sending it), or at the linger timeout.
+            self._close_when_read = True
+            return None
+        return super().loseConnection()
 
     def _check_headers(self) -> None:
         self._header_timer = None
@@ -389,16 +547,28 @@ class PlexChannel(http.HTTPChannel):
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         if self._receivedHeaderSize > self.totalHeadersSize:
-            response = _raw_json_response(413, b"Request Entity Too Large", "request headers too large")
+            response = _raw_json_response(
+                413, b"Request Entity Too Large", "request headers too large",
+                f"the request line and headers may be {self.totalHeadersSize} bytes in all",
+            )
         else:
             response = _raw_json_response(400, b"Bad Request", "malformed HTTP request")
         self.transport.write(response)
         self.loseConnection()
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver's answer is to drop the connection without a word.
+        self.transport.write(_raw_json_response(
+            413, b"Request Entity Too Large", "request headers too large",
+            f"the request line and each header line may be {self.MAX_LENGTH} bytes",
+        ))
+        self.loseConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._header_timer is not None and self._header_timer.active():
-            self._header_timer.cancel()
-        self._header_timer = None
+        for timer in (self._header_timer, self._linger_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._header_timer = self._linger_timer = None
         super().connectionLost(reason)
 
 
@@ -410,7 +580,12 @@ def _plex_channel() -> Any:
 
 class PlexSite(server.Site):
     """
-    A Site with JSON body limits and graceful draining.
+    A Site with body limits and graceful draining.
+
+    Each request's body limit is ``body_limits(method, path)`` of its route
+    (else ``max_body_bytes``), applied from the request line and headers
+    before any byte of the body is read: a declared length over it is a 413
+    at once, a chunked body is counted as it arrives.
 
     ``drain(timeout)`` waits until every in-flight request has finished, or
     the timeout (on the given clock) passes.
@@ -428,10 +603,16 @@ class PlexSite(server.Site):
         max_body_bytes: int,
         content_factory: ContentFactory | None = None,
         idle_timeout: float = 60.0,
+        body_limits: BodyLimits | None = None,
     ) -> None:
-        super().__init__(resource, timeout=idle_timeout)
+        # parsePOSTFormSubmission: twisted.web would parse a urlencoded or
+        # multipart POST body into ``args`` (beside the query) before any
+        # resource runs, and answer a malformed one itself, ahead of the
+        # listener's policy. These APIs take JSON bodies and query params.
+        super().__init__(resource, timeout=idle_timeout, parsePOSTFormSubmission=False)
         self.max_body_bytes = max_body_bytes
         self.content_factory = content_factory
+        self._body_limits = body_limits
         #: the listener's config key (e.g. ``agent_api.listen``), for metrics
         self.listener_name = ""
         #: ``observer(request, seconds)`` is called as each request finishes
@@ -454,6 +635,14 @@ class PlexSite(server.Site):
 
     def log(self, request: Any) -> None:
         pass
+
+    def body_limit(self, method: bytes, path: bytes) -> int:
+        """The body limit of the route ``method path`` names (else ``max_body_bytes``)."""
+        if self._body_limits is not None:
+            limit = self._body_limits(method, path.split(b"?", 1)[0])
+            if limit is not None:
+                return limit
+        return self.max_body_bytes
 
     @property
     def inflight(self) -> int:

@@ -80,3 +80,10 @@ class SocketCommandTests(unittest.TestCase):
         code, out, err = await threads.deferToThread(run, ["state", "--socket", "/nonexistent/api.sock"])
         self.assertEqual(code, 1)
         self.assertIn("cannot reach the agent at /nonexistent/api.sock", err)
+
+    async def test_report_put_refuses_a_payload_that_is_not_strict_json_before_sending(self) -> None:
+        for payload in ("NaN", "[1e400]", '"\\udc00"'):
+            code, out, err = await self.cli("report", "put", "k", "--payload", payload)
+            self.assertEqual((code, out), (2, ""), payload)
+            self.assertIn("plexagent report put: the payload is not valid JSON: ", err)
+        self.assertEqual(json.loads((await self.cli("report", "list"))[1]), [])

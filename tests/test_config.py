@@ -6,7 +6,7 @@ import os
 
 from twisted.trial import unittest
 
-from plexagent.config import Config, ConfigError, load_config, parse_config, read_key_file
+from plexagent.config import AgentAPIConfig, Config, ConfigError, load_config, parse_config, read_key_file
 
 
 class DefaultsTests(unittest.TestCase):
@@ -35,6 +35,8 @@ class DefaultsTests(unittest.TestCase):
         self.assertEqual(c.agent_api.allowed_paths, ("/local/", "/app/", "/etc/nginx/", "/tmp/"))
         self.assertEqual(c.agent_api.allowed_services, ("nginx", "docker", "node-agent"))
         self.assertEqual(c.agent_api.max_upload_bytes, 10737418240)
+        # /files/write bodies are parsed whole in memory: 64 MiB, not 256.
+        self.assertEqual(c.agent_api.max_json_bytes, 64 << 20)
         self.assertEqual((c.docker.host, c.docker.threads), ("", 10))
 
     def test_no_config_file_means_defaults(self) -> None:
@@ -151,6 +153,7 @@ class ExampleConfigTests(unittest.TestCase):
         config = load_config(os.path.join(here, "etc", "plexagent.toml"), {})
         self.assertEqual(config.node.id, "edge-us-west-42")
         self.assertEqual(config.node_api.socket, "/var/run/plexd/api.sock")
+        self.assertEqual(config.agent_api.max_json_bytes, AgentAPIConfig().max_json_bytes)
 
 
 class OperationsConfigTests(unittest.TestCase):

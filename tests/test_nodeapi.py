@@ -242,13 +242,46 @@ class ReportTests(AgentCase):
                 value,
             )
 
-    async def test_invalid_json_body_is_400(self) -> None:
-        self.assertEqual(await self.put("/v1/state/report/k", b"{not json"), (400, {"error": "invalid JSON body"}))
+    async def test_invalid_json_body_is_400_saying_where(self) -> None:
+        self.assertEqual(
+            await self.put("/v1/state/report/k", b"{not json"),
+            (400, {"error": "invalid JSON body",
+                   "details": "Expecting property name enclosed in double quotes at line 1, column 2"}),
+        )
+
+    async def test_what_strict_json_refuses_is_400_and_changes_nothing(self) -> None:
+        _, before = await self.put("/v1/state/report/k", {"content_type": "a", "payload": {"ok": 1}})
+        for body in (
+            b'{"content_type": "a", "payload": NaN}',
+            b'{"content_type": "a", "payload": [Infinity]}',
+            b'{"content_type": "a", "payload": -Infinity}',
+            b'{"content_type": "a", "payload": 1e400}',
+            b'{"content_type": "a", "payload": 99999999999999999999}',
+            b'{"content_type": "a", "payload": "\\udc00"}',
+            b'{"content_type": "a", "payload": {"\\udc00": 1}}',
+            b'{"content_type": "\\ud800", "payload": 1}',
+            b'{"content_type": "a", "payload": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        ):
+            for headers in ({}, {"If-Match": "1"}):
+                code, doc = await self.put("/v1/state/report/k", body, headers)
+                self.assertEqual((code, doc["error"]), (400, "invalid JSON body"), body[:60])
+                self.assertTrue(doc["details"])
+            code, doc = await self.put("/v1/state/report/new", body)
+            self.assertEqual(code, 400, body[:60])
+        self.assertEqual(await self.get("/v1/state/report/k"), (200, before))
+        self.assertEqual(await self.get("/v1/state/report"), (200, [{"key": "k", "version": 1}]))
 
     async def test_missing_content_type_is_400(self) -> None:
         self.assertEqual(
             await self.put("/v1/state/report/k", {"payload": 1}), (400, {"error": "content_type is required"})
         )
+
+    async def test_content_type_that_is_not_a_string_is_400_saying_so(self) -> None:
+        for value, kind in ((5, "a number"), (["a"], "an array"), (True, "a boolean"), ({}, "an object")):
+            code, doc = await self.put("/v1/state/report/k", {"content_type": value, "payload": 1})
+            self.assertEqual((code, doc["error"]), (400, "content_type must be a string"), value)
+            self.assertIn(kind, doc["details"])
+        self.assertEqual(await self.get("/v1/state/report"), (200, []))
 
     async def test_missing_payload_is_400(self) -> None:
         self.assertEqual(

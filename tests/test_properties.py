@@ -47,7 +47,8 @@ class ReportBodyProperties(unittest.TestCase):
         try:
             content_type, payload = parse_report_body(body)
         except errors.InvalidInput as e:
-            self.assertIn(e.message, ("invalid JSON body", "content_type is required", "payload must be valid JSON"))
+            self.assertIn(e.message, ("invalid JSON body", "content_type is required", "content_type must be a string",
+                                      "payload must be valid JSON"))
         else:
             self.assertTrue(content_type)
 

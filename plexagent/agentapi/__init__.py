@@ -3,8 +3,12 @@ The Node Agent API (seed node-agent-api.md): one Klein app assembled from
 one module per seed section.
 
 Each route module exposes ``register(app, context)``, adding its routes to
-the shared app, and may claim request bodies that must stream (uploads,
-image loads) with ``context.stream_body(method, path, factory)``.
+the shared app. A route's body is at most ``DEFAULT_BODY_LIMIT`` unless the
+module declares another limit with ``context.limit_body(method, path,
+limit)``; the limit applies from the request's head, before any byte of
+the body is read. A module may claim a body that must stream (uploads,
+image loads) with ``context.stream_body(method, path, factory)``; the sink
+then bounds the body as it arrives.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import importlib
 from typing import Any, Callable
 
 import attrs
-from klein import Klein
 
 from plexagent import auth, web
 from plexagent.config import Config
@@ -40,6 +43,9 @@ ROUTE_MODULES: list[str] = [
 #: ``request.content``.
 BodySinkFactory = Callable[[Any, "int | None"], Any]
 
+#: The body limit of a route that declares none (a JSON request).
+DEFAULT_BODY_LIMIT = 1 << 20
+
 
 @attrs.define
 class AgentContext:
@@ -50,10 +56,19 @@ class AgentContext:
     #: extra domain objects route modules need, by name (dockerpool, paths, ...)
     services: dict[str, Any] = attrs.field(factory=dict)
     _streaming: dict[tuple[bytes, bytes], BodySinkFactory] = attrs.field(factory=dict)
+    _limits: dict[tuple[bytes, bytes], int] = attrs.field(factory=dict)
 
     def stream_body(self, method: bytes, path: bytes, factory: BodySinkFactory) -> None:
         """Have the body of ``method path`` streamed into ``factory(...)``'s sink."""
         self._streaming[(method, path)] = factory
+
+    def limit_body(self, method: bytes, path: bytes, limit: int) -> None:
+        """Accept bodies of up to ``limit`` bytes on ``method path`` (instead of ``DEFAULT_BODY_LIMIT``)."""
+        self._limits[(method, path)] = limit
+
+    def body_limit(self, method: bytes, path: bytes) -> int:
+        """The body limit of the route ``method path`` (``path`` without its query)."""
+        return self._limits.get((method.upper(), path), DEFAULT_BODY_LIMIT)
 
     def streaming_factory(self, method: bytes, path: bytes) -> BodySinkFactory | None:
         return self._streaming.get((method.upper(), path.split(b"?", 1)[0]))
@@ -65,8 +80,7 @@ class AgentAPI:
     def __init__(self, context: AgentContext, policy: auth.AgentAPIPolicy, modules: list[str] | None = None) -> None:
         self.context = context
         self.policy = policy
-        self.app = Klein()
-        web.install_error_handlers(self.app)
+        self.app = web.json_app()
         for name in ROUTE_MODULES if modules is None else modules:
             module = importlib.import_module(name)
             module.register(self.app, context)
@@ -87,8 +101,8 @@ class AgentAPI:
         try:
             self.policy.authenticate(request)
         except Exception:
-            # Refused anyway by GuardedResource: store nothing of the body.
-            return web.DiscardingContent()
+            # Refused anyway by GuardedResource: answered without reading the body.
+            return web.UnreadBody()
         factory = self.context.streaming_factory(method, path)
         if factory is None:
             return None
@@ -98,6 +112,7 @@ class AgentAPI:
         guarded = auth.GuardedResource(self.policy, self.app.resource())
         return web.PlexSite(
             guarded,
-            self.context.config.agent_api.max_upload_bytes,
+            DEFAULT_BODY_LIMIT,
             content_factory=self.content_factory,
+            body_limits=self.context.body_limit,
         )

@@ -28,7 +28,7 @@ MAX_STOP_TIMEOUT = 3600
 
 def _tail(request: IRequest) -> int | str:
     raw = arg(request, "tail")
-    if raw is not None and raw.strip().lower() == b"all":
+    if raw is not None and raw.lower() == b"all":
         return "all"
     return parse_int_arg(raw, "tail", DEFAULT_TAIL)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import re
 from typing import Any
 
 from klein import Klein
@@ -18,6 +19,8 @@ from twisted.internet import threads
 
 from plexagent import errors, web
 from plexagent.paths import PathPolicy
+
+_OCTAL = re.compile("[0-7]{1,4}")
 
 
 def path_policy(context: Any) -> PathPolicy:
@@ -40,10 +43,8 @@ def parse_mode(value: object, default: int, field: str = "mode") -> int:
     text = str(value) if isinstance(value, int) else value
     if not isinstance(text, str):
         raise errors.InvalidInput(f"invalid {field}", f"{field} must be octal digits such as 644 or \"0644\"")
-    digits = text.strip().lower()
-    if digits.startswith("0o"):
-        digits = digits[2:]
-    if not digits or len(digits) > 4 or any(c not in "01234567" for c in digits):
+    digits = text[2:] if text[:2] in ("0o", "0O") else text
+    if not _OCTAL.fullmatch(digits):
         raise errors.InvalidInput(f"invalid {field}", f"{field} must be octal digits such as 644 or \"0644\", got {value!r}")
     mode = int(digits, 8)
     if mode > 0o777:
@@ -63,10 +64,8 @@ def query_arg(request: Any, name: str, required: bool = True) -> str | None:
         raise errors.InvalidInput(f"invalid {name}", f"{name} must be UTF-8") from None
 
 
-def read_json_object(request: Any, limit: int) -> dict[str, Any]:
-    received = getattr(request.content, "received", None)
-    if received is not None and received > limit:
-        raise errors.TooLarge("request body too large", f"the limit is {limit} bytes")
+def read_json_object(request: Any) -> dict[str, Any]:
+    """The body as a JSON object (the route's body limit applied before it was read)."""
     body = web.read_json(request)
     if not isinstance(body, dict):
         raise errors.InvalidInput("invalid JSON body", "the body must be a JSON object")
@@ -85,9 +84,13 @@ def register(app: Klein, context: Any) -> None:
     def in_thread(f: Any, *args: Any, **kwargs: Any) -> Any:
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
 
+    # The file's content is in the JSON body (base64 or text), parsed whole:
+    # max_json_bytes bounds it (larger files go through /upload/tar/stream).
+    context.limit_body(b"POST", b"/files/write", aapi.max_json_bytes)
+
     @app.route("/files/write", methods=["POST"])
     async def write(request: Any) -> bytes:
-        body = read_json_object(request, aapi.max_json_bytes)
+        body = read_json_object(request)
         path = body.get("path")
         content = body.get("content")
         if not isinstance(content, str):
@@ -142,7 +145,7 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/files/mkdir", methods=["POST"])
     async def mkdir(request: Any) -> bytes:
-        body = read_json_object(request, 1 << 20)
+        body = read_json_object(request)
         path = body.get("path")
         mode = parse_mode(body.get("mode"), 0o755)
         policy.resolve(path)
@@ -152,7 +155,7 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/files/delete", methods=["POST"])
     async def delete(request: Any) -> bytes:
-        body = read_json_object(request, 1 << 20)
+        body = read_json_object(request)
         path = body.get("path")
         recursive = body.get("recursive", False)
         if not isinstance(recursive, bool):

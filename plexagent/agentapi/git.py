@@ -24,5 +24,5 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/git/clone", methods=["POST"])
     async def clone(request: Any) -> bytes:
-        request_ = parse_clone_request(read_json_object(request, 1 << 20))
+        request_ = parse_clone_request(read_json_object(request))
         return web.respond(request, await cloner.clone(request_))

@@ -119,6 +119,8 @@ class ImageTarSink(web.DiscardingContent):
         self._docker = docker
         self._limit = limit
         self.exceeded = length is not None and length > limit
+        # Over the limit by its declared length: answered before the body is read.
+        self.answer_before_body = self.exceeded
         self.received = 0
         self.error: errors.PlexError | None = None
         self.result: defer.Deferred[dict[str, Any]] | None = None
@@ -238,6 +240,7 @@ def register_load(app: Any, context: Any, path: str) -> None:
 
     context.stream_body(b"POST", path.encode("ascii"),
                         lambda request, length: ImageTarSink(request, length, docker, reactor, limit))
+    context.limit_body(b"POST", path.encode("ascii"), limit)
 
     async def load(request: Any) -> bytes:
         sink = request.content

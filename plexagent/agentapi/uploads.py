@@ -255,7 +255,9 @@ class _NoContent:
 
 
 class RefusedBody(_NoContent):
-    """A body that will not be used: the request failed validation."""
+    """A body that will not be used: the request failed validation (answered before the body is read)."""
+
+    answer_before_body = True
 
     def __init__(self, error: errors.PlexError) -> None:
         self.error = error
@@ -406,6 +408,7 @@ def register(app: Klein, context: Any) -> None:
         return streaming(request, extract_into(extract_path))
 
     context.stream_body(b"POST", STREAM_PATH, stream_sink)
+    context.limit_body(b"POST", STREAM_PATH, aapi.max_upload_bytes)
 
     async def finish_streaming(request: Any) -> bytes:
         sink = streamed_body(request, StreamingExtraction)
@@ -420,8 +423,8 @@ def register(app: Klein, context: Any) -> None:
         request._parsePOSTFormSubmission = False
         boundary = _boundary(request.getHeader(b"content-type"))
         if boundary is None:
-            # The legacy JSON form: bounded, in memory or a spill file.
-            return web._LimitedContent(aapi.max_json_bytes)
+            # The legacy JSON form: an ordinary body, within its limit below.
+            return None
         try:
             query = _query(request)
             extract_path = checked_extract_path(query, required=False)
@@ -437,12 +440,15 @@ def register(app: Klein, context: Any) -> None:
         return streaming(request, work)
 
     context.stream_body(b"POST", TAR_PATH, tar_sink)
+    # The multipart form streams (bounded by max_upload_bytes as it is
+    # extracted); this is the limit of the legacy JSON form.
+    context.limit_body(b"POST", TAR_PATH, aapi.max_json_bytes)
 
     @app.route("/upload/tar", methods=["POST"])
     async def upload_tar(request: Any) -> bytes:
         if isinstance(request.content, (StreamingExtraction, RefusedBody)):
             return await finish_streaming(request)
-        body = read_json_object(request, aapi.max_json_bytes)
+        body = read_json_object(request)
         extract_path = query_arg(request, "extract_path", required=False) or body.get("extract_path")
         if not isinstance(extract_path, str) or not extract_path:
             raise errors.InvalidInput("extract_path is required", "pass extract_path as a query parameter")
@@ -477,6 +483,7 @@ def register(app: Klein, context: Any) -> None:
             return RefusedBody(storage_error(e, "upload chunk"))
 
     context.stream_body(b"POST", CHUNKED_PATH, chunk_sink)
+    context.limit_body(b"POST", CHUNKED_PATH, aapi.max_upload_bytes)
 
     @app.route("/upload/tar/chunked", methods=["POST"])
     async def upload_chunk(request: Any) -> bytes:
@@ -517,7 +524,7 @@ def register(app: Klein, context: Any) -> None:
     @app.route("/upload/tar/chunked", methods=["GET"])
     async def chunk_status(request: Any) -> bytes:
         chunk_id = query_arg(request, "chunk_id")
-        if not chunks.CHUNK_ID.match(chunk_id or ""):
+        if not chunks.CHUNK_ID.fullmatch(chunk_id or ""):
             raise errors.InvalidInput("invalid chunk_id", "chunk_id must be 1-128 letters, digits, '.', '_' or '-'")
         status = await in_thread(store.status, chunk_id)
         if status is None:

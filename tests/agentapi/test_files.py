@@ -127,3 +127,10 @@ class FilesTests(unittest.TestCase):
     async def test_missing_path_is_400(self) -> None:
         code, body = await self.agent.post_json("/files/write", {"content": "x"})
         self.assertEqual((code, body["error"]), (400, "path is required"))
+
+    async def test_a_body_that_is_not_strict_json_is_400_invalid_json_body(self) -> None:
+        for body in (b'{"path": NaN}', b'{"path": "\\udc00"}', b"[" * 100_000 + b"]" * 100_000):
+            code, doc = await self.agent.call("POST", "/files/mkdir", data=body)
+            self.assertEqual((code, doc["error"]), (400, "invalid JSON body"), body[:20])
+            self.assertTrue(doc["details"])
+        self.assertEqual(os.listdir(self.agent.root), [])
