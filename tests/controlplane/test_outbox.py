@@ -241,4 +241,4 @@ class UndoneWriteTests(unittest.TestCase):
         self.writes.complete()
         changes = self.store.changes_since(0)
         self.assertEqual(sorted(e["key"] for e in changes.entries), ["j", "k"])
-        self.assertEqual(self.store._undurable, {})
+        self.assertEqual(self.store._latest, {})
