@@ -180,7 +180,8 @@ class Agent:
         self.config = config
         self.reactor = reactor
         self.cache = StateCache(config.node.data_dir)
-        self.reports = ReportStore(config.node.data_dir, reactor)
+        self.reports = ReportStore(config.node.data_dir, reactor, max_entries=config.node_api.max_report_entries,
+                                   max_bytes=config.node_api.max_report_bytes)
         self.client: Any = None
         self.box: SecretBox | None = None
         #: domain objects the agent API's route modules use, by name
