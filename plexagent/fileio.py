@@ -81,6 +81,24 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         raise storage_error(e, os.path.basename(path)) from None
 
 
+def append_durably(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Append ``data`` to ``path`` (created if missing) and fsync it; ``storage_error`` on failure."""
+    try:
+        created = not os.path.lexists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(os.path.dirname(path) or ".")
+    except OSError as e:
+        raise storage_error(e, os.path.basename(path)) from None
+
+
 # -- strict JSON for what is stored -------------------------------------------
 
 
