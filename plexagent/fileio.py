@@ -214,6 +214,11 @@ def _aside_path(path: str, now: float | None) -> str:
     return candidate
 
 
+def _loggable(text: str) -> str:
+    """``text`` fit for a log line: a lone surrogate read from a bad file is escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def is_set_aside(name: str) -> bool:
     """Whether ``name`` is something ``set_aside`` made (loaders skip those)."""
     return QUARANTINE_MARK in name
@@ -226,6 +231,7 @@ def set_aside(path: str, why: str, now: float | None = None) -> str | None:
     deleted, logged once with its path and why. Returns the new path, or
     None (logged) when it could not be renamed.
     """
+    why = _loggable(why)
     aside = _aside_path(path, now)
     try:
         os.rename(path, aside)
@@ -247,6 +253,7 @@ def set_aside_records(path: str, data: bytes, count: int, why: str, now: float |
     None (logged) when it could not be written: the caller must then keep
     the records where they are.
     """
+    why = _loggable(why)
     aside = _aside_path(path, now)
     try:
         atomic_write(aside, data)

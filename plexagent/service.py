@@ -282,7 +282,10 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
 
     runner = DockerCronRunner(agent.agent_services["dockerpool"], reactor, config.cron.poll_interval,
                               config.cron.run_timeout)
-    scheduler = CronScheduler(config.node.data_dir, reactor, runner, config.cron.max_jobs)
+    from plexagent.paths import PathPolicy
+
+    scheduler = CronScheduler(config.node.data_dir, reactor, runner, config.cron.max_jobs,
+                              policy=PathPolicy(config.agent_api.allowed_paths))
     scheduler.setServiceParent(top)
     agent.agent_services["cron"] = scheduler
 
