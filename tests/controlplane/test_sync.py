@@ -106,6 +106,15 @@ class StateSyncTests(SyncHarness):
         self.clock.advance(0.1)
         self.assertEqual(len(self.client.fetches), 2)
 
+    def test_a_state_the_cache_cannot_store_is_retried_and_the_cache_kept(self) -> None:
+        self.sync.startService()
+        self.client.fetches[0].callback(STATE)
+        self.clock.advance(60)
+        self.client.fetches[1].callback({**STATE, "metadata": {"region": "\udc80"}})
+        self.assertEqual(self.cache.current.metadata, {"region": "eu"})
+        self.clock.advance(1)
+        self.assertEqual(len(self.client.fetches), 3)
+
     def test_failure_keeps_serving_the_cache(self) -> None:
         self.sync.startService()
         self.client.fetches[0].callback(STATE)
@@ -174,6 +183,15 @@ class EventStreamTests(SyncHarness):
         response.write(frame("node_secrets_updated", {"secret_refs": [{"key": "t", "version": 4}]}, "3"))
         self.assertEqual(self.cache.current.metadata, {"region": "eu"})
         self.assertEqual(dict(self.cache.current.secret_refs), {"t": 4})
+
+    def test_an_event_the_cache_cannot_store_is_dropped(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        response = self.connect()
+        bad = {"metadata": {"region": "us"}, "data": [{"key": "a", "payload": float("nan"), "version": 2}]}
+        response.write(frame("node_state_updated", bad, "1"))
+        self.assertEqual(self.cache.current.metadata, {"region": "eu"})
+        response.write(frame("node_state_updated", {"metadata": {"region": "us"}, "data": []}, "2"))
+        self.assertEqual(self.cache.current.metadata, {"region": "us"})
 
     def test_drop_reconnects_with_last_event_id_and_reconciles(self) -> None:
         self.client.fetches[0].callback(STATE)
