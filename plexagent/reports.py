@@ -57,7 +57,7 @@ DEFAULT_MAX_ENTRIES = 10000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 
-def validate_key(key: str) -> str:
+def validate_key(key: object) -> str:
     """Refuse keys that are empty, too long or contain control characters."""
     if not isinstance(key, str) or not key:
         raise errors.InvalidInput("invalid key", "the key must not be empty")
@@ -138,7 +138,7 @@ def _parse_record(line: bytes) -> _Change:
             raw = record.get("entry")
             if not isinstance(raw, dict):
                 raise ValueError("entry must be an object")
-            key = validate_key(raw.get("key"))  # type: ignore[arg-type]
+            key = validate_key(raw.get("key"))
             content_type = raw.get("content_type")
             if not isinstance(content_type, str) or not content_type:
                 raise ValueError("entry.content_type must be a non-empty string")
@@ -155,7 +155,7 @@ def _parse_record(line: bytes) -> _Change:
             clean = _encode_record({"seq": seq, "op": "put", "entry": entry})
             return _Change(seq, key, entry, version, clean)
         if op == "delete":
-            key = validate_key(record.get("key"))  # type: ignore[arg-type]
+            key = validate_key(record.get("key"))
             version = record.get("version")
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise ValueError("version must be a positive integer")
