@@ -168,7 +168,7 @@ class _Stores(service.Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        d = self.reports.idle()
+        d = defer.gatherResults([self.reports.idle(), self.cache.idle()])
         d.addCallback(lambda _: self.reports.close())
         return d
 

@@ -187,6 +187,10 @@ class StateCache:
     def update(self, **changes: Any) -> defer.Deferred[None]:
         return self.replace(attrs.evolve(self.current, **changes))
 
+    def idle(self) -> defer.Deferred[None]:
+        """Fires once every write started so far has ended (for a clean stop)."""
+        return self._write_lock.run(defer.succeed, None)
+
     def _persist(self) -> defer.Deferred[None]:
         def write() -> defer.Deferred[None]:
             # Write the snapshot that is current when the write starts:

@@ -162,7 +162,9 @@ class StateSync(service.Service):
             return None
         self._stale_fetches = 0
         try:
-            stored = self.cache.replace(state)
+            # Not chained to the fetch: stopping the sync cancels the fetch,
+            # and must not cancel the write (the store waits for it on stop).
+            self.cache.replace(state)
         except InvalidState as e:
             log.warn("control plane sent a state the agent cannot store: {error}", error=str(e))
             self._schedule(self.backoff.next_delay())
@@ -173,7 +175,7 @@ class StateSync(service.Service):
             self._schedule(self.reconcile_interval)
         if self.stream is not None and not self.stream.started:
             self.stream.start()
-        return stored
+        return None
 
     def _fetch_failed(self, failure: Any) -> None:
         if failure.check(defer.CancelledError):

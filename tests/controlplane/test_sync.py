@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from twisted.internet import task
@@ -138,6 +139,34 @@ class StateSyncTests(SyncHarness):
         self.assertEqual(self.cache.current.metadata, {"region": "us"})
         self.client.fetches[1].callback({**STATE, "metadata": {"region": "us"}})
         self.assertEqual(self.cache.current.metadata, {"region": "us"})
+
+
+class StopDuringWriteTests(unittest.TestCase):
+    def test_stopping_the_sync_does_not_cancel_the_write_of_a_fetched_state(self) -> None:
+        from twisted.internet import defer
+
+        held: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] = []
+
+        def held_thread(f: Any, *args: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred()
+            held.append((f, args, d))
+            return d
+
+        directory = self.mktemp()
+        cache = StateCache(directory, run_in_thread=held_thread)
+        cache.load()
+        client = FakeClient()
+        sync = StateSync(client, cache, task.Clock(), Backoff(rng=lambda: 1.0))
+        sync.startService()
+        client.fetches[0].callback(STATE)
+        self.successResultOf(sync.stopService())
+        idle = cache.idle()
+        self.assertNoResult(idle)
+        f, args, d = held.pop(0)
+        d.callback(f(*args))
+        self.successResultOf(idle)
+        with open(os.path.join(directory, "state.json")) as fh:
+            self.assertEqual(json.load(fh)["metadata"], {"region": "eu"})
 
 
 class EventStreamTests(SyncHarness):
