@@ -8,7 +8,10 @@ place only once it is complete and checked, so a crash or a dropped
 connection never leaves a half chunk counted as held; re-sending a chunk
 replaces it by one rename (idempotent); chunks arrive in any order. Uploads
 survive a restart because everything is on disk; those untouched for longer
-than ``max_age`` are removed by ``collect_garbage``.
+than ``max_age`` are removed by ``collect_garbage``. An upload whose
+``meta.json`` cannot be loaded (checked at every garbage collection, the
+first at start, and whenever it is read) is set aside whole as
+``<chunk_id>.quarantined-<UTC time>``: never removed, never addressable.
 
 Blocking file work: ``ChunkWriter.write`` handles one network read at a time
 (like twisted.web's own body spooling); the rest runs in threads.
@@ -16,7 +19,6 @@ Blocking file work: ``ChunkWriter.write`` handles one network read at a time
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -31,7 +33,16 @@ from twisted.internet import task, threads
 from twisted.logger import Logger
 
 from plexagent import errors
-from plexagent.fileio import atomic_write, ensure_private_dir, fsync_dir, storage_error
+from plexagent.fileio import (
+    atomic_write,
+    decode_json,
+    encode_json,
+    ensure_private_dir,
+    fsync_dir,
+    is_set_aside,
+    set_aside,
+    storage_error,
+)
 from plexagent.strictparse import parse_int
 
 log = Logger()
@@ -197,6 +208,8 @@ class ChunkStore:
         self._locks_guard = threading.Lock()
 
     def upload_dir(self, chunk_id: str) -> str:
+        if is_set_aside(chunk_id):
+            raise errors.InvalidInput("invalid chunk_id", f"{chunk_id} names an upload set aside; use another chunk_id")
         return os.path.join(self.directory, chunk_id)
 
     # -- blocking operations (threads) -------------------------------------
@@ -228,17 +241,24 @@ class ChunkStore:
         return 0 if status is None else status.bytes
 
     def _read_meta(self, directory: str) -> dict[str, Any] | None:
+        """The upload's metadata; None when it has none or it was set aside for being unloadable."""
         try:
             with open(os.path.join(directory, _META), "rb") as f:
-                meta = json.load(f)
+                meta = decode_json(f.read())
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            total = meta.get("total_chunks")
+            if not isinstance(total, int) or isinstance(total, bool) or not 1 <= total <= MAX_CHUNKS:
+                raise ValueError(f"total_chunks must be an integer between 1 and {MAX_CHUNKS}")
+            extract_path = meta.get("extract_path")
+            if extract_path is not None and (not isinstance(extract_path, str) or not extract_path):
+                raise ValueError("extract_path must be a path")
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
-            return None
-        if not isinstance(meta, dict) or not isinstance(meta.get("total_chunks"), int):
+        except (OSError, ValueError, RecursionError) as e:
+            set_aside(directory, f"unreadable upload metadata {_META} ({e}): the upload must be sent again")
             return None
         return meta
-
     def accept(self, writer: ChunkWriter, extract_path: str | None) -> UploadStatus:
         """Check the chunk against the upload, commit it, and return the status."""
         with self._lock_for(writer.chunk_id):
@@ -252,8 +272,14 @@ class ChunkStore:
 
     def _accept(self, writer: ChunkWriter, extract_path: str | None) -> UploadStatus:
         directory = writer.directory
-        meta = self._read_meta(directory)
         try:
+            meta = self._read_meta(directory)
+            if meta is None and not os.path.isdir(directory):
+                raise errors.Conflict(
+                    "upload set aside",
+                    f"the stored state of upload {writer.chunk_id} could not be read and was set aside; "
+                    "send every chunk again",
+                )
             if meta is None:
                 meta = {"total_chunks": writer.total, "created": self.clock()}
             elif meta["total_chunks"] != writer.total:
@@ -270,7 +296,7 @@ class ChunkStore:
             if extract_path is not None:
                 meta["extract_path"] = extract_path
             meta["updated"] = self.clock()
-            atomic_write(os.path.join(directory, _META), json.dumps(meta).encode())
+            atomic_write(os.path.join(directory, _META), encode_json(meta))
             writer.commit()
         except BaseException:
             writer.discard()
@@ -289,17 +315,27 @@ class ChunkStore:
             self._locks.pop(chunk_id, None)
 
     def collect_garbage(self) -> list[str]:
-        """Remove uploads untouched for longer than ``max_age``; their ids."""
+        """
+        Remove uploads untouched for longer than ``max_age``; their ids.
+        Uploads whose metadata cannot be loaded are set aside, and what was
+        set aside is left alone.
+        """
         removed: list[str] = []
         now = self.clock()
+        if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+            set_aside(self.directory, "not a directory")
+            return removed
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return removed
         for name in names:
-            if name in self.assembling:
+            if name in self.assembling or is_set_aside(name):
                 continue
             path = os.path.join(self.directory, name)
+            with self._lock_for(name):
+                if os.path.isdir(path) and self._read_meta(path) is None and not os.path.isdir(path):
+                    continue  # set aside just now
             try:
                 newest = max(
                     [os.stat(path).st_mtime] + [os.stat(os.path.join(path, n)).st_mtime for n in os.listdir(path)]
@@ -308,6 +344,8 @@ class ChunkStore:
                 continue
             if now - newest > self.max_age:
                 shutil.rmtree(path, ignore_errors=True)
+                with self._locks_guard:
+                    self._locks.pop(name, None)
                 removed.append(name)
         return removed
 

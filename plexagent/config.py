@@ -61,6 +61,11 @@ class NodeAPIConfig:
     http_listen: str = "127.0.0.1:9100"
     http_token_file: str = "/etc/plexd/api-token"
     max_body_bytes: int = 1048576
+    #: report entries the node may hold; past it a new key gets 413
+    max_report_entries: int = 10000
+    #: bytes the report entries may take as stored (their JSON records);
+    #: past it a growing write gets 413. The store holds them in memory.
+    max_report_bytes: int = 67108864
 
 
 @attrs.frozen
@@ -284,8 +289,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"node_api.socket_mode: must be an octal mode such as \"0660\", got {mode!r}")
     if not config.node_api.socket:
         raise ConfigError("node_api.socket: must not be empty")
-    if config.node_api.max_body_bytes <= 0:
-        raise ConfigError("node_api.max_body_bytes: must be greater than 0")
+    for key in ("max_body_bytes", "max_report_entries", "max_report_bytes"):
+        if getattr(config.node_api, key) <= 0:
+            raise ConfigError(f"node_api.{key}: must be greater than 0")
     for entry in config.agent_api.allowed_ips:
         try:
             ipaddress.ip_network(entry, strict=False)

@@ -1,5 +1,11 @@
 """
-Durable file primitives: atomic replace with fsync, private directories.
+Durable file primitives: atomic replace with fsync, private directories;
+strict JSON for what is stored; setting aside what cannot be loaded.
+
+Nothing persisted may stop the agent from starting: a loader that cannot
+use a file (or some records of one) hands it to ``set_aside`` (or
+``set_aside_records``), which renames it aside (never deletes it) and logs
+once, and goes on without it.
 
 Blocking by nature: callers on the reactor use these only for small files, or
 run them in a thread.
@@ -7,10 +13,20 @@ run them in a thread.
 
 from __future__ import annotations
 
+import datetime
 import errno
+import json
+import math
 import os
+import time
+from typing import Any
+
+from twisted.logger import Logger
 
 from plexagent import errors
+from plexagent.strictparse import INT_MAX, INT_MIN, MAX_DEPTH, parse_json
+
+log = Logger()
 
 
 def ensure_private_dir(path: str) -> None:
@@ -63,3 +79,179 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         except OSError:
             pass
         raise storage_error(e, os.path.basename(path)) from None
+
+
+def append_durably(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Append ``data`` to ``path`` (created if missing) and fsync it; ``storage_error`` on failure."""
+    try:
+        created = not os.path.lexists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(os.path.dirname(path) or ".")
+    except OSError as e:
+        raise storage_error(e, os.path.basename(path)) from None
+
+
+# -- strict JSON for what is stored -------------------------------------------
+
+
+class Unencodable(ValueError):
+    """A value that cannot be stored as JSON: NaN/Infinity, a lone surrogate, a non-JSON type."""
+
+    def __init__(self, where: str, why: str) -> None:
+        super().__init__(f"{where}: {why}")
+        self.where = where
+        self.why = why
+
+
+def encode_json(value: Any, *, indent: int | None = None, sort_keys: bool = False) -> bytes:
+    """
+    ``value`` as UTF-8 JSON, refusing what is not JSON: NaN and infinities,
+    strings holding a lone surrogate (not Unicode text, so not UTF-8), types
+    JSON has no form for. Raises ``Unencodable`` naming where the bad value
+    is (``payload.items[3]``), so a store can refuse it before it changes
+    anything.
+    """
+    separators = None if indent is not None else (",", ":")
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+        return text.encode("utf-8")
+    except RecursionError:
+        raise Unencodable("value", "is nested too deeply") from None
+    except (ValueError, TypeError, UnicodeEncodeError):
+        pass
+    where, why = locate_unencodable(value) or ("value", "cannot be written as JSON")
+    raise Unencodable(where, why)
+
+
+def locate_unencodable(value: Any, where: str = "value") -> tuple[str, str] | None:
+    """(where, why) of the first part of ``value`` JSON cannot hold; None if it all can."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if item is None or isinstance(item, bool):
+            continue
+        if isinstance(item, int):
+            if not INT_MIN <= item <= INT_MAX:
+                return at, "is an integer outside the signed 64-bit range"
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return at, "is NaN or infinite, which JSON cannot hold"
+        elif isinstance(item, str):
+            if not _encodes(item):
+                return at, "holds a lone surrogate (not valid Unicode text)"
+        elif isinstance(item, dict):
+            children = []
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return at, f"has a key that is not a string ({type(key).__name__})"
+                if not _encodes(key):
+                    return at, "has a key holding a lone surrogate (not valid Unicode text)"
+                children.append((child, f"{at}.{key}"))
+            stack.extend(reversed(children))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed([(child, f"{at}[{i}]") for i, child in enumerate(item)]))
+        else:
+            return at, f"is a {type(item).__name__}, which JSON cannot hold"
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+#: Stored documents wrap what clients sent (a report payload inside its log
+#: record) in a few levels of their own.
+STORED_MAX_DEPTH = MAX_DEPTH + 8
+
+
+def decode_json(data: bytes) -> Any:
+    """
+    Parse stored JSON as strictly as client input (the one strict parser,
+    ``strictparse.parse_json``): UTF-8 only, no NaN or Infinity, no number
+    that does not fit, no lone surrogate. ``ValueError`` says why.
+    """
+    try:
+        return parse_json(data, max_bytes=len(data), max_depth=STORED_MAX_DEPTH, error="invalid JSON")
+    except errors.InvalidInput as e:
+        raise ValueError(e.details or e.message) from None
+
+
+# -- setting aside what cannot be loaded ----------------------------------------
+
+QUARANTINE_MARK = ".quarantined-"
+
+
+def _aside_path(path: str, now: float | None) -> str:
+    moment = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.timezone.utc)
+    base = f"{path}{QUARANTINE_MARK}{moment.strftime('%Y%m%dT%H%M%SZ')}"
+    candidate, n = base, 1
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def _loggable(text: str) -> str:
+    """``text`` fit for a log line: a lone surrogate read from a bad file is escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_set_aside(name: str) -> bool:
+    """Whether ``name`` is something ``set_aside`` made (loaders skip those)."""
+    return QUARANTINE_MARK in name
+
+
+def set_aside(path: str, why: str, now: float | None = None) -> str | None:
+    """
+    Rename ``path`` (a file or directory that cannot be loaded) aside to
+    ``<path>.quarantined-<UTC time>``, so the agent starts without it: never
+    deleted, logged once with its path and why. Returns the new path, or
+    None (logged) when it could not be renamed.
+    """
+    why = _loggable(why)
+    aside = _aside_path(path, now)
+    try:
+        os.rename(path, aside)
+        fsync_dir(os.path.dirname(path) or ".")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.error("cannot load {path} ({why}) nor set it aside: {error}", path=path, why=why, error=e.strerror)
+        return None
+    log.warn("set aside {path} as {aside}: {why}; starting without it", path=path, aside=aside, why=why)
+    return aside
+
+
+def set_aside_records(path: str, data: bytes, count: int, why: str, now: float | None = None) -> str | None:
+    """
+    Keep the ``count`` records of ``path`` that cannot be loaded (``data``,
+    as they were) in ``<path>.quarantined-<UTC time>``, written durably, and
+    log once; the caller then goes on with the rest. Returns the new path, or
+    None (logged) when it could not be written: the caller must then keep
+    the records where they are.
+    """
+    why = _loggable(why)
+    aside = _aside_path(path, now)
+    try:
+        atomic_write(aside, data)
+    except errors.PlexError as e:
+        log.error("cannot set aside {count} unloadable records of {path} ({why}): {error}",
+                  count=count, path=path, why=why, error=e.details)
+        return None
+    log.warn("set aside {count} unloadable records of {path} in {aside} ({why}); starting with the rest",
+             count=count, path=path, aside=aside, why=why)
+    return aside

@@ -105,6 +105,14 @@ class _AgentCollector:
             g = GaugeMetricFamily("plexagent_outbox_depth", "Report changes waiting to be sent to the control plane.")
             g.add_metric([], float(depth))
             yield g
+        refused = getattr(outbox, "refused", None)
+        if refused is not None:
+            c = CounterMetricFamily(
+                "plexagent_outbox_refused_changes",
+                "Report changes the control plane refused: kept in outbox-refused.jsonl, no longer retried.",
+            )
+            c.add_metric([], float(refused))
+            yield c
 
         config = getattr(agent, "config", None)
         configured = bool(config is not None and config.control_plane.url)

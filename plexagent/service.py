@@ -168,7 +168,7 @@ class _Stores(service.Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        d = self.reports.idle()
+        d = defer.gatherResults([self.reports.idle(), self.cache.idle()])
         d.addCallback(lambda _: self.reports.close())
         return d
 
@@ -180,7 +180,8 @@ class Agent:
         self.config = config
         self.reactor = reactor
         self.cache = StateCache(config.node.data_dir)
-        self.reports = ReportStore(config.node.data_dir, reactor)
+        self.reports = ReportStore(config.node.data_dir, reactor, max_entries=config.node_api.max_report_entries,
+                                   max_bytes=config.node_api.max_report_bytes)
         self.client: Any = None
         self.box: SecretBox | None = None
         #: domain objects the agent API's route modules use, by name
@@ -281,7 +282,10 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
 
     runner = DockerCronRunner(agent.agent_services["dockerpool"], reactor, config.cron.poll_interval,
                               config.cron.run_timeout)
-    scheduler = CronScheduler(config.node.data_dir, reactor, runner, config.cron.max_jobs)
+    from plexagent.paths import PathPolicy
+
+    scheduler = CronScheduler(config.node.data_dir, reactor, runner, config.cron.max_jobs,
+                              policy=PathPolicy(config.agent_api.allowed_paths))
     scheduler.setServiceParent(top)
     agent.agent_services["cron"] = scheduler
 

@@ -8,7 +8,6 @@ reader never sees half of one state and half of another.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Mapping
 
@@ -17,7 +16,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from plexagent import errors
-from plexagent.fileio import atomic_write, ensure_private_dir
+from plexagent.fileio import Unencodable, atomic_write, decode_json, encode_json, ensure_private_dir, set_aside
 
 log = Logger()
 
@@ -141,30 +140,46 @@ class StateCache:
         self._path = os.path.join(data_dir, self.FILENAME)
         self._run_in_thread = run_in_thread
         self.current = NodeState()
+        #: ``current`` as written to disk (encoded once, when it is set)
+        self._encoded = b""
         self._write_lock = defer.DeferredLock()
         self._listeners: list[Callable[[NodeState], None]] = []
 
     def load(self) -> None:
-        """Load the persisted snapshot (at start; a missing file is empty state)."""
+        """
+        Load the persisted snapshot (at start; a missing file is empty
+        state). One that cannot be loaded is set aside: the control plane is
+        the source of truth, and the next fetch fills the cache again.
+        """
         ensure_private_dir(self._dir)
+        self.current = NodeState()
+        self._encoded = encode_json(self.current.to_document())
         try:
             with open(self._path, "rb") as f:
-                doc = json.loads(f.read())
-            self.current = NodeState.from_document(doc)
+                state = NodeState.from_document(decode_json(f.read()))
+            self._encoded = encode_json(state.to_document())
+            self.current = state
         except FileNotFoundError:
-            self.current = NodeState()
-        except (OSError, ValueError) as e:
-            # A corrupt cache is not fatal: the control plane is the source
-            # of truth; start empty and let the next fetch fill it.
-            log.warn("ignoring unreadable state cache {path}: {error}", path=self._path, error=str(e))
-            self.current = NodeState()
+            pass
+        except (OSError, ValueError, RecursionError) as e:
+            set_aside(self._path, f"unreadable state cache ({e}): empty until the next fetch from the control plane")
 
     def subscribe(self, listener: Callable[[NodeState], None]) -> None:
         self._listeners.append(listener)
 
     def replace(self, state: NodeState) -> defer.Deferred[None]:
-        """Serve ``state`` from now on and persist it durably."""
+        """
+        Serve ``state`` from now on and persist it durably. A state that
+        cannot be stored or served as JSON (NaN, a lone surrogate) is
+        ``InvalidState``, and the cache keeps the state it had.
+        """
+        try:
+            encoded = encode_json(state.to_document())
+        except Unencodable as e:
+            where = e.where.removeprefix("value.")
+            raise InvalidState(f"{where}: {e.why}") from None
         self.current = state
+        self._encoded = encoded
         for listener in self._listeners:
             listener(state)
         return self._persist()
@@ -172,12 +187,15 @@ class StateCache:
     def update(self, **changes: Any) -> defer.Deferred[None]:
         return self.replace(attrs.evolve(self.current, **changes))
 
+    def idle(self) -> defer.Deferred[None]:
+        """Fires once every write started so far has ended (for a clean stop)."""
+        return self._write_lock.run(defer.succeed, None)
+
     def _persist(self) -> defer.Deferred[None]:
         def write() -> defer.Deferred[None]:
-            # Serialise the snapshot that is current when the write starts:
+            # Write the snapshot that is current when the write starts:
             # concurrent replaces coalesce into the newest one.
-            payload = json.dumps(self.current.to_document(), ensure_ascii=False).encode("utf-8")
-            return self._run_in_thread(atomic_write, self._path, payload)
+            return self._run_in_thread(atomic_write, self._path, self._encoded)
 
         d = self._write_lock.run(write)
 

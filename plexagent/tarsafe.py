@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -45,7 +46,7 @@ from typing import Any, Callable
 import attrs
 
 from plexagent import errors
-from plexagent.fileio import atomic_write, ensure_private_dir, storage_error
+from plexagent.fileio import atomic_write, ensure_private_dir, is_set_aside, set_aside, storage_error
 from plexagent.paths import PathPolicy
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -57,6 +58,8 @@ MAX_REPORTED = 1000
 _METADATA_PER_MEMBER = 4096
 _METADATA_ALLOWANCE = 16 << 20
 STAGING_PREFIX = ".plexagent-extract-"
+#: the random part of a staging directory's name (and its journal entry's)
+_TOKEN = re.compile(r"[0-9a-f]{16}")
 
 
 @attrs.frozen
@@ -440,31 +443,55 @@ class StagingJournal:
             self._active.discard(token)
 
     def recover(self, policy: PathPolicy) -> list[str]:
-        """Remove staging directories of extractions that are not running; their paths."""
+        """
+        Remove staging directories of extractions that are not running; their
+        paths. An entry that cannot be used (unreadable, not naming its own
+        staging directory, outside the allowed paths now) is set aside, not
+        deleted: it may be the only record of a directory left behind.
+        """
         removed: list[str] = []
+        if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+            set_aside(self.directory, "not a directory")
+            return removed
         try:
             tokens = os.listdir(self.directory)
         except FileNotFoundError:
             return removed
         for token in tokens:
+            entry = os.path.join(self.directory, token)
+            if is_set_aside(token):
+                continue
+            if token.startswith("."):
+                # A temporary file of a record() the crash cut short.
+                _unlink(entry)
+                continue
             with self._lock:
                 if token in self._active:
                     continue
-            entry = os.path.join(self.directory, token)
             try:
                 with open(entry, "rb") as f:
                     path = f.read().decode("utf-8")
-                if os.path.basename(path) == STAGING_PREFIX + token:
-                    # Through the policy: never anything outside the roots.
-                    policy.delete(path, recursive=True)
-                    removed.append(path)
-            except (OSError, UnicodeDecodeError, errors.PlexError):
-                pass
-            try:
-                os.unlink(entry)
-            except OSError:
-                pass
+                if not _TOKEN.fullmatch(token) or not os.path.isabs(path) \
+                        or os.path.basename(path) != STAGING_PREFIX + token:
+                    raise ValueError("it does not name the staging directory of its extraction")
+                # Through the policy: never anything outside the roots.
+                policy.delete(path, recursive=True)
+                removed.append(path)
+            except errors.NotFound:
+                pass  # already gone
+            except (OSError, ValueError, errors.PlexError) as e:
+                why = e.message + (f": {e.details}" if e.details else "") if isinstance(e, errors.PlexError) else str(e)
+                set_aside(entry, f"unusable extraction journal entry ({why})")
+                continue
+            _unlink(entry)
         return removed
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max_input: int | None = None,

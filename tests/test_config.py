@@ -181,3 +181,15 @@ class OperationsConfigTests(unittest.TestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse_config(doc)
             self.assertTrue(str(caught.exception).startswith(key + ":"), str(caught.exception))
+
+
+class ReportQuotaConfigTests(unittest.TestCase):
+    def test_defaults(self) -> None:
+        c = parse_config({})
+        self.assertEqual((c.node_api.max_report_entries, c.node_api.max_report_bytes), (10000, 64 * 1024 * 1024))
+
+    def test_limits_must_be_positive(self) -> None:
+        for key in ("max_report_entries", "max_report_bytes"):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config({"node_api": {key: 0}})
+            self.assertEqual(str(caught.exception), f"node_api.{key}: must be greater than 0")

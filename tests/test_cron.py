@@ -145,6 +145,144 @@ class SchedulerTests(unittest.TestCase):
         self.assertNotIn("s3cret", json.dumps(doc))
 
 
+    def test_a_schedule_that_never_fires_is_400_and_nothing_is_stored(self):
+        for schedule in ("0 0 31 2 *", "0 0 30 2 *", "* * 31 4,6,9,11 *"):
+            with self.assertRaises(errors.InvalidInput) as caught:
+                self.scheduler.add(fields(schedule))
+            self.assertIn("never fires", caught.exception.details)
+        self.assertEqual(self.scheduler.jobs, {})
+        self.assertFalse(os.path.exists(os.path.join(self.data_dir, cron.JOBS_FILE)))
+
+    def test_a_schedule_that_fires_rarely_is_accepted(self):
+        self.scheduler.add(fields("0 0 29 2 *"))
+        self.assertEqual(self.scheduler.list()[0]["next_run"], "2028-02-29T00:00:00Z")
+
+    def test_values_json_cannot_carry_are_400_naming_the_field(self):
+        for extra, field in (
+            ({"command": ["sh", "-c", "echo \udc80"]}, "command[2]"),
+            ({"command": "echo \ud800"}, "command"),
+            ({"environment": {"K": "\udc80"}}, "environment.K"),
+        ):
+            with self.assertRaises(errors.InvalidInput) as caught:
+                self.scheduler.add(fields(**extra))
+            self.assertIn(field, caught.exception.details)
+        self.assertEqual(self.scheduler.jobs, {})
+
+    def test_a_listing_renders_even_a_command_shlex_cannot_split(self):
+        job = self.scheduler.add(fields())
+        job.command = "echo 'unterminated"
+        self.assertEqual(self.scheduler.list()[0]["command"], "docker run --rm myapp:latest 'echo '\"'\"'unterminated'")
+
+    def test_a_run_error_holding_a_lone_surrogate_is_listed_readably(self):
+        self.scheduler.add(fields())
+        self.clock.advance(270)
+        self.runner.runs[0][1].errback(errors.NotFound("image not found", "no such image: \udc80"))
+        [doc] = self.scheduler.list()
+        self.assertEqual(doc["last_error"], "image not found: no such image: \ufffd")
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+
+    def test_a_job_whose_next_run_cannot_be_computed_is_listed_unscheduled(self):
+        job = self.scheduler.add(fields())
+        job.schedule = "0 0 31 2 *"
+        self.scheduler._schedule(job)
+        [doc] = self.scheduler.list()
+        self.assertIsNone(doc["next_run"])
+
+
+class PoisonedJobsFileTests(unittest.TestCase):
+    """A jobs file or job that cannot be loaded is set aside; the scheduler starts without it."""
+
+    def setUp(self) -> None:
+        self.data_dir = self.mktemp()
+        os.makedirs(self.data_dir)
+        self.path = os.path.join(self.data_dir, cron.JOBS_FILE)
+        self.clock = task.Clock()
+        self.clock.advance(START)
+        self.runner = ControlledRunner()
+
+    def good_record(self, job_id: str = "cron_good") -> dict:
+        return cron.CronJob(id=job_id, created=START, **cron.parse_job(fields(), PathPolicy(()))).to_record()
+
+    def write(self, content: bytes) -> None:
+        with open(self.path, "wb") as f:
+            f.write(content)
+
+    def write_jobs(self, *records: object) -> None:
+        self.write(json.dumps({"version": 1, "jobs": [self.good_record(), *records]}).encode())
+
+    def start(self) -> cron.CronScheduler:
+        scheduler = cron.CronScheduler(self.data_dir, self.clock, self.runner)
+        scheduler.startService()
+        self.addCleanup(lambda: scheduler.running and scheduler.stopService())
+        return scheduler
+
+    def set_aside(self) -> list[str]:
+        return [n for n in os.listdir(self.data_dir) if n.startswith(cron.JOBS_FILE + ".quarantined-")]
+
+    def assert_job_set_aside(self, bad: dict) -> None:
+        self.write_jobs(bad)
+        scheduler = self.start()
+        self.assertEqual([doc["id"] for doc in scheduler.list()], ["cron_good"])
+        self.assertEqual(scheduler.list()[0]["next_run"], "2026-01-01T00:05:00Z")
+        [aside] = self.set_aside()
+        with open(os.path.join(self.data_dir, aside)) as f:
+            self.assertEqual(json.load(f)["jobs"], [json.loads(json.dumps(bad))])
+        with open(self.path) as f:
+            self.assertEqual([j["id"] for j in json.load(f)["jobs"]], ["cron_good"])
+
+    def test_a_job_whose_schedule_never_fires_is_set_aside(self):
+        self.assert_job_set_aside({**self.good_record("cron_feb31"), "schedule": "0 0 31 2 *"})
+
+    def test_a_job_with_a_bad_image_is_set_aside(self):
+        self.assert_job_set_aside({**self.good_record("cron_img"), "image": "bad image; rm -rf /"})
+
+    def test_a_job_with_a_bad_command_is_set_aside(self):
+        self.assert_job_set_aside({**self.good_record("cron_cmd"), "command": [1, 2]})
+
+    def test_a_job_with_a_lone_surrogate_is_set_aside(self):
+        self.assert_job_set_aside({**self.good_record("cron_sur"), "command": ["echo", "\udc80"]})
+
+    def test_a_job_with_a_host_volume_outside_the_allowed_paths_is_set_aside(self):
+        self.assert_job_set_aside({**self.good_record("cron_vol"), "volumes": {"/etc": {"bind": "/x", "mode": "rw"}}})
+
+    def test_jobs_of_the_wrong_types_are_set_aside(self):
+        for bad in ({**self.good_record("cron_t1"), "created": "yesterday"},
+                    {**self.good_record("cron_t2"), "last_exit_code": "0"},
+                    {**self.good_record("cron_t3"), "environment": {"K": 1}},
+                    {**self.good_record("cron_t4"), "created": 1e300},
+                    {**self.good_record("../x")},
+                    self.good_record("cron_good"),
+                    ["not", "a", "job"]):
+            for name in self.set_aside():
+                os.unlink(os.path.join(self.data_dir, name))
+            self.assert_job_set_aside(bad)
+
+    def test_a_file_that_is_not_json_is_set_aside_whole(self):
+        self.write(b'{"version": 1, "jobs": [')
+        scheduler = self.start()
+        self.assertEqual(scheduler.list(), [])
+        [aside] = self.set_aside()
+        with open(os.path.join(self.data_dir, aside), "rb") as f:
+            self.assertEqual(f.read(), b'{"version": 1, "jobs": [')
+        scheduler.add(fields())
+        self.assertEqual(len(self.start().jobs), 1)
+
+    def test_a_file_of_an_unknown_shape_is_set_aside_whole(self):
+        for content in (b"[]", b'{"version": 2, "jobs": []}', b'{"version": 1, "jobs": {}}', b"\xff\xfe"):
+            for name in self.set_aside():
+                os.unlink(os.path.join(self.data_dir, name))
+            self.write(content)
+            self.assertEqual(self.start().list(), [])
+            self.assertEqual(len(self.set_aside()), 1, content)
+
+    def test_a_jobs_file_that_is_a_directory_is_set_aside(self):
+        os.makedirs(self.path)
+        scheduler = self.start()
+        self.assertEqual(scheduler.list(), [])
+        scheduler.add(fields())
+        self.assertEqual(len(self.set_aside()), 1)
+
+
 class ParseJobTests(unittest.TestCase):
     def setUp(self) -> None:
         self.root = os.path.realpath(self.mktemp())
@@ -180,6 +318,11 @@ class ParseJobTests(unittest.TestCase):
             with self.assertRaises(errors.PlexError) as caught:
                 cron.parse_job({**base, **change}, self.policy)
             self.assertIn(word, f"{caught.exception.message} {caught.exception.details}")
+
+    def test_a_string_command_docker_cannot_split_is_400(self):
+        with self.assertRaises(errors.InvalidInput) as caught:
+            cron.parse_job({"schedule": "0 2 * * *", "image": "myapp:latest", "command": "echo 'x"}, self.policy)
+        self.assertEqual(caught.exception.message, "invalid command")
 
     def test_volume_sources_outside_the_allowed_paths_are_forbidden(self):
         with self.assertRaises(errors.Forbidden):

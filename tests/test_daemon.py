@@ -1,6 +1,7 @@
 """
 The real daemon, ``twistd -n --pidfile= plexagent --config FILE``: startup
-errors, graceful SIGTERM, and durability across SIGKILL.
+errors, graceful SIGTERM, durability across SIGKILL, and starting whatever
+the data directory holds.
 """
 
 from __future__ import annotations
@@ -154,6 +155,93 @@ class CrashTests(DaemonCase):
         code, listing = await json_response(await unix_http_client(self.sandbox.socket).get(BASE + "/v1/state/report"))
         self.assertEqual(code, 200)
         self.assertEqual({e["key"]: e["version"] for e in listing}, acknowledged)
+
+
+def poison_data_dir(data_dir: str) -> dict[str, str]:
+    """
+    Write one file of every kind the agent loads at start, each holding
+    something that cannot be loaded; their paths, by kind.
+    """
+
+    def write(relative: str, content: bytes) -> str:
+        path = os.path.join(data_dir, relative)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def report(seq: int, key: str, payload: str) -> bytes:
+        return ('{"seq":%d,"op":"put","entry":{"key":"%s","content_type":"application/json","payload":%s,'
+                '"version":1,"updated_at":"2026-01-01T00:00:00Z"}}\n' % (seq, key, payload)).encode()
+
+    good_job = {"id": "cron_0123456789ab", "schedule": "0 2 * * *", "image": "myapp:latest", "command": ["true"],
+                "environment": {}, "volumes": {}, "networks": [], "created": 0.0, "last_run": None,
+                "last_exit_code": None, "last_error": None}
+    # Valid syntax, never fires: the job that used to keep the agent down.
+    feb31 = {**good_job, "id": "cron_feb31feb31f", "schedule": "0 0 31 2 *"}
+    write("uploads/up-1/chunk-000000", b"x")
+    return {
+        "state": write("state.json", b'{"metadata": {"region": "\\udc80"}}'),
+        "reports": write("reports/reports.log", report(1, "good-1", '"a"') + report(2, "poison", '"\\udc80"')
+                         + report(3, "nan", "NaN") + report(4, "good-2", '{"n": 2}')),
+        "outbox": write("outbox.json", b'{"synced_seq": 1e400}'),
+        "cron": write("cron-jobs.json", json.dumps({"version": 1, "jobs": [good_job, feb31]}).encode()),
+        "upload": write("uploads/up-1/meta.json", b'{"total_chunks": NaN}'),
+        "journal": write("extracting/0123456789abcdef", b"\xff\xfe"),
+    }
+
+
+class PoisonedDataDirTests(DaemonCase):
+    async def test_the_daemon_starts_and_serves_with_every_kind_of_poisoned_file(self) -> None:
+        import treq
+
+        from plexagent.testing import docker as docker_fixtures
+
+        sim = ControlPlaneSimulator.example()
+        await sim.start(reactor)
+        self.addCleanup(lambda: defer.ensureDeferred(sim.stop()))
+        self.sandbox.use_control_plane(sim)
+        self.sandbox.document["control_plane"]["report_debounce"] = 0.05
+        allowed = os.path.join(self.sandbox.root, "allowed")
+        os.makedirs(allowed)
+        port = docker_fixtures._free_port()
+        self.sandbox.document["agent_api"].update(
+            {"enabled": True, "listen": f"127.0.0.1:{port}", "allowed_paths": [allowed + "/"]}
+        )
+        self.sandbox.document["docker"] = {"host": docker_fixtures.docker_host()}
+        poisoned = poison_data_dir(self.sandbox.data_dir)
+
+        proc = self.spawn()
+        await proc.wait_for_socket(self.sandbox.socket)
+        client = unix_http_client(self.sandbox.socket)
+        code, state = await json_response(await client.get(BASE + "/v1/state"))
+        self.assertEqual(code, 200)
+        self.assertEqual(state["report_keys"], [{"key": "good-1", "version": 1}, {"key": "good-2", "version": 1}])
+
+        agent_api = f"http://127.0.0.1:{port}"
+        headers = {"X-API-Key": self.sandbox.api_key}
+        code, body = await json_response(
+            await treq.get(agent_api + "/cron/jobs", headers=headers, persistent=False)
+        )
+        self.assertEqual((code, [job["id"] for job in body["jobs"]]), (200, ["cron_0123456789ab"]))
+        code, _ = await json_response(
+            await treq.get(agent_api + "/upload/tar/chunked", params={"chunk_id": "up-1"}, headers=headers,
+                           persistent=False)
+        )
+        self.assertEqual(code, 404)
+
+        # The good reports reach the control plane (outbox.json was set
+        # aside: everything is resent) and a state fetch refills the cache.
+        while sorted(sim.reported()) != ["good-1", "good-2"] or not state["metadata"]:
+            await task.deferLater(reactor, 0.05, lambda: None)
+            code, state = await json_response(await client.get(BASE + "/v1/state"))
+        for kind, path in poisoned.items():
+            if kind == "upload":
+                path = os.path.dirname(path)
+            directory, name = os.path.split(path)
+            aside = [n for n in os.listdir(directory) if n.startswith(name + ".quarantined-")]
+            self.assertEqual(len(aside), 1, f"{kind}: {os.listdir(directory)}")
+            self.assertEqual(proc.output.count(path + " "), 1, f"{kind} is logged once with its path")
 
 
 class MakeServiceTests(unittest.TestCase):

@@ -456,3 +456,30 @@ class TCPListenerTests(AgentCase):
             headers={"Authorization": f"Bearer {self.sandbox.http_token}"},
         )
         self.assertEqual((await json_response(response))[1]["version"], 1)
+
+
+class ReportQuotaTests(AgentCase):
+    with_control_plane = False
+
+    async def setUp(self) -> None:
+        self.service = None
+        self.sim = None
+        self.sandbox = AgentSandbox()
+        self.addCleanup(self.sandbox.cleanup)
+        self.sandbox.document["node_api"].update({"max_report_entries": 2, "max_report_bytes": 4096})
+        self.client = unix_http_client(self.sandbox.socket)
+        await self.start_agent()
+
+    async def test_a_new_key_past_max_report_entries_is_413_json(self) -> None:
+        for key in ("a", "b"):
+            self.assertEqual((await self.put(f"/v1/state/report/{key}", {"content_type": "a", "payload": 1}))[0], 200)
+        code, body = await self.put("/v1/state/report/c", {"content_type": "a", "payload": 1})
+        self.assertEqual((code, body["error"]), (413, "report quota exceeded"))
+        self.assertIn("node_api.max_report_entries", body["details"])
+        self.assertEqual([e["key"] for e in (await self.get("/v1/state/report"))[1]], ["a", "b"])
+
+    async def test_an_entry_past_max_report_bytes_is_413_json(self) -> None:
+        code, body = await self.put("/v1/state/report/big", {"content_type": "a", "payload": "x" * 5000})
+        self.assertEqual((code, body["error"]), (413, "report quota exceeded"))
+        self.assertIn("node_api.max_report_bytes", body["details"])
+        self.assertEqual(await self.get("/v1/state/report"), (200, []))

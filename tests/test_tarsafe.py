@@ -248,6 +248,58 @@ class JournalTests(ExtractCase):
         self.assertEqual(StagingJournal(journal.directory).recover(self.policy), [])
         self.assertTrue(os.path.isdir(victim))
 
+    def journal_with(self, entries: dict[str, bytes]) -> StagingJournal:
+        journal = StagingJournal(os.path.join(os.path.dirname(self.root), "journal"))
+        os.makedirs(journal.directory)
+        for token, content in entries.items():
+            with open(os.path.join(journal.directory, token), "wb") as f:
+                f.write(content)
+        return journal
+
+    def test_entries_that_cannot_be_used_are_set_aside_not_deleted(self) -> None:
+        good = os.path.join(self.root, ".plexagent-extract-0123456789abcdef")
+        os.makedirs(good)
+        bad = {
+            "00000000000000a1": b"\xff\xfe not utf-8",
+            "00000000000000a2": b"relative/.plexagent-extract-00000000000000a2",
+            "00000000000000a3": os.path.join(self.root, "site").encode(),
+            "not-a-token": os.path.join(self.root, ".plexagent-extract-not-a-token").encode(),
+            "00000000000000a4": os.path.join(self.outside, ".plexagent-extract-00000000000000a4").encode(),
+        }
+        journal = self.journal_with({"0123456789abcdef": good.encode(), **bad})
+        os.makedirs(os.path.join(self.root, "site"))
+        self.assertEqual(journal.recover(self.policy), [good])
+        self.assertTrue(os.path.isdir(os.path.join(self.root, "site")))
+        kept = sorted(n.split(".quarantined-")[0] for n in os.listdir(journal.directory))
+        self.assertEqual(kept, sorted(bad))
+        self.assertTrue(all(".quarantined-" in n for n in os.listdir(journal.directory)))
+        # A second recovery leaves what was set aside alone.
+        self.assertEqual(journal.recover(self.policy), [])
+        self.assertEqual(len(os.listdir(journal.directory)), len(bad))
+
+    def test_an_entry_whose_staging_directory_is_gone_is_forgotten(self) -> None:
+        journal = self.journal_with(
+            {"0123456789abcdef": os.path.join(self.root, ".plexagent-extract-0123456789abcdef").encode()}
+        )
+        self.assertEqual(journal.recover(self.policy), [])
+        self.assertEqual(os.listdir(journal.directory), [])
+
+    def test_an_entry_that_is_a_directory_is_set_aside(self) -> None:
+        journal = self.journal_with({})
+        os.makedirs(os.path.join(journal.directory, "0123456789abcdef", "x"))
+        self.assertEqual(journal.recover(self.policy), [])
+        [aside] = os.listdir(journal.directory)
+        self.assertTrue(aside.startswith("0123456789abcdef.quarantined-"))
+
+    def test_a_journal_that_is_a_file_is_set_aside(self) -> None:
+        journal = StagingJournal(os.path.join(os.path.dirname(self.root), "journal"))
+        with open(journal.directory, "w") as f:
+            f.write("x")
+        self.assertEqual(journal.recover(self.policy), [])
+        stale = os.path.join(self.root, ".plexagent-extract-0123456789abcdef")
+        journal.record("0123456789abcdef", stale)
+        self.assertEqual(os.listdir(journal.directory), ["0123456789abcdef"])
+
     def test_extraction_forgets_its_journal_entry(self) -> None:
         journal = StagingJournal(os.path.join(os.path.dirname(self.root), "journal"))
         extract(io.BytesIO(archive(member("f", data=b"x"))), self.policy, self.target, self.limits, None, journal)

@@ -161,13 +161,21 @@ class StateSync(service.Service):
             self._again = True
             return None
         self._stale_fetches = 0
+        try:
+            # Not chained to the fetch: stopping the sync cancels the fetch,
+            # and must not cancel the write (the store waits for it on stop).
+            self.cache.replace(state)
+        except InvalidState as e:
+            log.warn("control plane sent a state the agent cannot store: {error}", error=str(e))
+            self._schedule(self.backoff.next_delay())
+            return None
         self.backoff.reset()
         self.last_success = self.clock.seconds()
         if self.reconcile_interval is not None:
             self._schedule(self.reconcile_interval)
         if self.stream is not None and not self.stream.started:
             self.stream.start()
-        return self.cache.replace(state)
+        return None
 
     def _fetch_failed(self, failure: Any) -> None:
         if failure.check(defer.CancelledError):
@@ -213,8 +221,13 @@ class StateSync(service.Service):
                 type=envelope.event_type, id=envelope.event_id, error=str(e),
             )
             return
+        try:
+            self.cache.update(**changes)
+        except InvalidState as e:
+            log.warn("dropping {type} event {id}: {error}", type=envelope.event_type, id=envelope.event_id,
+                     error=str(e))
+            return
         self._events_applied += 1
-        self.cache.update(**changes)
 
     def stream_reconnected(self) -> None:
         """The stream came back: events may have been missed, reconcile."""

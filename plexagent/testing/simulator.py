@@ -21,7 +21,11 @@ real control plane would. Stream faults:
 ``publish(..., bad_signature=True | issued_at=... | nonce=...)``,
 ``drop_streams(mid_event=True)``, ``send_garbage()``, ``faults.silent_stream``;
 other faults: ``faults.fail(...)``, ``faults.slow(endpoint, seconds)``,
-``faults.heartbeat_reconcile``.
+``faults.heartbeat_reconcile``, ``faults.refuse_report_key(key, status)``
+(refuse, applying nothing, every report batch that holds that key).
+
+Like a real control plane it refuses (400) a report body that is not strict
+JSON: NaN, Infinity or a lone surrogate.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from twisted.web import server
 from twisted.web.iweb import IRequest
 
 from plexagent.controlplane.events import sign_envelope
+from plexagent.fileio import decode_json
 from plexagent.secrets import SecretBox
 
 EXAMPLE_NODE_ID = "edge-us-west-42"
@@ -70,6 +75,8 @@ class Faults:
     heartbeat_reconcile: int = 0
     #: the event stream sends nothing at all, not even keep-alives
     silent_stream: bool = False
+    #: report keys whose batches are refused with the given status
+    refused_report_keys: dict[str, int] = attrs.field(factory=dict)
 
     def fail(self, endpoint: str, status: int = 503, times: int = 1, retry_after: float | None = None) -> None:
         self.failures[endpoint] = Failure(status, times, retry_after)
@@ -78,7 +85,12 @@ class Faults:
         """Answer requests to ``endpoint`` only after ``seconds``."""
         self.delays[endpoint] = seconds
 
+    def refuse_report_key(self, key: str, status: int = 400) -> None:
+        """Refuse (``status``, applying nothing) every report batch holding ``key``, written or deleted."""
+        self.refused_report_keys[key] = status
+
     def clear(self) -> None:
+        self.refused_report_keys.clear()
         self.delay = 0.0
         self.failures.clear()
         self.tamper_secrets = False
@@ -153,6 +165,8 @@ class ControlPlaneSimulator:
         self.node = record
         self.faults = Faults()
         self.report_posts: list[dict[str, Any]] = []
+        #: report batches refused because of ``faults.refuse_report_key``
+        self.refused_report_posts: list[dict[str, Any]] = []
         self.heartbeats: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str]] = []
         #: (reactor time, endpoint) of every request, for timing assertions
@@ -385,11 +399,17 @@ class ControlPlaneSimulator:
         if refused is not None:
             return refused
         try:
-            body = json.loads(request.content.read())
-            entries = body["entries"]
-            deleted = body["deleted"]
+            body = decode_json(request.content.read())
+            entries = body["entries"] or []
+            deleted = body["deleted"] or []
+            keys = [entry["key"] for entry in entries] + list(deleted)
         except (ValueError, KeyError, TypeError):
             return self._json(request, {"error": "bad report body"}, 400)
+        poisoned = [k for k in keys if k in self.faults.refused_report_keys]
+        if poisoned:
+            self.refused_report_posts.append(body)
+            return self._json(request, {"error": f"report {poisoned[0]} refused"},
+                              self.faults.refused_report_keys[poisoned[0]])
         self.report_posts.append(body)
         for entry in entries:
             known = self.node.reports.get(entry["key"])

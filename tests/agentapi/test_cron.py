@@ -109,6 +109,25 @@ class CronRoutesTests(unittest.TestCase):
         self.assertEqual(body, {"jobs": []})
 
     @defer.inlineCallbacks
+    def test_a_schedule_that_never_fires_is_400_and_the_agent_still_restarts(self):
+        code, body = yield self.client.post("/cron/run-docker", {"schedule": "0 0 31 2 *", "image": base_image()})
+        self.assertEqual((code, body["error"]), (400, "invalid schedule"))
+        self.assertIn("never fires", body["details"])
+        yield self.agent.stop()
+        again = start_agent(self, workdir=self.agent.workdir, api_key=self.agent.api_key)
+        code, body = yield AgentClient(again).get("/cron/jobs")
+        self.assertEqual((code, body), (200, {"jobs": []}))
+
+    @defer.inlineCallbacks
+    def test_a_command_json_cannot_carry_is_400_and_the_listing_keeps_working(self):
+        raw = b'{"schedule": "@daily", "image": "%s", "command": "echo \\udc80"}' % base_image().encode()
+        code, body = yield defer.ensureDeferred(self.client.call(
+            "POST", "/cron/run-docker", data=raw, headers={"Content-Type": "application/json"}))
+        self.assertEqual(code, 400, body)
+        code, body = yield self.client.get("/cron/jobs")
+        self.assertEqual((code, body), (200, {"jobs": []}))
+
+    @defer.inlineCallbacks
     def test_a_run_of_a_missing_image_records_the_error(self):
         code, body = yield self.client.post("/cron/run-docker", {
             "schedule": "@hourly", "image": f"{PREFIX}no-such-image:latest",

@@ -27,6 +27,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 class FakeOutbox:
     depth = 7
+    refused = 2
 
 
 class MetricsTests(unittest.TestCase):
@@ -102,6 +103,12 @@ class MetricsTests(unittest.TestCase):
         self.agent.top.agent.agent_services["outbox"] = FakeOutbox()
         _, found = yield self.scrape(params={"format": "prometheus"})
         self.assertEqual(found[("plexagent_outbox_depth", ())], 7)
+
+    @defer.inlineCallbacks
+    def test_report_changes_the_control_plane_refused_are_counted(self):
+        self.agent.top.agent.agent_services["outbox"] = FakeOutbox()
+        _, found = yield self.scrape(params={"format": "prometheus"})
+        self.assertEqual(found[("plexagent_outbox_refused_changes_total", ())], 2)
 
     @defer.inlineCallbacks
     def test_requests_on_the_local_node_api_socket_are_counted_too(self):

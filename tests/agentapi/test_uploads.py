@@ -355,6 +355,24 @@ class ChunkedTests(unittest.TestCase):
         self.assertEqual((code, body["error"]), (404, "upload not found"))
 
 
+    async def test_an_upload_with_unloadable_metadata_is_set_aside_and_can_start_over(self) -> None:
+        await self.send(0)
+        uploads = os.path.join(self.agent.data_dir, "uploads")
+        with open(os.path.join(uploads, "up-1", "meta.json"), "wb") as f:
+            f.write(b'{"total_chunks": 1e400}')
+        code, body = await self.agent.get("/upload/tar/chunked", chunk_id="up-1")
+        self.assertEqual((code, body["error"]), (404, "upload not found"))
+        [aside] = os.listdir(uploads)
+        self.assertTrue(aside.startswith("up-1.quarantined-"))
+        # What was set aside cannot be addressed; the id itself starts over.
+        code, body = await self.agent.get("/upload/tar/chunked", chunk_id=aside)
+        self.assertEqual((code, body["error"]), (400, "invalid chunk_id"))
+        for i in range(3):
+            code, body = await self.send(i, extract_path=self.agent.p("again"))
+        self.assertEqual((code, body["extracted"]), (200, True))
+
+
+
 class ChunkGarbageTests(unittest.TestCase):
     def test_abandoned_uploads_are_removed_after_max_age(self) -> None:
         now = [1_000_000.0]
@@ -401,3 +419,41 @@ class BodyPipeTests(unittest.TestCase):
         pipe.write(b"abc")
         pipe.finish()
         self.assertEqual((pipe.read(10), pipe.read(10)), (b"abc", b""))
+
+    def garbage_store(self) -> tuple[ChunkStore, str]:
+        directory = os.path.realpath(self.mktemp())
+        os.makedirs(directory)
+        return ChunkStore(directory, 1 << 20, max_age=3600), directory
+
+    def upload(self, directory: str, chunk_id: str, meta: bytes) -> None:
+        os.makedirs(os.path.join(directory, chunk_id))
+        with open(os.path.join(directory, chunk_id, "chunk-000000"), "w") as f:
+            f.write("x")
+        with open(os.path.join(directory, chunk_id, "meta.json"), "wb") as f:
+            f.write(meta)
+
+    def test_uploads_whose_metadata_cannot_be_loaded_are_set_aside_never_removed(self) -> None:
+        store, directory = self.garbage_store()
+        self.upload(directory, "good", b'{"total_chunks": 2}')
+        bad = {"torn": b'{"total_chunks": ', "nan": b'{"total_chunks": NaN}', "huge": b'{"total_chunks": 1000000000}',
+               "type": b'{"total_chunks": "2"}', "path": b'{"total_chunks": 2, "extract_path": 5}',
+               "surrogate": b'{"total_chunks": 2, "extract_path": "/tmp/\\udc80"}', "list": b"[2]"}
+        for chunk_id, meta in bad.items():
+            self.upload(directory, chunk_id, meta)
+        self.assertEqual(store.collect_garbage(), [])
+        names = sorted(os.listdir(directory))
+        self.assertEqual([n for n in names if ".quarantined-" not in n], ["good"])
+        self.assertEqual(sorted(n.split(".quarantined-")[0] for n in names if ".quarantined-" in n), sorted(bad))
+        # Set aside is never collected, however old.
+        store.clock = lambda: 1e12
+        store.collect_garbage()
+        self.assertEqual(len(os.listdir(directory)), len(bad))
+
+    def test_an_uploads_directory_that_is_a_file_is_set_aside(self) -> None:
+        directory = os.path.realpath(self.mktemp())
+        with open(directory, "w") as f:
+            f.write("x")
+        store = ChunkStore(directory, 1 << 20, max_age=3600)
+        self.assertEqual(store.collect_garbage(), [])
+        self.assertFalse(os.path.exists(directory))
+        self.assertEqual(len([n for n in os.listdir(os.path.dirname(directory)) if ".quarantined-" in n]), 1)

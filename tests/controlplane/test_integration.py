@@ -5,6 +5,7 @@ test per fault the simulator can inject (spec/control-plane.md, Faults).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet import reactor
@@ -281,6 +282,37 @@ class ReportSyncIntegrationTests(Fixture):
         await sim.start(reactor)
         await eventually(lambda: agent.outbox.depth == 0, timeout=40, what="outbox drained")
         self.assertEqual(sorted(sim.reported()), ["o1", "o2", "o3", "o4"])
+
+
+class PoisonedReportTests(Fixture):
+    """One change nobody can use never stops the delivery of the others."""
+
+    async def test_a_batch_refused_for_one_key_still_delivers_every_other(self) -> None:
+        sim = await self.start_sim()
+        agent, client = await self.connected_agent(sim)
+        sim.faults.refuse_report_key("poison", status=422)
+        for key in ("a", "b", "poison", "c", "d"):
+            self.assertEqual((await client.put_report(key, {"k": key}))[0], 200)
+        await eventually(lambda: agent.outbox.depth == 0, timeout=20, what="outbox drained")
+        self.assertEqual(sorted(sim.reported()), ["a", "b", "c", "d"])
+        self.assertEqual(agent.outbox.refused, 1)
+        # Later reports keep arriving.
+        await client.put_report("e", 1)
+        await eventually(lambda: "e" in sim.reported(), timeout=20, what="a later report")
+
+    async def test_payloads_json_cannot_carry_are_400_and_sync_goes_on(self) -> None:
+        sim = await self.start_sim()
+        agent, client = await self.connected_agent(sim)
+        for raw in (b'{"content_type":"a","payload":"\\udc80"}', b'{"content_type":"a","payload":NaN}',
+                    b'{"content_type":"a","payload":[Infinity]}', b'{"content_type":"a","payload":1e400}'):
+            response = await client.http.request("PUT", "http://localhost/v1/state/report/bad", data=raw)
+            body = json.loads(await response.content())
+            self.assertEqual(response.code, 400, raw)
+            self.assertIn("error", body)
+        self.assertEqual(await client.get("/v1/state/report"), (200, []))
+        await client.put_report("good", 1)
+        await eventually(lambda: "good" in sim.reported(), timeout=20, what="the good report")
+        self.assertEqual(sorted(sim.reported()), ["good"])
 
 
 class NoSecretsInLogsTests(Fixture):

@@ -125,15 +125,36 @@ class OutboxTests(unittest.TestCase):
         entries, _, _ = self.client.reports[0]
         self.assertEqual([e["key"] for e in entries], ["b"])
 
-    def test_unreadable_position_resends_everything(self) -> None:
+    def assert_position_set_aside(self, content: bytes) -> None:
         self.put("a")
         self.outbox.stopService()
-        with open(os.path.join(self.dir, "outbox.json"), "w") as f:
-            f.write("{torn")
+        with open(os.path.join(self.dir, "outbox.json"), "wb") as f:
+            f.write(content)
         outbox = self.new_outbox()
         outbox.startService()
+        self.assertEqual(outbox.synced_seq, 0)
+        [aside] = [n for n in os.listdir(self.dir) if n.startswith("outbox.json.quarantined-")]
+        with open(os.path.join(self.dir, aside), "rb") as f:
+            self.assertEqual(f.read(), content)
         self.clock.advance(0)
-        self.assertEqual([e["key"] for e in self.client.reports[-1][0]], ["a"])
+        entries, _, d = self.client.reports[-1]
+        self.assertEqual([e["key"] for e in entries], ["a"])
+        d.callback((200, None))
+        with open(os.path.join(self.dir, "outbox.json")) as f:
+            self.assertEqual(json.load(f), {"synced_seq": self.store.durable_seq})
+
+    def test_an_unreadable_position_is_set_aside(self) -> None:
+        self.assert_position_set_aside(b"{torn")
+
+    def test_a_position_of_the_wrong_type_is_set_aside(self) -> None:
+        for content in (b'{"synced_seq": "3"}', b'{"synced_seq": true}', b"[1]", b'{"synced_seq": -1}'):
+            self.assert_position_set_aside(content)
+            for name in os.listdir(self.dir):
+                if ".quarantined-" in name:
+                    os.unlink(os.path.join(self.dir, name))
+
+    def test_a_position_with_nan_or_an_overflowing_number_is_set_aside(self) -> None:
+        self.assert_position_set_aside(b'{"synced_seq": 1e400}')
 
 
 class BacklogTests(unittest.TestCase):
@@ -241,4 +262,126 @@ class UndoneWriteTests(unittest.TestCase):
         self.writes.complete()
         changes = self.store.changes_since(0)
         self.assertEqual(sorted(e["key"] for e in changes.entries), ["j", "k"])
-        self.assertEqual(self.store._undurable, {})
+        self.assertEqual(self.store._latest, {})
+
+
+class RefusedChangeTests(unittest.TestCase):
+    """A change the control plane refuses is found, set aside, and blocks nothing else."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.dir = self.mktemp()
+        self.client = RefusingClient()
+        self.store = ReportStore(self.dir, self.clock, run_in_thread=sync_thread)
+        self.store.load()
+        self.addCleanup(self.store.close)
+        self.outbox = ReportOutbox(self.store, self.client, self.clock, self.dir, debounce=5.0,
+                                   backoff=Backoff(rng=lambda: 1.0), run_in_thread=sync_thread)
+        self.outbox.startService()
+        self.addCleanup(self.outbox.stopService)
+
+    def put(self, key: str, payload: Any = 1) -> None:
+        self.successResultOf(self.store.put(key, "application/json", payload, None))
+
+    def sync(self) -> None:
+        self.clock.advance(5)
+        for _ in range(100):
+            self.clock.advance(0)
+
+    def refused_file(self) -> list[dict[str, Any]]:
+        with open(os.path.join(self.dir, "outbox-refused.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+    def test_the_others_are_delivered_and_the_refused_one_set_aside(self) -> None:
+        for key in "abcdefghij":
+            self.put(key)
+        self.successResultOf(self.store.delete("j"))
+        self.client.refuse("e", 422)
+        self.sync()
+        self.assertEqual(sorted(self.client.delivered), list("abcdfghi"))
+        self.assertEqual(self.client.deleted, ["j"])
+        self.assertEqual(self.outbox.depth, 0)
+        self.assertEqual(self.outbox.refused, 1)
+        [kept] = self.refused_file()
+        self.assertEqual((kept["key"], kept["op"], kept["status"], kept["entry"]["version"]), ("e", "put", 422, 1))
+
+    def test_a_refused_change_is_not_retried(self) -> None:
+        self.put("bad")
+        self.client.refuse("bad")
+        self.sync()
+        posts = self.client.posts
+        self.put("good")
+        self.sync()
+        self.assertEqual(self.client.delivered, ["good"])
+        self.assertEqual(self.client.posts, posts + 1)
+
+    def test_a_newer_version_of_a_refused_key_is_sent(self) -> None:
+        self.put("k", "poison")
+        self.client.refuse("k")
+        self.sync()
+        self.client.refused.clear()
+        self.put("k", "fine")
+        self.sync()
+        self.assertEqual(self.client.delivered, ["k"])
+
+    def test_a_refused_delete_is_set_aside_too(self) -> None:
+        self.put("a")
+        self.put("b")
+        self.sync()
+        self.successResultOf(self.store.delete("a"))
+        self.put("c")
+        self.client.refuse("a", 400)
+        self.sync()
+        self.assertEqual(self.client.delivered, ["a", "b", "c"])
+        self.assertEqual([(r["op"], r["key"], r["entry"]) for r in self.refused_file()], [("delete", "a", None)])
+
+    def test_a_control_plane_refusing_even_an_empty_batch_gets_retries_not_set_asides(self) -> None:
+        self.put("a")
+        self.client.refuse_everything = True
+        self.sync()
+        self.assertEqual(self.outbox.refused, 0)
+        self.assertEqual(self.outbox.depth, 1)
+        self.client.refuse_everything = False
+        self.clock.advance(60)
+        self.sync()
+        self.assertEqual(self.client.delivered, ["a"])
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "outbox-refused.jsonl")))
+
+    def test_auth_and_rate_limit_answers_are_retried_not_refusals(self) -> None:
+        for status in (401, 403, 408, 429):
+            self.put("a")
+            self.client.refuse("a", status)
+            self.sync()
+            self.assertEqual(self.outbox.refused, 0, status)
+            self.client.refused.clear()
+            self.clock.advance(120)
+            self.sync()
+            self.assertEqual(self.outbox.depth, 0, status)
+
+
+class RefusingClient:
+    """Answers at once: refuses batches holding a refused key, accepts the rest."""
+
+    def __init__(self) -> None:
+        self.refused: dict[str, int] = {}
+        self.refuse_everything = False
+        self.delivered: list[str] = []
+        self.deleted: list[str] = []
+        self.posts = 0
+
+    def refuse(self, key: str, status: int = 400) -> None:
+        self.refused[key] = status
+
+    def send_report(self, entries: list[Any], deleted: list[str]) -> Any:
+        from twisted.internet import defer
+
+        self.posts += 1
+        keys = [e["key"] for e in entries] + deleted
+        if self.refuse_everything:
+            return defer.fail(unavailable(400))
+        for key in keys:
+            if key in self.refused:
+                return defer.fail(unavailable(self.refused[key]))
+        self.delivered += [e["key"] for e in entries]
+        self.deleted += deleted
+        return defer.succeed((200, None))

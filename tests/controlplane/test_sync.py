@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from twisted.internet import task
@@ -106,6 +107,15 @@ class StateSyncTests(SyncHarness):
         self.clock.advance(0.1)
         self.assertEqual(len(self.client.fetches), 2)
 
+    def test_a_state_the_cache_cannot_store_is_retried_and_the_cache_kept(self) -> None:
+        self.sync.startService()
+        self.client.fetches[0].callback(STATE)
+        self.clock.advance(60)
+        self.client.fetches[1].callback({**STATE, "metadata": {"region": "\udc80"}})
+        self.assertEqual(self.cache.current.metadata, {"region": "eu"})
+        self.clock.advance(1)
+        self.assertEqual(len(self.client.fetches), 3)
+
     def test_failure_keeps_serving_the_cache(self) -> None:
         self.sync.startService()
         self.client.fetches[0].callback(STATE)
@@ -129,6 +139,34 @@ class StateSyncTests(SyncHarness):
         self.assertEqual(self.cache.current.metadata, {"region": "us"})
         self.client.fetches[1].callback({**STATE, "metadata": {"region": "us"}})
         self.assertEqual(self.cache.current.metadata, {"region": "us"})
+
+
+class StopDuringWriteTests(unittest.TestCase):
+    def test_stopping_the_sync_does_not_cancel_the_write_of_a_fetched_state(self) -> None:
+        from twisted.internet import defer
+
+        held: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] = []
+
+        def held_thread(f: Any, *args: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred()
+            held.append((f, args, d))
+            return d
+
+        directory = self.mktemp()
+        cache = StateCache(directory, run_in_thread=held_thread)
+        cache.load()
+        client = FakeClient()
+        sync = StateSync(client, cache, task.Clock(), Backoff(rng=lambda: 1.0))
+        sync.startService()
+        client.fetches[0].callback(STATE)
+        self.successResultOf(sync.stopService())
+        idle = cache.idle()
+        self.assertNoResult(idle)
+        f, args, d = held.pop(0)
+        d.callback(f(*args))
+        self.successResultOf(idle)
+        with open(os.path.join(directory, "state.json")) as fh:
+            self.assertEqual(json.load(fh)["metadata"], {"region": "eu"})
 
 
 class EventStreamTests(SyncHarness):
@@ -174,6 +212,15 @@ class EventStreamTests(SyncHarness):
         response.write(frame("node_secrets_updated", {"secret_refs": [{"key": "t", "version": 4}]}, "3"))
         self.assertEqual(self.cache.current.metadata, {"region": "eu"})
         self.assertEqual(dict(self.cache.current.secret_refs), {"t": 4})
+
+    def test_an_event_the_cache_cannot_store_is_dropped(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        response = self.connect()
+        bad = {"metadata": {"region": "us"}, "data": [{"key": "a", "payload": float("nan"), "version": 2}]}
+        response.write(frame("node_state_updated", bad, "1"))
+        self.assertEqual(self.cache.current.metadata, {"region": "eu"})
+        response.write(frame("node_state_updated", {"metadata": {"region": "us"}, "data": []}, "2"))
+        self.assertEqual(self.cache.current.metadata, {"region": "us"})
 
     def test_drop_reconnects_with_last_event_id_and_reconciles(self) -> None:
         self.client.fetches[0].callback(STATE)
