@@ -32,7 +32,7 @@ from typing import Iterable, Iterator
 import attrs
 
 from plexagent import errors
-from plexagent.fileio import storage_error
+from plexagent.fileio import path_error
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Longest file name most Linux file systems accept.
@@ -151,9 +151,9 @@ class PathPolicy:
                 os.makedirs(root, mode=0o755, exist_ok=True)
                 fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as e:
-                raise storage_error(e, shown) from None
+                raise path_error(e, shown) from None
         except OSError as e:
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         try:
             for name in parts:
                 child = self._step(fd, name, create, mode, shown)
@@ -183,8 +183,7 @@ class PathPolicy:
                     # The resolved path had no symlink here: the tree changed
                     # after the check. Refuse rather than follow it.
                     raise errors.Forbidden("path not allowed", shown) from None
-                raise errors.Conflict("not a directory", f"{shown}: a component is not a directory") from None
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         return child
 
     @staticmethod
@@ -248,7 +247,7 @@ class PathPolicy:
                 remaining -= len(piece)
             data = b"".join(parts)
         except OSError as e:
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         finally:
             os.close(fd)
         if len(data) > limit:
@@ -265,7 +264,7 @@ class PathPolicy:
             except FileNotFoundError:
                 return None
             except OSError as e:
-                raise storage_error(e, shown) from None
+                raise path_error(e, shown) from None
             return EntryInfo(real, _kind(st.st_mode), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
         try:
             dfd, name = self.open_parent(real, shown=shown)
@@ -278,7 +277,7 @@ class PathPolicy:
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         finally:
             os.close(dfd)
         return EntryInfo(real, _kind(st.st_mode), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
@@ -296,7 +295,7 @@ class PathPolicy:
                 # mkdir's mode is filtered by the umask; say exactly what was asked.
                 os.fchmod(fd, mode)
         except OSError as e:
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         finally:
             os.close(fd)
         return real, existed is None
@@ -333,7 +332,7 @@ class PathPolicy:
                 os.unlink(name, dir_fd=dfd)
             os.fsync(dfd)
         except OSError as e:
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         finally:
             os.close(dfd)
         return real, kind
@@ -346,7 +345,7 @@ def _open_regular_file(dfd: int, name: str, shown: str) -> int:
     except FileNotFoundError:
         raise errors.NotFound("path not found", shown) from None
     except OSError as e:
-        raise storage_error(e, shown) from None
+        raise path_error(e, shown) from None
     if stat.S_ISLNK(before.st_mode):
         # resolve() followed every symlink: one here was swapped in since.
         raise errors.Forbidden("path not allowed", shown)
@@ -360,7 +359,7 @@ def _open_regular_file(dfd: int, name: str, shown: str) -> int:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise errors.Forbidden("path not allowed", shown) from None
-        raise storage_error(e, shown) from None
+        raise path_error(e, shown) from None
     after = os.fstat(fd)
     if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(after.st_mode):
         os.close(fd)
@@ -418,6 +417,6 @@ def atomic_write_at(dfd: int, name: str, chunks: "bytes | Iterable[bytes]", mode
         if isinstance(e, OSError):
             if e.errno == errno.EISDIR:
                 raise errors.Conflict("path is a directory", shown) from None
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         raise
     return written

@@ -45,7 +45,7 @@ from typing import Any, Callable
 import attrs
 
 from plexagent import errors
-from plexagent.fileio import atomic_write, ensure_private_dir, storage_error
+from plexagent.fileio import atomic_write, ensure_private_dir, path_error
 from plexagent.paths import PathPolicy
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -497,7 +497,7 @@ def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max
             os.mkdir(staging_name, 0o700, dir_fd=home_fd)
             staging_fd = os.open(staging_name, _DIR_FLAGS, dir_fd=home_fd)
         except OSError as e:
-            raise storage_error(e, extract_path) from None
+            raise path_error(e, extract_path) from None
         try:
             metadata = [0]
 
@@ -523,7 +523,7 @@ def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max
             except (tarfile.TarError, EOFError) as e:
                 raise errors.InvalidInput("invalid archive", f"not a readable tar or tar.gz stream ({_describe(e)})") from None
             except OSError as e:
-                raise storage_error(e, extract_path) from None
+                raise path_error(e, extract_path) from None
             try:
                 if stage_in_parent:
                     try:
@@ -542,7 +542,7 @@ def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max
                 finally:
                     os.close(target_fd)
             except OSError as e:
-                raise storage_error(e, extract_path) from None
+                raise path_error(e, extract_path) from None
         finally:
             os.close(staging_fd)
             _remove_tree(home_fd, staging_name)

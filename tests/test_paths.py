@@ -188,6 +188,28 @@ class ReadStatDeleteTests(PolicyCase):
         self.assertFalse(os.path.exists(self.p("d")))
 
 
+class PathErrorMappingTests(unittest.TestCase):
+    """One table maps OS errors on a client's path: its faults 4xx, the host's 5xx."""
+
+    def test_each_errno_maps_to_its_status_naming_the_path(self) -> None:
+        import errno
+
+        from plexagent.fileio import path_error
+        from plexagent.web import status_for
+
+        expected = {
+            errno.ENAMETOOLONG: 400, errno.ELOOP: 400, errno.EINVAL: 400, errno.ENXIO: 400, errno.ENODEV: 400,
+            errno.ENOTDIR: 409, errno.EISDIR: 409, errno.EEXIST: 409, errno.ENOTEMPTY: 409, errno.EBUSY: 409,
+            errno.ETXTBSY: 409, errno.EROFS: 409, errno.EPERM: 403, errno.EACCES: 403, errno.EFBIG: 413,
+            errno.EMLINK: 507, errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EIO: 500, errno.ENOMEM: 500,
+            errno.EXDEV: 500, errno.ESTALE: 500,
+        }
+        for number, status in expected.items():
+            error = path_error(OSError(number, os.strerror(number)), "/app/some/file")
+            self.assertEqual(status_for(error), status, errno.errorcode[number])
+            self.assertIn("/app/some/file", error.details, errno.errorcode[number])
+
+
 class ResolveProperty(unittest.TestCase):
     """Whatever the mix of names, dots and symlinks, a resolved path is inside a root."""
 

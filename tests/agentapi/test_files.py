@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import subprocess
+from typing import Any
 
 from twisted.trial import unittest
 
 from tests.agentapi.support import RunningAgentAPI
+from tests.test_drills_disk import mount_tmpfs
 
 
 class FilesTests(unittest.TestCase):
@@ -127,3 +130,108 @@ class FilesTests(unittest.TestCase):
     async def test_missing_path_is_400(self) -> None:
         code, body = await self.agent.post_json("/files/write", {"content": "x"})
         self.assertEqual((code, body["error"]), (400, "path is required"))
+
+
+LONG_NAME = "n" * 300
+
+
+class PathErrorTests(unittest.TestCase):
+    """
+    An OS error about the path a client named is answered 4xx naming it
+    (ENAMETOOLONG, ENOTDIR, EISDIR, EROFS, EPERM, EBUSY, ...), on every
+    route that touches host files; a full disk stays 507 (see the disk drill).
+    """
+
+    def setUp(self) -> None:
+        self.agent = RunningAgentAPI(self, max_read_bytes=100)
+
+    def routes(self) -> dict[str, Any]:
+        from tests.agentapi.test_uploads import SITE
+
+        agent = self.agent
+        site = base64.b64encode(SITE).decode()
+        return {
+            "write": lambda p: agent.post_json("/files/write", {"path": p, "content": "x"}),
+            "read": lambda p: agent.get("/files/read", path=p),
+            "exists": lambda p: agent.get("/files/exists", path=p),
+            "mkdir": lambda p: agent.post_json("/files/mkdir", {"path": p}),
+            "delete": lambda p: agent.post_json("/files/delete", {"path": p, "recursive": True}),
+            "upload/tar": lambda p: agent.post_json("/upload/tar", {"data": site}, params={"extract_path": p}),
+            "upload/tar/stream": lambda p: agent.call("POST", "/upload/tar/stream", data=SITE,
+                                                      params={"extract_path": p}),
+            "upload/tar/chunked": lambda p: agent.call("POST", "/upload/tar/chunked", data=SITE, params={
+                "chunk_id": "c-" + os.urandom(4).hex(), "chunk_index": "0", "total_chunks": "1", "extract_path": p}),
+            "git/clone": lambda p: agent.post_json("/git/clone", {"url": "file://" + agent.p("no-repo"),
+                                                                  "target_path": p}),
+        }
+
+    async def test_a_300_byte_name_is_400_naming_the_path_on_every_route(self) -> None:
+        path = self.agent.p("dir", LONG_NAME)
+        os.makedirs(self.agent.p("dir"))
+        for route, call in self.routes().items():
+            code, body = await call(path)
+            self.assertEqual((code, body["error"]), (400, "path too long"), route)
+            self.assertIn(LONG_NAME, body["details"], route)
+        self.assertEqual(os.listdir(self.agent.root), ["dir"])
+        self.assertEqual(os.listdir(self.agent.p("dir")), [])
+
+    async def test_a_file_used_as_a_directory_is_409_on_every_route_that_creates(self) -> None:
+        with open(self.agent.p("file"), "w") as f:
+            f.write("x")
+        routes = self.routes()
+        for route in ("write", "read", "mkdir", "delete", "upload/tar", "upload/tar/stream"):
+            code, body = await routes[route](self.agent.p("file", "below"))
+            self.assertEqual((code, body["error"]), (409, "not a directory"), route)
+            self.assertIn(self.agent.p("file", "below"), body["details"], route)
+
+    async def test_writing_over_a_directory_is_409(self) -> None:
+        os.makedirs(self.agent.p("d"))
+        code, body = await self.agent.post_json("/files/write", {"path": self.agent.p("d"), "content": "x"})
+        self.assertEqual((code, body["error"]), (409, "path is a directory"))
+
+    async def test_a_symlink_loop_is_4xx(self) -> None:
+        os.symlink("b", self.agent.p("a"))
+        os.symlink("a", self.agent.p("b"))
+        for route, call in self.routes().items():
+            code, body = await call(self.agent.p("a", "x"))
+            self.assertTrue(400 <= code < 500 and "error" in body, (route, code, body))
+
+    async def test_read_only_file_system_is_409(self) -> None:
+        ro = self.agent.p("ro")
+        os.makedirs(ro)
+        mount_tmpfs(self, ro, "size=64k")
+        with open(os.path.join(ro, "kept"), "w") as f:
+            f.write("x")
+        subprocess.run(["mount", "-o", "remount,ro", ro], check=True)
+        routes = self.routes()
+        for route in ("write", "mkdir", "delete", "upload/tar", "upload/tar/stream"):
+            target = os.path.join(ro, "kept") if route == "delete" else os.path.join(ro, "new")
+            code, body = await routes[route](target)
+            self.assertEqual((code, body["error"]), (409, "read-only file system"), route)
+            self.assertIn(ro, body["details"])
+        self.assertEqual(os.listdir(ro), ["kept"])
+
+    async def test_immutable_file_is_403_operation_not_permitted(self) -> None:
+        fs = self.agent.p("fs")
+        os.makedirs(fs)
+        mount_tmpfs(self, fs, "size=64k")
+        locked = os.path.join(fs, "locked")
+        with open(locked, "w") as f:
+            f.write("old")
+        subprocess.run(["chattr", "+i", locked], check=True)
+        self.addCleanup(subprocess.run, ["chattr", "-i", locked])
+        code, body = await self.agent.post_json("/files/write", {"path": locked, "content": "new"})
+        self.assertEqual((code, body["error"]), (403, "operation not permitted"))
+        code, body = await self.agent.post_json("/files/delete", {"path": locked})
+        self.assertEqual((code, body["error"]), (403, "operation not permitted"))
+        with open(locked) as f:
+            self.assertEqual(f.read(), "old")
+        self.assertEqual(os.listdir(fs), ["locked"])
+
+    async def test_deleting_a_mount_point_is_409_busy(self) -> None:
+        mnt = self.agent.p("mnt")
+        os.makedirs(mnt)
+        mount_tmpfs(self, mnt, "size=64k")
+        code, body = await self.agent.post_json("/files/delete", {"path": mnt})
+        self.assertEqual((code, body["error"]), (409, "path is busy"))
+        self.assertTrue(os.path.ismount(mnt))
