@@ -9,8 +9,9 @@ symlink, it lies inside one of the allowed roots (sibling prefixes such as
 Checking a resolved path is not enough on its own: between the check and the
 write, someone with write access below a root could swap a directory for a
 symlink pointing elsewhere. So nothing here opens a checked path by name.
-Every operation walks the *resolved* path one component at a time from the
-root's directory descriptor with ``O_NOFOLLOW``: the resolved path contains
+Every operation walks the *resolved* path one component at a time from
+``/`` with ``O_NOFOLLOW`` (the roots themselves included: a root swapped for
+a symlink after startup is not followed either): the resolved path contains
 no symlink, so meeting one during the walk means the tree changed under us,
 and the operation is refused as ``path not allowed``. Once the parent
 directory is open, the final step (create, rename, unlink) is made relative
@@ -137,26 +138,24 @@ class PathPolicy:
     def open_directory(self, real: str, create: bool = False, mode: int = 0o755, shown: str | None = None) -> int:
         """
         A descriptor of the directory at resolved path ``real``, walked from
-        its root without following any symlink; missing directories are
-        created (with ``mode``) when ``create`` is true. The caller closes it.
+        ``/`` through its root without following any symlink; missing
+        directories are created when ``create`` is true (a missing root with
+        mode 0755, below it with ``mode``). The caller closes it.
+
+        This is the one place the roots are opened: their resolved paths
+        were fixed at startup, so a root (or a parent of one) that is a
+        symlink now was swapped since, and is refused like any other.
         """
         shown = real if shown is None else shown
         root, parts = self._components(real)
+        steps = [(name, 0o755) for name in root.split("/") if name] + [(name, mode) for name in parts]
         try:
-            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if not create:
-                raise errors.NotFound("path not found", shown) from None
-            try:
-                os.makedirs(root, mode=0o755, exist_ok=True)
-                fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as e:
-                raise path_error(e, shown) from None
-        except OSError as e:
+            fd = os.open("/", _DIR_FLAGS)
+        except OSError as e:  # pragma: no cover - "/" is always there
             raise path_error(e, shown) from None
         try:
-            for name in parts:
-                child = self._step(fd, name, create, mode, shown)
+            for name, step_mode in steps:
+                child = self._step(fd, name, create, step_mode, shown)
                 os.close(fd)
                 fd = child
         except BaseException:
@@ -260,11 +259,13 @@ class PathPolicy:
         shown = str(path)
         if self.is_root(real):
             try:
-                st = os.stat(real)
-            except FileNotFoundError:
+                fd = self.open_directory(real, shown=shown)
+            except errors.NotFound:
                 return None
-            except OSError as e:
-                raise path_error(e, shown) from None
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
             return EntryInfo(real, _kind(st.st_mode), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
         try:
             dfd, name = self.open_parent(real, shown=shown)

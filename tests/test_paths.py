@@ -188,6 +188,54 @@ class ReadStatDeleteTests(PolicyCase):
         self.assertFalse(os.path.exists(self.p("d")))
 
 
+class RootSwapTests(PolicyCase):
+    """A root is opened without following links: a root (or a parent of one)
+    swapped for a symlink after startup is refused, not followed."""
+
+    def swap_root_for_link_to_outside(self, directory: str) -> None:
+        os.rename(directory, directory + "-aside")
+        os.symlink(self.outside, directory)
+
+    def test_root_swapped_for_a_symlink_is_not_opened(self) -> None:
+        self.swap_root_for_link_to_outside(self.root)
+        e = self.assertRaises(errors.Forbidden, self.policy.open_directory, self.root)
+        self.assertEqual(e.message, "path not allowed")
+
+    def test_write_after_the_root_was_swapped_past_the_check_stays_out(self) -> None:
+        real_resolve = self.policy.resolve
+
+        def resolve_then_swap(path: object, field: str = "path") -> str:
+            result = real_resolve(path, field)
+            if not os.path.islink(self.root):
+                self.swap_root_for_link_to_outside(self.root)
+            return result
+
+        self.policy.resolve = resolve_then_swap  # type: ignore[method-assign]
+        self.assertRaises(errors.Forbidden, self.policy.write_file, self.p("x"), b"escaped")
+        self.assertEqual(os.listdir(self.outside), [])
+
+    def test_stat_of_a_swapped_root_is_refused(self) -> None:
+        self.swap_root_for_link_to_outside(self.root)
+        self.policy.resolve = lambda path, field="path": self.root  # type: ignore[method-assign]
+        self.assertRaises(errors.Forbidden, self.policy.stat, self.root)
+
+    def test_parent_of_a_root_swapped_for_a_symlink_is_not_followed(self) -> None:
+        parent = os.path.join(os.path.dirname(self.root), "parent")
+        nested = os.path.join(parent, "app")
+        os.makedirs(nested)
+        os.makedirs(os.path.join(self.outside, "app"))
+        policy = PathPolicy([nested])
+        self.swap_root_for_link_to_outside(parent)
+        self.assertRaises(errors.Forbidden, policy.open_directory, nested, True)
+        self.assertEqual(os.listdir(os.path.join(self.outside, "app")), [])
+
+    def test_missing_root_is_created_without_following_links(self) -> None:
+        policy = PathPolicy([os.path.join(self.root, "later", "root")])
+        policy.write_file(self.p("later", "root", "f"), b"x")
+        with open(self.p("later", "root", "f"), "rb") as f:
+            self.assertEqual(f.read(), b"x")
+
+
 class PathErrorMappingTests(unittest.TestCase):
     """One table maps OS errors on a client's path: its faults 4xx, the host's 5xx."""
 
