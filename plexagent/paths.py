@@ -17,6 +17,10 @@ and the operation is refused as ``path not allowed``. Once the parent
 directory is open, the final step (create, rename, unlink) is made relative
 to that descriptor, so later swaps cannot redirect it either.
 
+Paths are bounded by ``PATH_MAX``, given and resolved, so everything the
+routes create can be named again; removing a tree still copes with any depth
+(``remove_tree``), since other programs on the host are not so bounded.
+
 Everything here blocks on the file system: callers on the reactor run it in a
 thread.
 """
@@ -26,14 +30,13 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import shutil
 import stat
 from typing import Iterable, Iterator
 
 import attrs
 
 from plexagent import errors
-from plexagent.fileio import path_error
+from plexagent.fileio import PATH_MAX, path_error
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Longest file name most Linux file systems accept.
@@ -98,9 +101,21 @@ class PathPolicy:
             raise errors.InvalidInput(f"{field} is required", f"{field} must be a non-empty string")
         if "\x00" in path:
             raise errors.InvalidInput(f"invalid {field}", f"{field} must not contain NUL")
+        try:
+            size = len(os.fsencode(path))
+        except UnicodeEncodeError:
+            raise errors.InvalidInput(f"invalid {field}", f"{field} must be valid UTF-8") from None
+        if size >= PATH_MAX:
+            raise errors.InvalidInput("path too long", f"{field} is {size} bytes; the limit is {PATH_MAX - 1}")
         if not os.path.isabs(path):
             raise errors.Forbidden("path not allowed", path)
         return path
+
+    @staticmethod
+    def _bounded(real: str, text: str) -> str:
+        if len(os.fsencode(real)) >= PATH_MAX:
+            raise errors.InvalidInput("path too long", f"{text} resolves to a path longer than {PATH_MAX - 1} bytes")
+        return real
 
     def resolve(self, path: object, field: str = "path") -> str:
         """The resolved absolute path, or ``Forbidden("path not allowed")``."""
@@ -108,7 +123,7 @@ class PathPolicy:
         real = _realpath(text)
         if not self.contains(real):
             raise errors.Forbidden("path not allowed", text)
-        return real
+        return self._bounded(real, text)
 
     def resolve_entry(self, path: object, field: str = "path") -> str:
         """
@@ -124,7 +139,7 @@ class PathPolicy:
             real = os.path.join(_realpath(parent or "/"), name)
         if not self.contains(real):
             raise errors.Forbidden("path not allowed", text)
-        return real
+        return self._bounded(real, text)
 
     # -- walking ----------------------------------------------------------
 
@@ -327,8 +342,7 @@ class PathPolicy:
                         raise errors.Conflict(
                             "directory not empty", f"{shown}: send \"recursive\": true to delete it with its content"
                         ) from None
-                    # fd-based walk: symlinks inside are removed, never followed.
-                    shutil.rmtree(name, dir_fd=dfd)
+                    remove_tree(dfd, name, shown)
             else:
                 os.unlink(name, dir_fd=dfd)
             os.fsync(dfd)
@@ -337,6 +351,80 @@ class PathPolicy:
         finally:
             os.close(dfd)
         return real, kind
+
+
+def remove_tree(parent_fd: int, name: str, shown: str) -> None:
+    """
+    Remove the directory ``name`` below ``parent_fd`` with everything in it,
+    however deep: an explicit stack instead of recursion, one directory
+    descriptor open at a time (the walk climbs back through ``..`` and checks
+    it reached the directory it left), and no path strings, so neither
+    Python's recursion limit, the descriptor limit nor ``PATH_MAX`` bounds
+    the depth. Symlinks inside are removed, never followed.
+
+    Raises ``OSError`` as met, or ``Conflict`` if a directory is moved away
+    while being emptied.
+    """
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        st = os.fstat(fd)
+        # One level per open directory: (its name, its identity, the
+        # subdirectories of it still to remove).
+        levels = [(name, (st.st_dev, st.st_ino), _remove_entries(fd))]
+        while True:
+            pending = levels[-1][2]
+            if pending:
+                child = pending.pop()
+                try:
+                    child_fd = os.open(child, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    _unlink_entry(fd, child)  # no longer a directory
+                    continue
+                os.close(fd)
+                fd = child_fd
+                st = os.fstat(fd)
+                levels.append((child, (st.st_dev, st.st_ino), _remove_entries(fd)))
+                continue
+            emptied = levels.pop()[0]
+            if not levels:
+                break
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != levels[-1][1]:
+                raise errors.Conflict("directory changed while deleting", f"{shown}: a directory in it was moved; retry")
+            os.rmdir(emptied, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def _remove_entries(dir_fd: int) -> list[str]:
+    """Unlink every non-directory in ``dir_fd``; the names of its subdirectories."""
+    subdirectories = []
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirectories.append(entry.name)
+            elif not _unlink_entry(dir_fd, entry.name):
+                subdirectories.append(entry.name)
+    return subdirectories
+
+
+def _unlink_entry(dir_fd: int, name: str) -> bool:
+    """Unlink ``name``; False if it turned out to be a directory."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        return False
+    return True
 
 
 def _open_regular_file(dfd: int, name: str, shown: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import threading
 
 from twisted.trial import unittest
@@ -188,6 +189,27 @@ class ReadStatDeleteTests(PolicyCase):
         self.assertFalse(os.path.exists(self.p("d")))
 
 
+def make_deep_tree(testcase: unittest.TestCase, parent: str, depth: int, name: str = "d") -> None:
+    """
+    ``depth`` nested directories below ``parent``, made through descriptors
+    as any program on the host can (no path string past PATH_MAX). Whatever
+    the test leaves of ``parent`` is removed by rm(1), which copes with any
+    depth (trial's own cleanup does not).
+    """
+    testcase.addCleanup(subprocess.run, ["rm", "-rf", "--", parent])
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+            f.write("x")
+    finally:
+        os.close(fd)
+
+
 class RootSwapTests(PolicyCase):
     """A root is opened without following links: a root (or a parent of one)
     swapped for a symlink after startup is refused, not followed."""
@@ -234,6 +256,80 @@ class RootSwapTests(PolicyCase):
         policy.write_file(self.p("later", "root", "f"), b"x")
         with open(self.p("later", "root", "f"), "rb") as f:
             self.assertEqual(f.read(), b"x")
+
+
+class PathLengthTests(PolicyCase):
+    def test_path_of_path_max_bytes_is_too_long(self) -> None:
+        path = self.root + "/" + "/".join(["b" * 100] * 41)
+        e = self.assertRaises(errors.InvalidInput, self.policy.make_directory, path)
+        self.assertEqual(e.message, "path too long")
+        self.assertEqual(os.listdir(self.root), [])
+
+    def test_path_resolving_past_path_max_is_too_long(self) -> None:
+        """A short path through a symlink into a deep tree cannot go past PATH_MAX either."""
+        deep = "/".join(["c" * 200] * 19)
+        os.makedirs(self.p(deep))
+        os.symlink(deep, self.p("short"))
+        e = self.assertRaises(errors.InvalidInput, self.policy.make_directory, self.p("short", "e" * 200, "f"))
+        self.assertEqual(e.message, "path too long")
+
+    def test_name_longer_than_name_max_is_invalid_input(self) -> None:
+        e = self.assertRaises(errors.InvalidInput, self.policy.write_file, self.p("n" * 300), b"x")
+        self.assertEqual(e.message, "path too long")
+        self.assertIn("n" * 300, e.details)
+
+
+class DeleteDepthTests(PolicyCase):
+    def test_delete_removes_a_tree_deeper_than_the_recursion_limit(self) -> None:
+        make_deep_tree(self, self.root, 3000)
+        self.assertEqual(self.policy.delete(self.p("d"), recursive=True), (self.p("d"), "directory"))
+        self.assertEqual(os.listdir(self.root), [])
+
+    def test_delete_removes_a_tree_deeper_than_the_descriptor_limit(self) -> None:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        make_deep_tree(self, self.root, 1000)
+        self.policy.delete(self.p("d"), recursive=True)
+        self.assertEqual(os.listdir(self.root), [])
+
+    def test_delete_of_a_wide_and_deep_tree_leaves_nothing(self) -> None:
+        for i in range(20):
+            make_deep_tree(self, self.root, 50, name=f"w{i}")
+            os.rename(self.p(f"w{i}"), self.p(f"d{i}"))
+        os.makedirs(self.p("top"))
+        for i in range(20):
+            os.rename(self.p(f"d{i}"), self.p("top", f"d{i}"))
+            os.symlink(self.outside, self.p("top", f"d{i}", "out"))
+        with open(os.path.join(self.outside, "precious"), "w") as f:
+            f.write("keep")
+        self.policy.delete(self.p("top"), recursive=True)
+        self.assertEqual(os.listdir(self.root), [])
+        self.assertEqual(os.listdir(self.outside), ["precious"])
+
+    def test_directory_moved_away_while_emptied_stops_the_delete(self) -> None:
+        from plexagent import paths
+
+        make_deep_tree(self, self.root, 3)
+        real_remove_entries = paths._remove_entries
+        moved = []
+
+        def remove_entries_then_move(fd: int) -> list[str]:
+            names = real_remove_entries(fd)
+            if not moved and os.fstat(fd).st_ino == os.stat(self.p("d", "d", "d")).st_ino:
+                # While the walk is inside d/d/d, d/d leaves the tree being deleted.
+                os.rename(self.p("d", "d"), self.p("moved"))
+                moved.append(True)
+            return names
+
+        paths._remove_entries = remove_entries_then_move  # type: ignore[assignment]
+        self.addCleanup(setattr, paths, "_remove_entries", real_remove_entries)
+        e = self.assertRaises(errors.Conflict, self.policy.delete, self.p("d"), True)
+        self.assertEqual(e.message, "directory changed while deleting")
+        # The walk climbed out of "moved" to a parent it never entered: it stopped there.
+        self.assertEqual(sorted(os.listdir(self.root)), ["d", "moved"])
 
 
 class PathErrorMappingTests(unittest.TestCase):

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from tests.agentapi.support import RunningAgentAPI
 from tests.test_drills_disk import mount_tmpfs
+from tests.test_paths import make_deep_tree
 
 
 class FilesTests(unittest.TestCase):
@@ -175,6 +176,13 @@ class PathErrorTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.agent.root), ["dir"])
         self.assertEqual(os.listdir(self.agent.p("dir")), [])
 
+    async def test_a_path_longer_than_path_max_is_400_on_every_route(self) -> None:
+        path = self.agent.root + "/a" * 3000
+        for route, call in self.routes().items():
+            code, body = await call(path)
+            self.assertEqual((code, body["error"]), (400, "path too long"), route)
+        self.assertEqual(os.listdir(self.agent.root), [])
+
     async def test_a_file_used_as_a_directory_is_409_on_every_route_that_creates(self) -> None:
         with open(self.agent.p("file"), "w") as f:
             f.write("x")
@@ -235,3 +243,47 @@ class PathErrorTests(unittest.TestCase):
         code, body = await self.agent.post_json("/files/delete", {"path": mnt})
         self.assertEqual((code, body["error"]), (409, "path is busy"))
         self.assertTrue(os.path.ismount(mnt))
+
+
+class TreeDepthTests(unittest.TestCase):
+    """Whatever the agent (or anything else on the host) can create, /files/delete removes."""
+
+    def setUp(self) -> None:
+        self.agent = RunningAgentAPI(self)
+        # rm(1) copes with any depth should a test fail half-way; trial's cleanup does not.
+        self.addCleanup(subprocess.run, ["rm", "-rf", "--", self.agent.root])
+
+    async def test_delete_removes_a_3000_deep_tree(self) -> None:
+        make_deep_tree(self, self.agent.root, 3000)
+        code, body = await self.agent.post_json("/files/delete", {"path": self.agent.p("d"), "recursive": True})
+        self.assertEqual((code, body["deleted"]), (200, "directory"))
+        self.assertEqual(os.listdir(self.agent.root), [])
+
+    async def test_mkdir_of_a_3000_deep_path_is_400_and_creates_nothing(self) -> None:
+        code, body = await self.agent.post_json("/files/mkdir", {"path": self.agent.root + "/d" * 3000})
+        self.assertEqual((code, body["error"]), (400, "path too long"))
+        self.assertEqual(os.listdir(self.agent.root), [])
+
+    async def test_the_deepest_tree_mkdir_accepts_is_deleted_again(self) -> None:
+        depth = (4095 - len(self.agent.root)) // 2
+        code, _ = await self.agent.post_json("/files/mkdir", {"path": self.agent.root + "/d" * depth})
+        self.assertEqual(code, 201)
+        self.assertGreater(depth, 1000)  # past Python's recursion limit
+        code, _ = await self.agent.post_json("/files/delete", {"path": self.agent.p("d"), "recursive": True})
+        self.assertEqual(code, 200)
+        self.assertEqual(os.listdir(self.agent.root), [])
+
+    async def test_tar_members_past_path_max_are_skipped_and_the_rest_is_deleted_again(self) -> None:
+        from tests.test_tarsafe import archive, member
+
+        # An extract_path close to PATH_MAX, then 128-deep members below it.
+        base = self.agent.root + "/" + "/".join(["e" * 200] * ((3600 - len(self.agent.root)) // 201))
+        deep = "/".join(["m" * 20] * 40)
+        data = archive(member("short", data=b"s"), member(deep + "/far", data=b"f"))
+        code, body = await self.agent.post_json("/upload/tar", {"data": base64.b64encode(data).decode()},
+                                                params={"extract_path": base})
+        self.assertEqual(code, 200, body)
+        self.assertEqual((body["files"], body["skipped"]), (1, [{"name": deep + "/far", "reason": "path too long"}]))
+        code, _ = await self.agent.post_json("/files/delete", {"path": self.agent.p("e" * 200), "recursive": True})
+        self.assertEqual(code, 200)
+        self.assertEqual(os.listdir(self.agent.root), [])
