@@ -103,3 +103,44 @@ class WiringDirectory:
         self.data_dir = os.path.join(self.base, "data")
         self.socket = os.path.join(self.base, "s")
         self.root = self.base + "/"
+
+
+class SwapAfterEachCheck:
+    """
+    Makes ``directory`` a real directory whenever the path policy checks a
+    path (``resolve``/``resolve_entry``), and a symlink to ``target`` as soon
+    as the check returns: every check passes, and only an operation that
+    never follows a symlink after its check can stay out of ``target``.
+    """
+
+    def __init__(self, testcase: Any, policy: Any, directory: str, target: str) -> None:
+        self.directory = directory
+        self.aside = directory + "-aside"
+        self.target = target
+        self.checks = 0
+        for name in ("resolve", "resolve_entry"):
+            real = getattr(policy, name)
+            setattr(policy, name, self._wrap(real))
+            testcase.addCleanup(setattr, policy, name, real)
+        testcase.addCleanup(self.restore)
+
+    def _wrap(self, real: Any) -> Any:
+        def checked_then_swapped(*args: Any, **kwargs: Any) -> Any:
+            self.restore()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.checks += 1
+                self.swap()
+
+        return checked_then_swapped
+
+    def swap(self) -> None:
+        if os.path.isdir(self.directory) and not os.path.islink(self.directory):
+            os.rename(self.directory, self.aside)
+            os.symlink(self.target, self.directory)
+
+    def restore(self) -> None:
+        if os.path.islink(self.directory):
+            os.unlink(self.directory)
+            os.rename(self.aside, self.directory)
