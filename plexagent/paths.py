@@ -296,6 +296,10 @@ class PathPolicy:
             raise path_error(e, shown) from None
         finally:
             os.close(dfd)
+        if stat.S_ISLNK(st.st_mode):
+            # resolve() followed every symlink: one here was swapped in since
+            # (or loops), and what it points to was never checked.
+            raise errors.Forbidden("path not allowed", shown)
         return EntryInfo(real, _kind(st.st_mode), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
 
     def make_directory(self, path: object, mode: int = 0o755, field: str = "path") -> tuple[str, bool]:

@@ -24,15 +24,18 @@ class RunningAgentAPI:
     temp root (``self.root``); ``self.outside`` is a sibling outside it.
     """
 
-    def __init__(self, testcase: Any, **agent_api: Any) -> None:
+    def __init__(self, testcase: Any, extra_roots: tuple[str, ...] = (), **agent_api: Any) -> None:
         base = os.path.realpath(testcase.mktemp())
         self.base = base
         self.root = os.path.join(base, "root")
         self.outside = os.path.join(base, "outside")
         self.data_dir = os.path.join(base, "data")
-        for d in (self.root, self.outside, self.data_dir):
+        #: more allowed roots, beside ``root``, by name
+        self.extra_roots = {name: os.path.join(base, name) for name in extra_roots}
+        for d in (self.root, self.outside, self.data_dir, *self.extra_roots.values()):
             os.makedirs(d)
-        settings = {"allowed_paths": (self.root + "/",), "listen": "127.0.0.1:0"}
+        roots = (self.root + "/", *(d + "/" for d in self.extra_roots.values()))
+        settings = {"allowed_paths": roots, "listen": "127.0.0.1:0"}
         settings.update(agent_api)
         self.config = Config(node=NodeConfig(data_dir=self.data_dir), agent_api=AgentAPIConfig(**settings))
         self.context = AgentContext(config=self.config, reactor=reactor)
