@@ -197,6 +197,13 @@ class PathErrorTests(unittest.TestCase):
         code, body = await self.agent.post_json("/files/write", {"path": self.agent.p("d"), "content": "x"})
         self.assertEqual((code, body["error"]), (409, "path is a directory"))
 
+    async def test_deleting_a_non_empty_directory_without_recursive_is_409(self) -> None:
+        os.makedirs(self.agent.p("full", "inner"))
+        code, body = await self.agent.post_json("/files/delete", {"path": self.agent.p("full")})
+        self.assertEqual((code, body["error"]), (409, "directory not empty"))
+        self.assertIn(self.agent.p("full"), body["details"])
+        self.assertTrue(os.path.isdir(self.agent.p("full", "inner")))
+
     async def test_a_symlink_loop_is_4xx(self) -> None:
         os.symlink("b", self.agent.p("a"))
         os.symlink("a", self.agent.p("b"))
