@@ -43,11 +43,58 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+#: Linux's PATH_MAX: the longest path, with its terminating NUL, that a
+#: system call takes.
+PATH_MAX = 4096
+
+#: errno values that say something about the path a client named, not about
+#: the host: (error type, message, what to do).
+_PATH_ERRNOS: dict[int, tuple[type[errors.PlexError], str, str]] = {
+    errno.ENAMETOOLONG: (errors.InvalidInput, "path too long",
+                         f"a name is longer than 255 bytes or the path longer than {PATH_MAX - 1}; use a shorter path"),
+    errno.ELOOP: (errors.InvalidInput, "too many levels of symbolic links",
+                  "the path loops through symbolic links; remove the loop"),
+    errno.EINVAL: (errors.InvalidInput, "invalid path", "the file system refuses this name or operation"),
+    errno.ENXIO: (errors.InvalidInput, "not a regular file", "the path names a device, socket or FIFO"),
+    errno.ENODEV: (errors.InvalidInput, "not a regular file", "the path names a device"),
+    errno.ENOTDIR: (errors.Conflict, "not a directory", "a component of the path is not a directory"),
+    errno.EISDIR: (errors.Conflict, "path is a directory", "name a file, or delete the directory first"),
+    errno.EEXIST: (errors.Conflict, "path already exists", "delete it first, or choose another path"),
+    errno.ENOTEMPTY: (errors.Conflict, "directory not empty", "delete its content first"),
+    errno.EBUSY: (errors.Conflict, "path is busy", "it is in use, for example as a mount point"),
+    errno.ETXTBSY: (errors.Conflict, "path is busy", "it is a program being run"),
+    errno.EROFS: (errors.Conflict, "read-only file system", "the path is on a file system mounted read-only"),
+    errno.EPERM: (errors.Forbidden, "operation not permitted",
+                  "the file system does not allow this change (an immutable or append-only file, or a special file system)"),
+    errno.EACCES: (errors.Forbidden, "permission denied", "the file system does not allow this access"),
+    errno.EFBIG: (errors.TooLarge, "file too large", "the file system does not allow a file this large"),
+    errno.EMLINK: (errors.StorageFull, "insufficient storage", "the directory cannot hold more entries"),
+}
+
+
 def storage_error(e: OSError, what: str) -> errors.PlexError:
-    """Map an OSError to the project's error, never leaking content."""
+    """
+    Map an OSError from the agent's own storage (its data directory) to the
+    project's error, never leaking content: a full disk is 507, anything
+    else 500, since nothing the client sent caused it.
+    """
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return errors.StorageFull("insufficient storage", f"{what}: no space left on device")
     return errors.StorageError("storage error", f"{what}: {e.strerror}")
+
+
+def path_error(e: OSError, path: str) -> errors.PlexError:
+    """
+    Map an OSError met while working on ``path``, a host path a client
+    named: errors about the path itself (too long, not a directory, read-only,
+    ...) are the client's to fix (4xx, naming the path); a full disk stays
+    507 and a failing disk 500, as in ``storage_error``.
+    """
+    known = _PATH_ERRNOS.get(e.errno) if e.errno is not None else None
+    if known is None:
+        return storage_error(e, path)
+    kind, message, advice = known
+    return kind(message, f"{path}: {advice}")
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:

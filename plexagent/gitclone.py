@@ -11,6 +11,12 @@ that contains no secret itself; credential helpers, the user's and the
 system's git config are switched off so nothing is remembered. Only a
 finished clone is moved into ``target_path``, through directory descriptors
 (``plexagent.paths``), so the path policy holds for the result too.
+
+A local source (``file://``) is never read by git in place: it is checked
+and copied into the staging directory by ``plexagent.gitsource``, and git
+clones that copy (the only local transport it is allowed) with repository
+discovery stopped at the staging directory. The clone must stand alone: a
+``.git`` file, ``commondir`` or alternates in the result are refused.
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import attrs
 from twisted.internet import threads
 
-from plexagent import errors, processes
-from plexagent.fileio import ensure_private_dir, storage_error
-from plexagent.paths import PathPolicy
+from plexagent import errors, gitsource, processes
+from plexagent.fileio import ensure_private_dir, path_error, storage_error
+from plexagent.paths import PathPolicy, remove_tree
 from plexagent.tarsafe import chmod_directory_at
 
 _ALLOWED_SCHEMES = ("https", "http", "ssh", "git", "file")
+#: What git may use for a remote URL: never a local transport.
+_REMOTE_PROTOCOLS = "https:http:ssh:git"
 _SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^/\\]")
 _BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+-]{0,254}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -143,7 +151,7 @@ def _move_into_place(policy: PathPolicy, source: str, target_path: str) -> str:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise errors.Conflict("target_path is not empty", shown) from None
             if e.errno != errno.EXDEV:
-                raise storage_error(e, shown) from None
+                raise path_error(e, shown) from None
         staging = ".plexagent-clone-" + secrets.token_hex(8)
         os.mkdir(staging, 0o700, dir_fd=pfd)
         try:
@@ -155,16 +163,43 @@ def _move_into_place(policy: PathPolicy, source: str, target_path: str) -> str:
             os.rename(staging, name, src_dir_fd=pfd, dst_dir_fd=pfd)
             chmod_directory_at(pfd, name, 0o755)
         except OSError as e:
-            shutil.rmtree(staging, dir_fd=pfd, ignore_errors=True)
+            _remove_quietly(pfd, staging, shown)
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise errors.Conflict("target_path is not empty", shown) from None
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         except BaseException:
-            shutil.rmtree(staging, dir_fd=pfd, ignore_errors=True)
+            _remove_quietly(pfd, staging, shown)
             raise
         return real
     finally:
         os.close(pfd)
+
+
+def _remove_quietly(dir_fd: int, name: str, shown: str) -> None:
+    """Remove the tree ``name`` below ``dir_fd`` if it is there, whatever its depth."""
+    try:
+        remove_tree(dir_fd, name, shown)
+    except (OSError, errors.PlexError):
+        pass
+
+
+def check_standalone_clone(repo: str) -> None:
+    """
+    Refuse a clone (in private staging) that would read objects from
+    elsewhere: its ``.git`` must be a plain directory with no ``commondir``,
+    no linked or borrowed object store (alternates, a symlink).
+    """
+    git_dir = os.path.join(repo, ".git")
+    objects = os.path.join(git_dir, "objects")
+    borrowed = (
+        not stat.S_ISDIR(os.lstat(git_dir).st_mode)
+        or os.path.lexists(os.path.join(git_dir, "commondir"))
+        or not stat.S_ISDIR(os.lstat(objects).st_mode)
+        or os.path.lexists(os.path.join(objects, "info", "alternates"))
+        or os.path.lexists(os.path.join(objects, "info", "http-alternates"))
+    )
+    if borrowed:
+        raise errors.Forbidden("path not allowed", "the clone would read objects from outside its own directory")
 
 
 def _check_empty_target(pfd: int, name: str, shown: str) -> None:
@@ -261,30 +296,48 @@ class GitCloner:
             names = os.listdir(self.work_dir)
         except FileNotFoundError:
             return removed
-        for name in names:
-            path = os.path.join(self.work_dir, name)
-            try:
-                if now - os.lstat(path).st_mtime > 2 * self.timeout:
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed.append(name)
-            except OSError:
-                pass
+        work = os.open(self.work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for name in names:
+                try:
+                    if now - os.lstat(name, dir_fd=work).st_mtime > 2 * self.timeout:
+                        _remove_quietly(work, name, name)
+                        removed.append(name)
+                except OSError:
+                    pass
+        finally:
+            os.close(work)
         return removed
 
-    def _check_file_url(self, url: str) -> None:
-        # A local repository is only readable if the path policy allows it.
-        if url.lower().startswith("file:"):
-            path = unquote(urlsplit(url).path)
-            self.policy.resolve(path, "url")
-        elif "://" not in url and not _SCP_LIKE.match(url):
-            raise errors.InvalidInput("invalid url", "url must be a URL such as https://host/repo.git")
+    def _remove_staging(self, staging: str) -> None:
+        work = os.open(self.work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _remove_quietly(work, os.path.basename(staging), staging)
+        finally:
+            os.close(work)
+
+    def _local_source(self, url: str) -> str | None:
+        """The checked path of a local (file://) source, or None for a remote URL."""
+        path = gitsource.local_path(url)
+        if path is None:
+            if "://" not in url and not _SCP_LIKE.match(url):
+                raise errors.InvalidInput("invalid url", "url must be a URL such as https://host/repo.git")
+            return None
+        # Refused early when plainly outside; gitsource checks all git would read.
+        self.policy.resolve(path, "url")
+        return path
 
     async def clone(self, req: CloneRequest) -> dict[str, Any]:
-        self._check_file_url(req.url)
+        source = self._local_source(req.url)
         self.policy.resolve(req.target_path, "target_path")
         staging, askpass = await self._in_thread(self._prepare, req)
         hidden = [s for s in (req.password,) if s]
         try:
+            if source is not None:
+                origin = os.path.join(staging, "source.git")
+                await self._in_thread(gitsource.snapshot, self.policy, source, origin, self.timeout)
+            else:
+                origin = req.url
             env = {
                 "PATH": processes.DEFAULT_PATH,
                 "HOME": os.path.join(staging, "home"),
@@ -295,34 +348,45 @@ class GitCloner:
                 "GIT_ASKPASS": askpass,
                 "SSH_ASKPASS": askpass,
                 "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
-                "GIT_ALLOW_PROTOCOL": ":".join(_ALLOWED_SCHEMES),
+                "GIT_ALLOW_PROTOCOL": "file" if source is not None else _REMOTE_PROTOCOLS,
+                # No repository above the staging directory is ever discovered.
+                "GIT_CEILING_DIRECTORIES": self.work_dir,
                 "LC_ALL": "C",
             }
             if req.username:
                 env["PLEXAGENT_GIT_USERNAME"] = req.username
             if req.password:
                 env["PLEXAGENT_GIT_PASSWORD"] = req.password
-            argv = [self.git, "-c", "credential.helper=", "-c", "core.askPass=", "clone", "--no-recurse-submodules"]
+            argv = [self.git, "-c", "credential.helper=", "-c", "core.askPass=", "-c", "safe.bareRepository=explicit",
+                    "-c", "core.alternateRefsCommand=", "clone", "--no-recurse-submodules"]
+            if source is not None:
+                # Objects are packed and copied, never hard-linked or borrowed.
+                argv.append("--no-local")
             if req.branch:
                 argv += ["--branch", req.branch, "--single-branch"]
             if req.depth:
                 argv += ["--depth", str(req.depth)]
-            argv += ["--", req.url, "repo"]
+            argv += ["--", origin, "repo"]
             result = await self._run(argv, env, staging)
             if result.exit_code != 0:
-                text = scrub(result.stderr.decode("utf-8", "replace"), hidden)
+                text = scrub(result.stderr.decode("utf-8", "replace").replace(origin, req.url), hidden)
                 # git's own words, minus the progress line naming our staging directory.
                 message = "\n".join(l for l in text.splitlines() if not l.startswith("Cloning into")).strip()
                 raise errors.UpstreamFailed("git clone failed", message[-4000:] or f"git exited with {result.exit_code}")
-            head = await self._run([self.git, "rev-parse", "HEAD"], {"PATH": env["PATH"], "HOME": env["HOME"],
-                                                                      "GIT_CONFIG_NOSYSTEM": "1"},
-                                   os.path.join(staging, "repo"))
-            branch = await self._run([self.git, "rev-parse", "--abbrev-ref", "HEAD"],
-                                     {"PATH": env["PATH"], "HOME": env["HOME"], "GIT_CONFIG_NOSYSTEM": "1"},
-                                     os.path.join(staging, "repo"))
-            real = await self._in_thread(_move_into_place, self.policy, os.path.join(staging, "repo"), req.target_path)
+            repo = os.path.join(staging, "repo")
+            await self._in_thread(check_standalone_clone, repo)
+            local_env = {"PATH": env["PATH"], "HOME": env["HOME"], "GIT_CONFIG_NOSYSTEM": "1",
+                         "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_DIR": os.path.join(repo, ".git")}
+            if source is not None:
+                # origin is the URL asked for, not the private copy.
+                recorded = await self._run([self.git, "config", "remote.origin.url", req.url], local_env, repo)
+                if recorded.exit_code != 0:
+                    raise errors.StorageError("storage error", "git could not record the clone's origin URL")
+            head = await self._run([self.git, "rev-parse", "HEAD"], local_env, repo)
+            branch = await self._run([self.git, "rev-parse", "--abbrev-ref", "HEAD"], local_env, repo)
+            real = await self._in_thread(_move_into_place, self.policy, repo, req.target_path)
         finally:
-            await self._in_thread(shutil.rmtree, staging, True)
+            await self._in_thread(self._remove_staging, staging)
         return {
             "success": True,
             "path": real,

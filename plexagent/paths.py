@@ -9,12 +9,17 @@ symlink, it lies inside one of the allowed roots (sibling prefixes such as
 Checking a resolved path is not enough on its own: between the check and the
 write, someone with write access below a root could swap a directory for a
 symlink pointing elsewhere. So nothing here opens a checked path by name.
-Every operation walks the *resolved* path one component at a time from the
-root's directory descriptor with ``O_NOFOLLOW``: the resolved path contains
+Every operation walks the *resolved* path one component at a time from
+``/`` with ``O_NOFOLLOW`` (the roots themselves included: a root swapped for
+a symlink after startup is not followed either): the resolved path contains
 no symlink, so meeting one during the walk means the tree changed under us,
 and the operation is refused as ``path not allowed``. Once the parent
 directory is open, the final step (create, rename, unlink) is made relative
 to that descriptor, so later swaps cannot redirect it either.
+
+Paths are bounded by ``PATH_MAX``, given and resolved, so everything the
+routes create can be named again; removing a tree still copes with any depth
+(``remove_tree``), since other programs on the host are not so bounded.
 
 Everything here blocks on the file system: callers on the reactor run it in a
 thread.
@@ -25,14 +30,13 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import shutil
 import stat
 from typing import Iterable, Iterator
 
 import attrs
 
 from plexagent import errors
-from plexagent.fileio import storage_error
+from plexagent.fileio import PATH_MAX, path_error
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Longest file name most Linux file systems accept.
@@ -97,9 +101,21 @@ class PathPolicy:
             raise errors.InvalidInput(f"{field} is required", f"{field} must be a non-empty string")
         if "\x00" in path:
             raise errors.InvalidInput(f"invalid {field}", f"{field} must not contain NUL")
+        try:
+            size = len(os.fsencode(path))
+        except UnicodeEncodeError:
+            raise errors.InvalidInput(f"invalid {field}", f"{field} must be valid UTF-8") from None
+        if size >= PATH_MAX:
+            raise errors.InvalidInput("path too long", f"{field} is {size} bytes; the limit is {PATH_MAX - 1}")
         if not os.path.isabs(path):
             raise errors.Forbidden("path not allowed", path)
         return path
+
+    @staticmethod
+    def _bounded(real: str, text: str) -> str:
+        if len(os.fsencode(real)) >= PATH_MAX:
+            raise errors.InvalidInput("path too long", f"{text} resolves to a path longer than {PATH_MAX - 1} bytes")
+        return real
 
     def resolve(self, path: object, field: str = "path") -> str:
         """The resolved absolute path, or ``Forbidden("path not allowed")``."""
@@ -107,7 +123,7 @@ class PathPolicy:
         real = _realpath(text)
         if not self.contains(real):
             raise errors.Forbidden("path not allowed", text)
-        return real
+        return self._bounded(real, text)
 
     def resolve_entry(self, path: object, field: str = "path") -> str:
         """
@@ -123,7 +139,7 @@ class PathPolicy:
             real = os.path.join(_realpath(parent or "/"), name)
         if not self.contains(real):
             raise errors.Forbidden("path not allowed", text)
-        return real
+        return self._bounded(real, text)
 
     # -- walking ----------------------------------------------------------
 
@@ -137,26 +153,24 @@ class PathPolicy:
     def open_directory(self, real: str, create: bool = False, mode: int = 0o755, shown: str | None = None) -> int:
         """
         A descriptor of the directory at resolved path ``real``, walked from
-        its root without following any symlink; missing directories are
-        created (with ``mode``) when ``create`` is true. The caller closes it.
+        ``/`` through its root without following any symlink; missing
+        directories are created when ``create`` is true (a missing root with
+        mode 0755, below it with ``mode``). The caller closes it.
+
+        This is the one place the roots are opened: their resolved paths
+        were fixed at startup, so a root (or a parent of one) that is a
+        symlink now was swapped since, and is refused like any other.
         """
         shown = real if shown is None else shown
         root, parts = self._components(real)
+        steps = [(name, 0o755) for name in root.split("/") if name] + [(name, mode) for name in parts]
         try:
-            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if not create:
-                raise errors.NotFound("path not found", shown) from None
-            try:
-                os.makedirs(root, mode=0o755, exist_ok=True)
-                fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as e:
-                raise storage_error(e, shown) from None
-        except OSError as e:
-            raise storage_error(e, shown) from None
+            fd = os.open("/", _DIR_FLAGS)
+        except OSError as e:  # pragma: no cover - "/" is always there
+            raise path_error(e, shown) from None
         try:
-            for name in parts:
-                child = self._step(fd, name, create, mode, shown)
+            for name, step_mode in steps:
+                child = self._step(fd, name, create, step_mode, shown)
                 os.close(fd)
                 fd = child
         except BaseException:
@@ -183,8 +197,7 @@ class PathPolicy:
                     # The resolved path had no symlink here: the tree changed
                     # after the check. Refuse rather than follow it.
                     raise errors.Forbidden("path not allowed", shown) from None
-                raise errors.Conflict("not a directory", f"{shown}: a component is not a directory") from None
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         return child
 
     @staticmethod
@@ -248,7 +261,7 @@ class PathPolicy:
                 remaining -= len(piece)
             data = b"".join(parts)
         except OSError as e:
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         finally:
             os.close(fd)
         if len(data) > limit:
@@ -261,11 +274,13 @@ class PathPolicy:
         shown = str(path)
         if self.is_root(real):
             try:
-                st = os.stat(real)
-            except FileNotFoundError:
+                fd = self.open_directory(real, shown=shown)
+            except errors.NotFound:
                 return None
-            except OSError as e:
-                raise storage_error(e, shown) from None
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
             return EntryInfo(real, _kind(st.st_mode), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
         try:
             dfd, name = self.open_parent(real, shown=shown)
@@ -278,9 +293,13 @@ class PathPolicy:
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         finally:
             os.close(dfd)
+        if stat.S_ISLNK(st.st_mode):
+            # resolve() followed every symlink: one here was swapped in since
+            # (or loops), and what it points to was never checked.
+            raise errors.Forbidden("path not allowed", shown)
         return EntryInfo(real, _kind(st.st_mode), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
 
     def make_directory(self, path: object, mode: int = 0o755, field: str = "path") -> tuple[str, bool]:
@@ -296,7 +315,7 @@ class PathPolicy:
                 # mkdir's mode is filtered by the umask; say exactly what was asked.
                 os.fchmod(fd, mode)
         except OSError as e:
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         finally:
             os.close(fd)
         return real, existed is None
@@ -327,16 +346,89 @@ class PathPolicy:
                         raise errors.Conflict(
                             "directory not empty", f"{shown}: send \"recursive\": true to delete it with its content"
                         ) from None
-                    # fd-based walk: symlinks inside are removed, never followed.
-                    shutil.rmtree(name, dir_fd=dfd)
+                    remove_tree(dfd, name, shown)
             else:
                 os.unlink(name, dir_fd=dfd)
             os.fsync(dfd)
         except OSError as e:
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         finally:
             os.close(dfd)
         return real, kind
+
+
+def remove_tree(parent_fd: int, name: str, shown: str) -> None:
+    """
+    Remove the directory ``name`` below ``parent_fd`` with everything in it,
+    however deep: an explicit stack instead of recursion, one directory
+    descriptor open at a time (the walk climbs back through ``..`` and checks
+    it reached the directory it left), and no path strings, so neither
+    Python's recursion limit, the descriptor limit nor ``PATH_MAX`` bounds
+    the depth. Symlinks inside are removed, never followed.
+
+    Raises ``OSError`` as met, or ``Conflict`` if a directory is moved away
+    while being emptied.
+    """
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        st = os.fstat(fd)
+        # One level per open directory: (its name, its identity, the
+        # subdirectories of it still to remove).
+        levels = [(name, (st.st_dev, st.st_ino), _remove_entries(fd))]
+        while True:
+            pending = levels[-1][2]
+            if pending:
+                child = pending.pop()
+                try:
+                    child_fd = os.open(child, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    _unlink_entry(fd, child)  # no longer a directory
+                    continue
+                os.close(fd)
+                fd = child_fd
+                st = os.fstat(fd)
+                levels.append((child, (st.st_dev, st.st_ino), _remove_entries(fd)))
+                continue
+            emptied = levels.pop()[0]
+            if not levels:
+                break
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != levels[-1][1]:
+                raise errors.Conflict("directory changed while deleting", f"{shown}: a directory in it was moved; retry")
+            os.rmdir(emptied, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def _remove_entries(dir_fd: int) -> list[str]:
+    """Unlink every non-directory in ``dir_fd``; the names of its subdirectories."""
+    subdirectories = []
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirectories.append(entry.name)
+            elif not _unlink_entry(dir_fd, entry.name):
+                subdirectories.append(entry.name)
+    return subdirectories
+
+
+def _unlink_entry(dir_fd: int, name: str) -> bool:
+    """Unlink ``name``; False if it turned out to be a directory."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        return False
+    return True
 
 
 def _open_regular_file(dfd: int, name: str, shown: str) -> int:
@@ -346,7 +438,7 @@ def _open_regular_file(dfd: int, name: str, shown: str) -> int:
     except FileNotFoundError:
         raise errors.NotFound("path not found", shown) from None
     except OSError as e:
-        raise storage_error(e, shown) from None
+        raise path_error(e, shown) from None
     if stat.S_ISLNK(before.st_mode):
         # resolve() followed every symlink: one here was swapped in since.
         raise errors.Forbidden("path not allowed", shown)
@@ -360,7 +452,7 @@ def _open_regular_file(dfd: int, name: str, shown: str) -> int:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise errors.Forbidden("path not allowed", shown) from None
-        raise storage_error(e, shown) from None
+        raise path_error(e, shown) from None
     after = os.fstat(fd)
     if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(after.st_mode):
         os.close(fd)
@@ -418,6 +510,6 @@ def atomic_write_at(dfd: int, name: str, chunks: "bytes | Iterable[bytes]", mode
         if isinstance(e, OSError):
             if e.errno == errno.EISDIR:
                 raise errors.Conflict("path is a directory", shown) from None
-            raise storage_error(e, shown) from None
+            raise path_error(e, shown) from None
         raise
     return written

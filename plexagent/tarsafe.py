@@ -7,7 +7,10 @@ The archive is read once, front to back, from any object with ``read(n)``
 memory stays bounded whatever the archive's size. Members are written into a
 private staging directory through directory descriptors, never by path name:
 
-- absolute names and names with ``..`` are skipped and reported;
+- absolute names and names with ``..`` are skipped and reported, and so
+  are names deeper than 128 levels or that would make a path longer than
+  ``PATH_MAX`` below ``extract_path`` (everything extracted can be named,
+  and so removed, through the file routes);
 - a member whose path passes through a symlink (one extracted earlier, or a
   directory swapped for one) is skipped, as every directory is opened with
   ``O_NOFOLLOW``;
@@ -46,7 +49,7 @@ from typing import Any, Callable
 import attrs
 
 from plexagent import errors
-from plexagent.fileio import atomic_write, ensure_private_dir, is_set_aside, set_aside, storage_error
+from plexagent.fileio import PATH_MAX, atomic_write, ensure_private_dir, is_set_aside, path_error, set_aside
 from plexagent.paths import PathPolicy
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -227,10 +230,12 @@ def symlink_target_stays_inside(link_parts: list[str], target: str) -> bool:
 
 
 class _Extractor:
-    def __init__(self, staging_fd: int, limits: Limits, result: ExtractionResult) -> None:
+    def __init__(self, staging_fd: int, limits: Limits, result: ExtractionResult, room: int) -> None:
         self.staging_fd = staging_fd
         self.limits = limits
         self.result = result
+        #: bytes a member's name may take below the extraction directory
+        self.room = room
         #: sizes the headers of regular members announced, extracted or not
         self.declared = 0
 
@@ -275,6 +280,8 @@ class _Extractor:
             parts = _member_parts(info.name)
             if not parts:
                 return  # the archive's own root ("./")
+            if len("/".join(parts).encode("utf-8", "surrogateescape")) > self.room:
+                raise _Skip("path too long")
             if info.ischr() or info.isblk():
                 raise _Skip("device node")
             if info.isfifo():
@@ -524,7 +531,7 @@ def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max
             os.mkdir(staging_name, 0o700, dir_fd=home_fd)
             staging_fd = os.open(staging_name, _DIR_FLAGS, dir_fd=home_fd)
         except OSError as e:
-            raise storage_error(e, extract_path) from None
+            raise path_error(e, extract_path) from None
         try:
             metadata = [0]
 
@@ -535,7 +542,9 @@ def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max
                 if overhead > allowance:
                     raise errors.TooLarge("archive metadata too large", "headers or padding exceed what any archive needs")
 
-            extractor = _Extractor(staging_fd, limits, result)
+            # The final path is real + "/" + name, NUL-terminated within PATH_MAX.
+            room = PATH_MAX - 2 - len(os.fsencode(real))
+            extractor = _Extractor(staging_fd, limits, result, room)
             reader = InputReader(raw, limits.max_bytes if max_input is None else max_input, count_decompressed)
             try:
                 with tarfile.open(fileobj=reader, mode="r|", bufsize=_COPY_BUFFER) as tar:  # type: ignore[call-overload]
@@ -550,7 +559,7 @@ def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max
             except (tarfile.TarError, EOFError) as e:
                 raise errors.InvalidInput("invalid archive", f"not a readable tar or tar.gz stream ({_describe(e)})") from None
             except OSError as e:
-                raise storage_error(e, extract_path) from None
+                raise path_error(e, extract_path) from None
             try:
                 if stage_in_parent:
                     try:
@@ -569,7 +578,7 @@ def extract(raw: Any, policy: PathPolicy, extract_path: str, limits: Limits, max
                 finally:
                     os.close(target_fd)
             except OSError as e:
-                raise storage_error(e, extract_path) from None
+                raise path_error(e, extract_path) from None
         finally:
             os.close(staging_fd)
             _remove_tree(home_fd, staging_name)

@@ -24,15 +24,18 @@ class RunningAgentAPI:
     temp root (``self.root``); ``self.outside`` is a sibling outside it.
     """
 
-    def __init__(self, testcase: Any, **agent_api: Any) -> None:
+    def __init__(self, testcase: Any, extra_roots: tuple[str, ...] = (), **agent_api: Any) -> None:
         base = os.path.realpath(testcase.mktemp())
         self.base = base
         self.root = os.path.join(base, "root")
         self.outside = os.path.join(base, "outside")
         self.data_dir = os.path.join(base, "data")
-        for d in (self.root, self.outside, self.data_dir):
+        #: more allowed roots, beside ``root``, by name
+        self.extra_roots = {name: os.path.join(base, name) for name in extra_roots}
+        for d in (self.root, self.outside, self.data_dir, *self.extra_roots.values()):
             os.makedirs(d)
-        settings = {"allowed_paths": (self.root + "/",), "listen": "127.0.0.1:0"}
+        roots = (self.root + "/", *(d + "/" for d in self.extra_roots.values()))
+        settings = {"allowed_paths": roots, "listen": "127.0.0.1:0"}
         settings.update(agent_api)
         self.config = Config(node=NodeConfig(data_dir=self.data_dir), agent_api=AgentAPIConfig(**settings))
         self.context = AgentContext(config=self.config, reactor=reactor)
@@ -103,3 +106,44 @@ class WiringDirectory:
         self.data_dir = os.path.join(self.base, "data")
         self.socket = os.path.join(self.base, "s")
         self.root = self.base + "/"
+
+
+class SwapAfterEachCheck:
+    """
+    Makes ``directory`` a real directory whenever the path policy checks a
+    path (``resolve``/``resolve_entry``), and a symlink to ``target`` as soon
+    as the check returns: every check passes, and only an operation that
+    never follows a symlink after its check can stay out of ``target``.
+    """
+
+    def __init__(self, testcase: Any, policy: Any, directory: str, target: str) -> None:
+        self.directory = directory
+        self.aside = directory + "-aside"
+        self.target = target
+        self.checks = 0
+        for name in ("resolve", "resolve_entry"):
+            real = getattr(policy, name)
+            setattr(policy, name, self._wrap(real))
+            testcase.addCleanup(setattr, policy, name, real)
+        testcase.addCleanup(self.restore)
+
+    def _wrap(self, real: Any) -> Any:
+        def checked_then_swapped(*args: Any, **kwargs: Any) -> Any:
+            self.restore()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.checks += 1
+                self.swap()
+
+        return checked_then_swapped
+
+    def swap(self) -> None:
+        if os.path.isdir(self.directory) and not os.path.islink(self.directory):
+            os.rename(self.directory, self.aside)
+            os.symlink(self.target, self.directory)
+
+    def restore(self) -> None:
+        if os.path.islink(self.directory):
+            os.unlink(self.directory)
+            os.rename(self.aside, self.directory)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import subprocess
+from typing import Any
 
 from twisted.trial import unittest
 
 from tests.agentapi.support import RunningAgentAPI
+from tests.test_drills_disk import mount_tmpfs
+from tests.test_paths import make_deep_tree
 
 
 class FilesTests(unittest.TestCase):
@@ -133,4 +137,167 @@ class FilesTests(unittest.TestCase):
             code, doc = await self.agent.call("POST", "/files/mkdir", data=body)
             self.assertEqual((code, doc["error"]), (400, "invalid JSON body"), body[:20])
             self.assertTrue(doc["details"])
+        self.assertEqual(os.listdir(self.agent.root), [])
+
+
+LONG_NAME = "n" * 300
+
+
+class PathErrorTests(unittest.TestCase):
+    """
+    An OS error about the path a client named is answered 4xx naming it
+    (ENAMETOOLONG, ENOTDIR, EISDIR, EROFS, EPERM, EBUSY, ...), on every
+    route that touches host files; a full disk stays 507 (see the disk drill).
+    """
+
+    def setUp(self) -> None:
+        self.agent = RunningAgentAPI(self, max_read_bytes=100)
+
+    def routes(self) -> dict[str, Any]:
+        from tests.agentapi.test_uploads import SITE
+
+        agent = self.agent
+        site = base64.b64encode(SITE).decode()
+        return {
+            "write": lambda p: agent.post_json("/files/write", {"path": p, "content": "x"}),
+            "read": lambda p: agent.get("/files/read", path=p),
+            "exists": lambda p: agent.get("/files/exists", path=p),
+            "mkdir": lambda p: agent.post_json("/files/mkdir", {"path": p}),
+            "delete": lambda p: agent.post_json("/files/delete", {"path": p, "recursive": True}),
+            "upload/tar": lambda p: agent.post_json("/upload/tar", {"data": site}, params={"extract_path": p}),
+            "upload/tar/stream": lambda p: agent.call("POST", "/upload/tar/stream", data=SITE,
+                                                      params={"extract_path": p}),
+            "upload/tar/chunked": lambda p: agent.call("POST", "/upload/tar/chunked", data=SITE, params={
+                "chunk_id": "c-" + os.urandom(4).hex(), "chunk_index": "0", "total_chunks": "1", "extract_path": p}),
+            "git/clone": lambda p: agent.post_json("/git/clone", {"url": "file://" + agent.p("no-repo"),
+                                                                  "target_path": p}),
+        }
+
+    async def test_a_300_byte_name_is_400_naming_the_path_on_every_route(self) -> None:
+        path = self.agent.p("dir", LONG_NAME)
+        os.makedirs(self.agent.p("dir"))
+        for route, call in self.routes().items():
+            code, body = await call(path)
+            self.assertEqual((code, body["error"]), (400, "path too long"), route)
+            self.assertIn(LONG_NAME, body["details"], route)
+        self.assertEqual(os.listdir(self.agent.root), ["dir"])
+        self.assertEqual(os.listdir(self.agent.p("dir")), [])
+
+    async def test_a_path_longer_than_path_max_is_400_on_every_route(self) -> None:
+        path = self.agent.root + "/a" * 3000
+        for route, call in self.routes().items():
+            code, body = await call(path)
+            self.assertEqual((code, body["error"]), (400, "path too long"), route)
+        self.assertEqual(os.listdir(self.agent.root), [])
+
+    async def test_a_file_used_as_a_directory_is_409_on_every_route_that_creates(self) -> None:
+        with open(self.agent.p("file"), "w") as f:
+            f.write("x")
+        routes = self.routes()
+        for route in ("write", "read", "mkdir", "delete", "upload/tar", "upload/tar/stream"):
+            code, body = await routes[route](self.agent.p("file", "below"))
+            self.assertEqual((code, body["error"]), (409, "not a directory"), route)
+            self.assertIn(self.agent.p("file", "below"), body["details"], route)
+
+    async def test_writing_over_a_directory_is_409(self) -> None:
+        os.makedirs(self.agent.p("d"))
+        code, body = await self.agent.post_json("/files/write", {"path": self.agent.p("d"), "content": "x"})
+        self.assertEqual((code, body["error"]), (409, "path is a directory"))
+
+    async def test_deleting_a_non_empty_directory_without_recursive_is_409(self) -> None:
+        os.makedirs(self.agent.p("full", "inner"))
+        code, body = await self.agent.post_json("/files/delete", {"path": self.agent.p("full")})
+        self.assertEqual((code, body["error"]), (409, "directory not empty"))
+        self.assertIn(self.agent.p("full"), body["details"])
+        self.assertTrue(os.path.isdir(self.agent.p("full", "inner")))
+
+    async def test_a_symlink_loop_is_4xx(self) -> None:
+        os.symlink("b", self.agent.p("a"))
+        os.symlink("a", self.agent.p("b"))
+        for route, call in self.routes().items():
+            code, body = await call(self.agent.p("a", "x"))
+            self.assertTrue(400 <= code < 500 and "error" in body, (route, code, body))
+
+    async def test_read_only_file_system_is_409(self) -> None:
+        ro = self.agent.p("ro")
+        os.makedirs(ro)
+        mount_tmpfs(self, ro, "size=64k")
+        with open(os.path.join(ro, "kept"), "w") as f:
+            f.write("x")
+        subprocess.run(["mount", "-o", "remount,ro", ro], check=True)
+        routes = self.routes()
+        for route in ("write", "mkdir", "delete", "upload/tar", "upload/tar/stream"):
+            target = os.path.join(ro, "kept") if route == "delete" else os.path.join(ro, "new")
+            code, body = await routes[route](target)
+            self.assertEqual((code, body["error"]), (409, "read-only file system"), route)
+            self.assertIn(ro, body["details"])
+        self.assertEqual(os.listdir(ro), ["kept"])
+
+    async def test_immutable_file_is_403_operation_not_permitted(self) -> None:
+        fs = self.agent.p("fs")
+        os.makedirs(fs)
+        mount_tmpfs(self, fs, "size=64k")
+        locked = os.path.join(fs, "locked")
+        with open(locked, "w") as f:
+            f.write("old")
+        subprocess.run(["chattr", "+i", locked], check=True)
+        self.addCleanup(subprocess.run, ["chattr", "-i", locked])
+        code, body = await self.agent.post_json("/files/write", {"path": locked, "content": "new"})
+        self.assertEqual((code, body["error"]), (403, "operation not permitted"))
+        code, body = await self.agent.post_json("/files/delete", {"path": locked})
+        self.assertEqual((code, body["error"]), (403, "operation not permitted"))
+        with open(locked) as f:
+            self.assertEqual(f.read(), "old")
+        self.assertEqual(os.listdir(fs), ["locked"])
+
+    async def test_deleting_a_mount_point_is_409_busy(self) -> None:
+        mnt = self.agent.p("mnt")
+        os.makedirs(mnt)
+        mount_tmpfs(self, mnt, "size=64k")
+        code, body = await self.agent.post_json("/files/delete", {"path": mnt})
+        self.assertEqual((code, body["error"]), (409, "path is busy"))
+        self.assertTrue(os.path.ismount(mnt))
+
+
+class TreeDepthTests(unittest.TestCase):
+    """Whatever the agent (or anything else on the host) can create, /files/delete removes."""
+
+    def setUp(self) -> None:
+        self.agent = RunningAgentAPI(self)
+        # rm(1) copes with any depth should a test fail half-way; trial's cleanup does not.
+        self.addCleanup(subprocess.run, ["rm", "-rf", "--", self.agent.root])
+
+    async def test_delete_removes_a_3000_deep_tree(self) -> None:
+        make_deep_tree(self, self.agent.root, 3000)
+        code, body = await self.agent.post_json("/files/delete", {"path": self.agent.p("d"), "recursive": True})
+        self.assertEqual((code, body["deleted"]), (200, "directory"))
+        self.assertEqual(os.listdir(self.agent.root), [])
+
+    async def test_mkdir_of_a_3000_deep_path_is_400_and_creates_nothing(self) -> None:
+        code, body = await self.agent.post_json("/files/mkdir", {"path": self.agent.root + "/d" * 3000})
+        self.assertEqual((code, body["error"]), (400, "path too long"))
+        self.assertEqual(os.listdir(self.agent.root), [])
+
+    async def test_the_deepest_tree_mkdir_accepts_is_deleted_again(self) -> None:
+        depth = (4095 - len(self.agent.root)) // 2
+        code, _ = await self.agent.post_json("/files/mkdir", {"path": self.agent.root + "/d" * depth})
+        self.assertEqual(code, 201)
+        self.assertGreater(depth, 1000)  # past Python's recursion limit
+        code, _ = await self.agent.post_json("/files/delete", {"path": self.agent.p("d"), "recursive": True})
+        self.assertEqual(code, 200)
+        self.assertEqual(os.listdir(self.agent.root), [])
+
+    async def test_tar_members_past_path_max_are_skipped_and_the_rest_is_deleted_again(self) -> None:
+        from tests.test_tarsafe import archive, member
+
+        # An extract_path close to PATH_MAX, then 128-deep members below it.
+        base = self.agent.root + "/" + "/".join(["e" * 200] * ((3600 - len(self.agent.root)) // 201))
+        deep = "/".join(["m" * 20] * 40)
+        data = archive(member("short", data=b"s"), member(deep + "/far", data=b"f"))
+        code, body = await self.agent.post_json("/upload/tar", {"data": base64.b64encode(data).decode()},
+                                                params={"extract_path": base})
+        self.assertEqual(code, 200, body)
+        self.assertEqual((body["files"], body["skipped"]), (1, [{"name": deep + "/far", "reason": "path too long"}]))
+        code, _ = await self.agent.post_json("/files/delete", {"path": self.agent.p("e" * 200), "recursive": True})
+        self.assertEqual(code, 200)
         self.assertEqual(os.listdir(self.agent.root), [])

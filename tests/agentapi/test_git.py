@@ -11,7 +11,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import resource, server, twcgi
 
-from tests.agentapi.support import RunningAgentAPI
+from tests.agentapi.support import RunningAgentAPI, SwapAfterEachCheck
 
 USER = "deployer"
 PASSWORD = "s3cret-Pa55word-never-on-disk"
@@ -157,11 +157,10 @@ class FileCloneTests(CloneCase):
             self.assertEqual(code, 400, body)
         self.assertFalse(os.path.exists(self.agent.p("bad")))
 
-    async def test_missing_repository_returns_gits_message(self) -> None:
+    async def test_missing_local_repository_is_404(self) -> None:
         code, body = await self.clone(url="file://" + self.agent.p("nothing-here"), target_path=self.agent.p("y"))
-        self.assertEqual((code, body["error"]), (500, "git clone failed"))
-        self.assertIn("does not appear to be a git repository", body["details"])
-        self.assertNotIn("Cloning into", body["details"])
+        self.assertEqual((code, body), (404, {"error": "repository not found",
+                                              "details": self.agent.p("nothing-here") + " is not a git repository"}))
         self.assertFalse(os.path.exists(self.agent.p("y")))
         self.assertEqual(os.listdir(os.path.join(self.agent.data_dir, "git-staging")), [])
 
@@ -271,3 +270,225 @@ class ParseTests(unittest.TestCase):
         self.assertNotIn("p@ss w0rd", out)
         self.assertNotIn("p%40ss%20w0rd", out)
         self.assertNotIn("x:y@", out)
+
+
+def git_output(path: str, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=path, env=GIT_ENV, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+class LocalSourceTests(CloneCase):
+    """
+    A local clone reads only a repository whose git directory and object
+    store lie inside the allowed paths: every pointer git would follow is
+    checked, and git never reads the source in place.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.marker = "outside-secret-" + os.urandom(6).hex()
+        self.outside_repo = os.path.join(self.agent.outside, "secret")
+        os.makedirs(self.outside_repo)
+        git_output(self.outside_repo, "init", "-q", "-b", "main")
+        with open(os.path.join(self.outside_repo, "SECRET"), "w") as f:
+            f.write(self.marker + "\n")
+        git_output(self.outside_repo, "add", "SECRET")
+        git_output(self.outside_repo, "commit", "-q", "-m", "secret")
+        self.outside_commit = git_output(self.outside_repo, "rev-parse", "HEAD")
+        self.outside_git = os.path.join(self.outside_repo, ".git")
+
+    async def write(self, path: str, content: str) -> None:
+        code, body = await self.agent.post_json("/files/write", {"path": path, "content": content})
+        self.assertEqual(code, 200, body)
+
+    async def assertRefused(self, url: str, code: int = 403) -> dict:
+        target = self.agent.p("stolen")
+        status, body = await self.clone(url=url, target_path=target)
+        self.assertEqual(status, code, body)
+        self.assertIsInstance(body.get("error"), str)
+        self.assertFalse(os.path.exists(target))
+        self.assertEqual(files_containing(self.agent.root, self.marker.encode()), [])
+        staging = os.path.join(self.agent.data_dir, "git-staging")
+        self.assertEqual(os.listdir(staging) if os.path.exists(staging) else [], [])
+        return body
+
+    async def test_git_file_pointing_outside_is_403(self) -> None:
+        await self.write(self.agent.p("evil", ".git"), f"gitdir: {self.outside_git}\n")
+        body = await self.assertRefused("file://" + self.agent.p("evil"))
+        self.assertEqual(body["error"], "path not allowed")
+
+    async def test_relative_git_file_pointing_outside_is_403(self) -> None:
+        relative = os.path.relpath(self.outside_git, self.agent.p("evil"))
+        await self.write(self.agent.p("evil", ".git"), f"gitdir: {relative}\n")
+        await self.assertRefused("file://" + self.agent.p("evil"))
+
+    async def test_alternates_pointing_outside_are_403(self) -> None:
+        git_dir = os.path.join(self.source, ".git")
+        await self.write(os.path.join(git_dir, "objects", "info", "alternates"),
+                         os.path.join(self.outside_git, "objects") + "\n")
+        await self.write(os.path.join(git_dir, "refs", "heads", "main"), self.outside_commit + "\n")
+        await self.assertRefused("file://" + self.source)
+
+    async def test_alternates_chained_through_an_inside_repository_are_403(self) -> None:
+        middle = self.agent.p("middle")
+        make_repository(middle)
+        await self.write(os.path.join(middle, ".git", "objects", "info", "alternates"),
+                         os.path.join(self.outside_git, "objects") + "\n")
+        git_dir = os.path.join(self.source, ".git")
+        await self.write(os.path.join(git_dir, "objects", "info", "alternates"),
+                         os.path.join(middle, ".git", "objects") + "\n")
+        await self.write(os.path.join(git_dir, "refs", "heads", "main"), self.outside_commit + "\n")
+        await self.assertRefused("file://" + self.source)
+
+    async def test_symlinked_objects_directory_is_403(self) -> None:
+        git_dir = os.path.join(self.source, ".git")
+        subprocess.run(["rm", "-rf", os.path.join(git_dir, "objects")], check=True)
+        os.symlink(os.path.join(self.outside_git, "objects"), os.path.join(git_dir, "objects"))
+        await self.write(os.path.join(git_dir, "refs", "heads", "main"), self.outside_commit + "\n")
+        await self.assertRefused("file://" + self.source)
+
+    async def test_symlinked_refs_directory_is_403(self) -> None:
+        git_dir = os.path.join(self.source, ".git")
+        subprocess.run(["rm", "-rf", os.path.join(git_dir, "refs")], check=True)
+        os.symlink(os.path.join(self.outside_git, "refs"), os.path.join(git_dir, "refs"))
+        await self.assertRefused("file://" + self.source)
+
+    async def test_symlinked_pack_directory_is_403(self) -> None:
+        git_output(self.outside_repo, "gc", "-q")
+        git_dir = os.path.join(self.source, ".git")
+        pack = os.path.join(git_dir, "objects", "pack")
+        subprocess.run(["rm", "-rf", pack], check=True)
+        os.symlink(os.path.join(self.outside_git, "objects", "pack"), pack)
+        await self.write(os.path.join(git_dir, "refs", "heads", "main"), self.outside_commit + "\n")
+        await self.assertRefused("file://" + self.source)
+
+    async def test_commondir_pointing_outside_is_403(self) -> None:
+        fake = self.agent.p("worktree-gitdir")
+        await self.write(os.path.join(fake, "HEAD"), "ref: refs/heads/main\n")
+        await self.write(os.path.join(fake, "commondir"), self.outside_git + "\n")
+        await self.assertRefused("file://" + fake)
+
+    async def test_dot_git_suffix_symlinked_outside_is_403(self) -> None:
+        os.symlink(self.outside_git, self.agent.p("elsewhere.git"))
+        await self.assertRefused("file://" + self.agent.p("elsewhere"))
+
+    async def test_query_and_fragment_characters_are_part_of_the_path(self) -> None:
+        """git reads 'file:///a?/../x' as the path '/a?/../x', not '/a'."""
+        await self.write(self.agent.p("a?", "keep"), "x")
+        escape = os.path.relpath(self.outside_repo, self.agent.p("a?"))
+        await self.assertRefused("file://" + self.agent.p("a") + "?/" + escape)
+
+    async def test_percent_encoded_path_is_checked_decoded(self) -> None:
+        encoded = self.outside_repo[:-1] + "%%%02X" % ord(self.outside_repo[-1])
+        await self.assertRefused("file://" + encoded)
+
+    async def test_remote_host_in_a_file_url_is_400(self) -> None:
+        await self.assertRefused("file://otherhost" + self.source, 400)
+
+    async def test_file_url_without_slashes_is_400(self) -> None:
+        await self.assertRefused("file:" + self.source, 400)
+
+    async def test_ext_and_fd_transports_stay_refused(self) -> None:
+        for url in ("ext::sh -c cat% /etc/passwd", "fd::3", "ext::git-upload-pack " + self.outside_repo):
+            status, body = await self.clone(url=url, target_path=self.agent.p("stolen"))
+            self.assertEqual(status, 400, url)
+        self.assertFalse(os.path.exists(self.agent.p("stolen")))
+
+    async def test_source_swapped_for_an_outside_symlink_after_each_check_is_403(self) -> None:
+        """Every check sees the real repository; every read would meet a link to the outside one."""
+        os.rename(self.outside_repo, os.path.join(self.agent.outside, "repo"))
+        swap = SwapAfterEachCheck(self, self.agent.context.services["paths"], os.path.dirname(self.source),
+                                  self.agent.outside)
+        body = await self.assertRefused("file://" + self.source)
+        self.assertEqual(body["error"], "path not allowed")
+        self.assertGreater(swap.checks, 0)
+
+    async def test_clone_of_a_linked_worktree_inside_the_roots_works(self) -> None:
+        worktree = self.agent.p("wt")
+        git_output(self.source, "worktree", "add", "-q", worktree, "feature")
+        code, body = await self.clone(url="file://" + worktree, target_path=self.agent.p("from-wt"))
+        self.assertEqual((code, body["branch"]), (200, "feature"), body)
+        self.assertTrue(os.path.isfile(self.agent.p("from-wt", "FEATURE")))
+
+    async def test_alternates_inside_the_roots_are_followed(self) -> None:
+        borrower = self.agent.p("borrower")
+        subprocess.run(["git", "clone", "-q", "--shared", self.source, borrower], env=GIT_ENV, check=True)
+        code, body = await self.clone(url="file://" + borrower, target_path=self.agent.p("from-borrower"))
+        self.assertEqual(code, 200, body)
+        self.assertTrue(os.path.isfile(self.agent.p("from-borrower", "README")))
+        self.assertFalse(os.path.exists(self.agent.p("from-borrower", ".git", "objects", "info", "alternates")))
+
+    async def test_localhost_file_url_and_bare_repository_work(self) -> None:
+        bare = self.agent.p("bare.git")
+        subprocess.run(["git", "clone", "-q", "--bare", self.source, bare], env=GIT_ENV, check=True)
+        code, body = await self.clone(url="file://localhost" + self.agent.p("bare"), target_path=self.agent.p("b"))
+        self.assertEqual((code, body["branch"]), (200, "main"), body)
+        self.assertTrue(os.path.isfile(self.agent.p("b", "README")))
+
+    async def test_clone_remembers_the_given_url_as_origin(self) -> None:
+        url = "file://" + self.source
+        code, _ = await self.clone(url=url, target_path=self.agent.p("c"))
+        self.assertEqual(code, 200)
+        self.assertEqual(git_output(self.agent.p("c"), "config", "remote.origin.url"), url)
+        self.assertEqual(git_output(self.agent.p("c"), "log", "--format=%s"), "two\none")
+
+    async def test_a_file_instead_of_a_repository_is_400(self) -> None:
+        bundle = self.agent.p("repo.bundle")
+        subprocess.run(["git", "bundle", "create", "-q", bundle, "--all"], cwd=self.source, env=GIT_ENV, check=True)
+        body = await self.assertRefused("file://" + bundle, 400)
+        self.assertEqual(body["error"], "not a git repository")
+
+    async def test_http_alternates_are_neither_followed_nor_carried_into_the_clone(self) -> None:
+        await self.write(os.path.join(self.source, ".git", "objects", "info", "http-alternates"),
+                         "http://127.0.0.1:9/elsewhere/objects\n")
+        code, body = await self.clone(url="file://" + self.source, target_path=self.agent.p("h"))
+        self.assertEqual(code, 200, body)
+        self.assertFalse(os.path.exists(self.agent.p("h", ".git", "objects", "info", "http-alternates")))
+
+    async def test_shallow_source_is_cloned(self) -> None:
+        shallow = self.agent.p("shallow")
+        subprocess.run(["git", "clone", "-q", "--depth", "1", "file://" + self.source, shallow], env=GIT_ENV,
+                       check=True)
+        code, body = await self.clone(url="file://" + shallow, target_path=self.agent.p("s"))
+        self.assertEqual(code, 200, body)
+        self.assertEqual(git_output(self.agent.p("s"), "log", "--format=%s"), "two")
+
+    async def test_sha256_source_is_cloned(self) -> None:
+        sha256 = self.agent.p("sha256")
+        os.makedirs(sha256)
+        git_output(sha256, "init", "-q", "-b", "main", "--object-format=sha256")
+        with open(os.path.join(sha256, "f"), "w") as f:
+            f.write("x\n")
+        git_output(sha256, "add", "f")
+        git_output(sha256, "commit", "-q", "-m", "x")
+        code, body = await self.clone(url="file://" + sha256, target_path=self.agent.p("s256"))
+        self.assertEqual(code, 200, body)
+        self.assertEqual(len(body["commit"]), 64)
+
+
+class StandaloneCloneTests(unittest.TestCase):
+    """Whatever git produced, a clone that borrows objects from elsewhere is not moved into place."""
+
+    def setUp(self) -> None:
+        self.repo = os.path.realpath(self.mktemp())
+        make_repository(self.repo)
+
+    def test_a_plain_clone_passes(self) -> None:
+        from plexagent.gitclone import check_standalone_clone
+
+        check_standalone_clone(self.repo)
+
+    def test_alternates_commondir_or_git_file_are_refused(self) -> None:
+        from plexagent import errors
+        from plexagent.gitclone import check_standalone_clone
+
+        git_dir = os.path.join(self.repo, ".git")
+        for name in ("objects/info/alternates", "objects/info/http-alternates", "commondir"):
+            with open(os.path.join(git_dir, name), "w") as f:
+                f.write("/elsewhere\n")
+            self.assertRaises(errors.Forbidden, check_standalone_clone, self.repo)
+            os.unlink(os.path.join(git_dir, name))
+        os.rename(git_dir, self.repo + "-git")
+        with open(git_dir, "w") as f:
+            f.write(f"gitdir: {self.repo}-git\n")
+        self.assertRaises(errors.Forbidden, check_standalone_clone, self.repo)
