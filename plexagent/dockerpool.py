@@ -36,6 +36,8 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from plexagent import errors
+from plexagent.dockerbinds import start_checked
+from plexagent.paths import PathPolicy
 
 log = Logger()
 
@@ -699,7 +701,7 @@ class _Ops:
         return client.api.inspect_container(name)
 
     @staticmethod
-    def run(client: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def run(client: Any, kwargs: dict[str, Any], policy: PathPolicy) -> dict[str, Any]:
         kwargs = dict(kwargs)
         image = kwargs.pop("image")
         command = kwargs.pop("command", None)
@@ -713,7 +715,8 @@ class _Ops:
             client.images.pull(repository, tag=tag or "latest")
             container = client.containers.create(image, command, **kwargs)
         try:
-            container.start()
+            # A pull may have taken minutes since the volumes were checked.
+            start_checked(client, container.id, policy)
         except Exception:
             # Do not leave a created-but-broken container holding the name.
             try:
@@ -725,14 +728,14 @@ class _Ops:
         return {"success": True, "id": container.id, "name": container.name, **container_status(container.attrs)}
 
     @staticmethod
-    def act(client: Any, name: str, action: str, **kwargs: Any) -> dict[str, Any]:
+    def act(client: Any, name: str, action: str, policy: PathPolicy, **kwargs: Any) -> dict[str, Any]:
         api = client.api
         if action == "start":
-            api.start(name)
+            name = start_checked(client, name, policy)
         elif action == "stop":
             api.stop(name, timeout=kwargs["timeout"])
         elif action == "restart":
-            api.restart(name, timeout=kwargs.get("timeout", 10))
+            name = start_checked(client, name, policy, restart_timeout=kwargs.get("timeout", 10))
         elif action == "remove":
             info = api.inspect_container(name)
             api.remove_container(name, v=kwargs["volumes"], force=kwargs["force"])
@@ -896,10 +899,15 @@ class ContainerListCache:
 
 
 class DockerFacade:
-    """Deferred-returning Docker operations on a ``DockerPool``."""
+    """
+    Deferred-returning Docker operations on a ``DockerPool``. Every start
+    of a container (run, start, restart) first checks its bind mounts
+    against ``paths`` (``dockerbinds.start_checked``).
+    """
 
-    def __init__(self, pool: DockerPool) -> None:
+    def __init__(self, pool: DockerPool, paths: PathPolicy | None = None) -> None:
         self.pool = pool
+        self.paths = paths if paths is not None else PathPolicy(())
         self.container_list = ContainerListCache(pool)
 
     def _changes(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
@@ -925,10 +933,10 @@ class DockerFacade:
         return info.addCallback(container_status)
 
     def run(self, kwargs: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
-        return self._changes(self.pool.call(_Ops.run, kwargs, what="image"))
+        return self._changes(self.pool.call(_Ops.run, kwargs, self.paths, what="image"))
 
     def act(self, name: str, action: str, **kwargs: Any) -> defer.Deferred[dict[str, Any]]:
-        return self._changes(self.pool.call(_Ops.act, name, action, **kwargs))
+        return self._changes(self.pool.call(_Ops.act, name, action, self.paths, **kwargs))
 
     def logs(self, name: str, tail: int | str) -> defer.Deferred[str]:
         return self.pool.call(_Ops.logs, name, tail)

@@ -26,6 +26,7 @@ import re
 from typing import Any
 
 from plexagent import errors
+from plexagent.dockerbinds import BIND_LABEL, bind_label
 from plexagent.paths import PathPolicy
 
 _NAME = re.compile(r"/?[a-zA-Z0-9][a-zA-Z0-9_.-]*")
@@ -52,6 +53,9 @@ _MODE_GROUPS = (
 MIN_DURATION = 0.001
 MAX_DURATION = 365 * 24 * 3600
 MAX_COUNT = 2**31 - 1
+
+#: Labels with this prefix are the agent's own (see ``dockerbinds``).
+RESERVED_LABEL_PREFIX = "plexagent."
 
 
 def require_str(body: dict[str, Any], field: str) -> str:
@@ -394,12 +398,18 @@ def parse_run(body: Any, policy: PathPolicy) -> dict[str, Any]:
             "hostname must be at most 63 letters, digits, '_', '.' and '-', starting with a letter or digit",
         )
     labels = body.get("labels")
-    if labels is not None:
-        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-            raise errors.InvalidInput("invalid labels", "labels must be an object of strings")
-        for key, value in labels.items():
-            _no_nul(key + value, f"labels[{key!r}]", "invalid labels")
-        kwargs["labels"] = labels
+    if labels is None:
+        labels = {}
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise errors.InvalidInput("invalid labels", "labels must be an object of strings")
+    for key, value in labels.items():
+        _no_nul(key + value, f"labels[{key!r}]", "invalid labels")
+        if key.startswith(RESERVED_LABEL_PREFIX):
+            raise errors.InvalidInput(
+                "invalid labels", f"{key}: labels starting with {RESERVED_LABEL_PREFIX} are the agent's own"
+            )
+    # Records the host paths checked now: each start checks them again.
+    kwargs["labels"] = {**labels, BIND_LABEL: bind_label(kwargs["volumes"])}
     return kwargs
 
 

@@ -280,7 +280,7 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
     from plexagent.cron import CronScheduler, DockerCronRunner
 
     runner = DockerCronRunner(agent.agent_services["dockerpool"], reactor, config.cron.poll_interval,
-                              config.cron.run_timeout)
+                              config.cron.run_timeout, agent.agent_services["docker"].paths)
     scheduler = CronScheduler(config.node.data_dir, reactor, runner, config.cron.max_jobs)
     scheduler.setServiceParent(top)
     agent.agent_services["cron"] = scheduler
@@ -344,11 +344,12 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         # uses Docker or the host operations: not even their imports are
         # paid for (a node-API-only agent stays small).
         from plexagent.dockerpool import DockerFacade, DockerPool
+        from plexagent.paths import PathPolicy
 
         pool = DockerPool(reactor, config.docker.host, config.docker.threads)
         pool.setServiceParent(top)
         agent.agent_services["dockerpool"] = pool
-        agent.agent_services["docker"] = DockerFacade(pool)
+        agent.agent_services["docker"] = DockerFacade(pool, PathPolicy(config.agent_api.allowed_paths))
         add_operations(config, reactor, agent, top)
 
     cp = config.control_plane

@@ -8,6 +8,7 @@ import tempfile
 from twisted.trial import unittest
 
 from plexagent import errors
+from plexagent.dockerbinds import BIND_LABEL
 from plexagent.dockerspec import (
     MAX_COUNT,
     MAX_DURATION,
@@ -157,6 +158,15 @@ class Run(unittest.TestCase):
         self.assertEqual(container_name("web-1.a_b"), "web-1.a_b")
         for name in ("web\n", "web\n\n", "-web", "we b", "web\x00"):
             self.assertRaises(errors.InvalidInput, container_name, name)
+
+    def test_the_bind_label_records_the_checked_host_paths_and_cannot_be_sent(self) -> None:
+        root = os.path.realpath(tempfile.mkdtemp())
+        self.addCleanup(os.rmdir, root)
+        policy = PathPolicy([root + "/"])
+        kwargs = parse_run({"image": "app", "volumes": [f"{root}/d:/x", "cache:/c"], "labels": {"team": "a"}}, policy)
+        self.assertEqual(kwargs["labels"], {"team": "a", BIND_LABEL: f'["{root}/d"]'})
+        e = self.assertRaises(errors.InvalidInput, parse_run, {"image": "app", "labels": {BIND_LABEL: "[]"}}, policy)
+        self.assertEqual(e.message, "invalid labels")
 
     def test_image_is_required(self) -> None:
         e = self.assertRaises(errors.InvalidInput, parse_run, {"name": "x"}, PathPolicy(["/tmp/"]))

@@ -121,6 +121,7 @@ class StringsAreMatchedWhole(unittest.TestCase):
             ({"workdir": "relative"}, "invalid workdir"),
             ({"hostname": "h" * 64}, "invalid hostname"),
             ({"hostname": "web\n"}, "invalid hostname"),
+            ({"labels": {"plexagent.binds": "[]"}}, "invalid labels"),
             ({"labels": {"a": "b\x00"}}, "invalid labels"),
         ]
         for change, error in cases:
