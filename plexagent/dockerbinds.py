@@ -15,20 +15,33 @@ extracted archive, or anyone with write access below an allowed root. So:
   (``check``) in the same worker thread, right before Docker is asked to
   start it (``start_checked``). A restart is a stop then a checked start,
   so a swap during the stop's grace period is caught too.
+- Docker also starts containers on its own (restart policies, the daemon
+  coming back). ``BindGuard`` checks each running container the agent
+  created whenever Docker reports a start and whenever its event watch
+  (re)connects; one whose bind now escapes is killed and its restart
+  policy set to ``no``, so that Docker does not bring it back.
 
 What cannot be guaranteed: a swap in the instant between the check and
-Docker's mount, and starts Docker makes on its own (restart policies, the
-daemon coming back).
+Docker's mount (the guard then stops the container at its start event),
+and what a container that Docker started on its own did before the agent
+heard of it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
+
+import docker.errors
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
 
 from plexagent import errors
 from plexagent.paths import PathPolicy
+
+log = Logger()
 
 #: The label recording the host paths the agent validated for a
 #: container's bind mounts (a JSON list); its presence marks the containers
@@ -120,3 +133,150 @@ def start_checked(client: Any, ref: str, policy: PathPolicy, restart_timeout: in
         check(api.inspect_container(container_id), policy)
     api.start(container_id)
     return container_id
+
+
+# -- Docker's own starts -----------------------------------------------------
+
+
+def _guarded(info: dict[str, Any], policy: PathPolicy) -> bool:
+    """A running container this agent created (its recorded paths are in its roots)."""
+    recorded = _recorded(info)
+    if recorded is None or not (info.get("State") or {}).get("Running"):
+        return False
+    return all(policy.contains(os.path.normpath(source)) for source in recorded)
+
+
+def contain(client: Any, container_id: str, policy: PathPolicy) -> tuple[str, str] | None:
+    """
+    In a worker thread: if ``container_id`` is a running container the
+    agent created whose binds now escape, remove its restart policy and
+    kill it. (name, why) when it did.
+    """
+    api = client.api
+    try:
+        info = api.inspect_container(container_id)
+    except docker.errors.NotFound:
+        return None
+    if not _guarded(info, policy):
+        return None
+    why = problem(info, policy)
+    if why is None:
+        return None
+    try:
+        # First, so that Docker does not start it again once killed.
+        api.update_container(info["Id"], restart_policy={"Name": "no"})
+        api.kill(info["Id"])
+    except docker.errors.NotFound:
+        return None
+    except docker.errors.APIError as e:
+        if e.status_code != 409:  # 409: it stopped meanwhile
+            raise
+    return (info.get("Name") or "").lstrip("/"), why
+
+
+def contain_all(client: Any, policy: PathPolicy) -> list[tuple[str, str]]:
+    """In a worker thread: ``contain`` every running container the agent created."""
+    found = []
+    for summary in client.api.containers(filters={"label": BIND_LABEL, "status": "running"}):
+        result = contain(client, summary["Id"], policy)
+        if result is not None:
+            found.append(result)
+    return found
+
+
+class BindGuard(service.Service):
+    """
+    Stops the containers the agent created that Docker started on its own
+    (restart policies, the daemon coming back) with a bind that now
+    escapes the allowed paths: on each container start Docker reports, and
+    for every running one whenever the event watch (re)connects (starts
+    while it was not connected are not reported). While Docker is
+    unreachable the watch is retried every ``retry`` seconds, doubling up
+    to ``max_retry``.
+    """
+
+    def __init__(self, facade: Any, policy: PathPolicy, clock: Any, retry: float = 1.0,
+                 max_retry: float = 30.0) -> None:
+        self.setName("dockerbinds")
+        self.facade = facade
+        self.pool = facade.pool
+        self.policy = policy
+        self.clock = clock
+        self.retry = retry
+        self.max_retry = max_retry
+        self._delay = retry
+        self._timer: Any = None
+        #: (container name, why) of each container stopped, oldest first
+        self.contained: list[tuple[str, str]] = []
+        self._waiting: list[defer.Deferred[tuple[str, str]]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        watch = self.facade.container_list
+        watch.on_event.append(self._event)
+        watch.on_connect.append(self._connected)
+        watch.on_end.append(self._ended)
+        watch.watch()
+
+    def stopService(self) -> None:
+        super().stopService()
+        watch = self.facade.container_list
+        for hooks, hook in ((watch.on_event, self._event), (watch.on_connect, self._connected),
+                            (watch.on_end, self._ended)):
+            if hook in hooks:
+                hooks.remove(hook)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def next_contained(self) -> defer.Deferred[tuple[str, str]]:
+        """Fires with (name, why) when the guard next stops a container."""
+        d: defer.Deferred[tuple[str, str]] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _event(self, event: Any) -> None:
+        if not isinstance(event, dict) or event.get("Action") != "start":
+            return
+        actor = event.get("Actor") or {}
+        if BIND_LABEL not in (actor.get("Attributes") or {}) or not actor.get("ID"):
+            return
+        container_id = actor["ID"]
+        self._run(lambda: self.pool.background_call(contain, container_id, self.policy),
+                  lambda found: [found] if found else [])
+
+    def _connected(self) -> None:
+        self._delay = self.retry
+        self._run(lambda: self.pool.background_call(contain_all, self.policy), lambda found: found)
+
+    def _ended(self) -> None:
+        if not self.running or not self.pool.running or (self._timer is not None and self._timer.active()):
+            return
+        delay, self._delay = self._delay, min(self._delay * 2, self.max_retry)
+        self._timer = self.clock.callLater(delay, self._reconnect)
+
+    def _reconnect(self) -> None:
+        self._timer = None
+        if self.running:
+            self.facade.container_list.watch()
+
+    def _run(self, call: Callable[[], defer.Deferred[Any]], found: Callable[[Any], list[tuple[str, str]]]) -> None:
+        if not self.running:
+            return
+        d = call()
+
+        def done(result: Any) -> None:
+            for name, why in found(result):
+                self._stopped(name, why)
+
+        def failed(failure: Any) -> None:
+            log.warn("cannot check the bind mounts of started containers: {why}", why=failure.getErrorMessage())
+
+        d.addCallbacks(done, failed)
+
+    def _stopped(self, name: str, why: str) -> None:
+        log.warn("container {name} was killed and its restart policy set to no: {why}", name=name, why=why)
+        self.contained.append((name, why))
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback((name, why))

@@ -423,6 +423,15 @@ class DockerPool(service.Service):
         """``fn(client, *args, **kwargs)`` on the pool; errors translated."""
         return self._submit(self.threadpool, True, fn, what, secrets, args, kwargs)
 
+    def background_call(
+        self, fn: Callable[..., Any], *args: Any, what: str = "container", **kwargs: Any
+    ) -> defer.Deferred[Any]:
+        """
+        Like ``call``, but not counted in ``active``: the agent's own
+        background checks, which no request waits for.
+        """
+        return self._submit(self.threadpool, False, fn, what, (), args, kwargs)
+
     def _submit(
         self, pool: ThreadPool, counted: bool, fn: Callable[..., Any], what: str, secrets: tuple[str, ...],
         args: Any, kwargs: Any,
@@ -812,6 +821,14 @@ class _Ops:
         return {"success": True, "registry": registry, "status": (result or {}).get("Status", "Login Succeeded")}
 
 
+def _notify(hooks: list[Callable[..., None]], *args: Any) -> None:
+    for hook in list(hooks):
+        try:
+            hook(*args)
+        except Exception:
+            log.failure("a Docker event listener failed")
+
+
 class ContainerListCache:
     """
     Container views (the list; one container's inspect data, for its
@@ -835,6 +852,11 @@ class ContainerListCache:
         self._generation = 0
         self._cached: dict[Any, tuple[int, float, Any]] = {}
         self._waiting: list[defer.Deferred[None]] = []
+        #: Called on the reactor with each container event, when the watch
+        #: (re)connects, and when it ends (the bind guard listens).
+        self.on_event: list[Callable[[Any], None]] = []
+        self.on_connect: list[Callable[[], None]] = []
+        self.on_end: list[Callable[[], None]] = []
 
     def invalidate(self, event: Any = None) -> None:
         """Forget what ``event`` (a Docker container event) may change; all if no event."""
@@ -857,14 +879,20 @@ class ContainerListCache:
         self._waiting.append(d)
         return d
 
+    def _event(self, event: Any) -> None:
+        self.invalidate(event)
+        _notify(self.on_event, event)
+
     def _opened(self) -> None:
         self.live = True
         self.invalidate()
+        _notify(self.on_connect)
 
     def _watch_ended(self, _: Any) -> None:
         self._watch = None
         self.live = False
         self.invalidate()
+        _notify(self.on_end)
 
     def watch(self) -> None:
         """Start watching Docker's container events, unless already watching."""
@@ -872,7 +900,7 @@ class ContainerListCache:
             return
         self._watch = self.pool.stream(
             lambda client: client.api.events(filters={"type": "container"}, decode=True),
-            self.invalidate,
+            self._event,
             on_open=self._opened,
             background=True,
         )

@@ -343,13 +343,16 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         # listeners and stopped after them. Without the agent API nothing
         # uses Docker or the host operations: not even their imports are
         # paid for (a node-API-only agent stays small).
+        from plexagent.dockerbinds import BindGuard
         from plexagent.dockerpool import DockerFacade, DockerPool
         from plexagent.paths import PathPolicy
 
         pool = DockerPool(reactor, config.docker.host, config.docker.threads)
         pool.setServiceParent(top)
         agent.agent_services["dockerpool"] = pool
-        agent.agent_services["docker"] = DockerFacade(pool, PathPolicy(config.agent_api.allowed_paths))
+        facade = agent.agent_services["docker"] = DockerFacade(pool, PathPolicy(config.agent_api.allowed_paths))
+        # Docker's own restarts of the containers the agent made: checked too.
+        BindGuard(facade, facade.paths, reactor).setServiceParent(top)
         add_operations(config, reactor, agent, top)
 
     cp = config.control_plane

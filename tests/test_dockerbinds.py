@@ -11,10 +11,11 @@ import shutil
 import tempfile
 from typing import Any
 
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from plexagent import errors
-from plexagent.dockerbinds import BIND_LABEL, bind_label, check, problem, start_checked
+from plexagent.dockerbinds import BIND_LABEL, BindGuard, bind_label, check, contain, contain_all, problem, start_checked
 from plexagent.paths import PathPolicy
 
 
@@ -146,3 +147,77 @@ class StartChecked(Tree):
         api = RecordingAPI(inspect(self.data, recorded=[self.data]))
         self.assertEqual(start_checked(Client(api), "web", self.policy), "c0ffee")
         self.assertEqual(api.calls, ["inspect", "start"])
+
+
+class Watch:
+    """The event watch's hooks, driven by the test."""
+
+    def __init__(self) -> None:
+        self.on_event: list[Any] = []
+        self.on_connect: list[Any] = []
+        self.on_end: list[Any] = []
+        self.watches = 0
+
+    def watch(self) -> None:
+        self.watches += 1
+
+    def fire(self, hooks: list[Any], *args: Any) -> None:
+        for hook in list(hooks):
+            hook(*args)
+
+
+class Pool:
+    running = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def background_call(self, fn: Any, *args: Any) -> defer.Deferred[Any]:
+        self.calls.append((fn, args))
+        return defer.succeed([] if fn is contain_all else None)
+
+
+class Facade:
+    def __init__(self) -> None:
+        self.pool = Pool()
+        self.container_list = Watch()
+
+
+class Guard(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.facade = Facade()
+        self.guard = BindGuard(self.facade, PathPolicy(["/srv/"]), self.clock, retry=1.0, max_retry=4.0)
+        self.guard.startService()
+        self.addCleanup(self.guard.stopService)
+        self.watch = self.facade.container_list
+
+    def test_it_watches_from_the_start_and_sweeps_at_each_connection(self) -> None:
+        self.assertEqual(self.watch.watches, 1)
+        self.watch.fire(self.watch.on_connect)
+        self.assertEqual([fn for fn, _ in self.facade.pool.calls], [contain_all])
+
+    def test_only_starts_of_containers_the_agent_made_are_checked(self) -> None:
+        self.watch.fire(self.watch.on_event, {"Action": "die", "Actor": {"ID": "a", "Attributes": {BIND_LABEL: "[]"}}})
+        self.watch.fire(self.watch.on_event, {"Action": "start", "Actor": {"ID": "b", "Attributes": {}}})
+        self.watch.fire(self.watch.on_event, {"Action": "start", "Actor": {"ID": "c", "Attributes": {BIND_LABEL: "[]"}}})
+        self.assertEqual([(fn, args[0]) for fn, args in self.facade.pool.calls], [(contain, "c")])
+
+    def test_a_lost_watch_is_retried_with_a_doubling_delay_reset_by_a_connection(self) -> None:
+        for delay, watches in ((1.0, 2), (2.0, 3), (4.0, 4), (4.0, 5)):
+            self.watch.fire(self.watch.on_end)
+            self.watch.fire(self.watch.on_end)  # one timer at a time
+            self.clock.advance(delay - 0.01)
+            self.assertEqual(self.watch.watches, watches - 1)
+            self.clock.advance(0.01)
+            self.assertEqual(self.watch.watches, watches)
+        self.watch.fire(self.watch.on_connect)
+        self.watch.fire(self.watch.on_end)
+        self.clock.advance(1.0)
+        self.assertEqual(self.watch.watches, 6)
+
+    def test_stopping_cancels_the_retry_and_unhooks(self) -> None:
+        self.watch.fire(self.watch.on_end)
+        self.guard.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual((self.watch.on_event, self.watch.on_connect, self.watch.on_end), ([], [], []))

@@ -2,8 +2,9 @@
 Bind mounts are checked at every start, not only at creation: Docker
 resolves a bind's host path each time a container starts, so a directory
 swapped for a symlink to somewhere outside the allowed paths must stop the
-start (restart, start, a run, a cron run). Real containers on the test
-daemon, through a real agent.
+start (restart, start, a run, a cron run), and a container Docker starts on
+its own with such a bind is stopped by the agent. Real containers on the
+test daemon, through a real agent.
 """
 
 from __future__ import annotations
@@ -167,6 +168,68 @@ class BindsCheckedAtEveryStart(unittest.TestCase):
 
     def test_containers_made_with_the_cli_are_checked_for_binds_inside_the_allowed_paths_only(self) -> Any:
         return defer.ensureDeferred(self._cli_containers())
+
+
+class DockersOwnStarts(unittest.TestCase):
+    """Restart policies and the daemon start containers without asking the agent."""
+
+    def setUp(self) -> None:
+        self.docker = td.test_client(self)
+
+    def guard(self, agent: Any) -> Any:
+        return agent.top.getServiceNamed("dockerbinds")
+
+    async def _restart_policy(self) -> None:
+        agent = td.start_agent(self)
+        dirs = Swap(self, agent.workdir)
+        with open(os.path.join(dirs.outside, "escaped"), "w"):
+            pass
+        guard = self.guard(agent)
+        contained = guard.next_contained()
+        name = td.unique_name(self, self.docker)
+        # Swaps its own bind source and fails: Docker's restart policy starts
+        # it again, now on the outside directory, where it stays.
+        script = (
+            f"[ -e /data/escaped ] && exec sleep 300; "
+            f"mv /work/data /work/data.orig; ln -s {dirs.outside} /work/data; exit 1"
+        )
+        status, doc = await td.AgentClient(agent).post("/containers/run", {
+            "name": name, "image": td.base_image(), "command": ["sh", "-c", script],
+            "volumes": [f"{dirs.work}:/work", f"{dirs.data}:/data"], "restart_policy": "on-failure",
+        })
+        self.assertEqual(status, 201, doc)
+        stopped, why = await contained
+        self.assertEqual(stopped, name)
+        self.assertIn(dirs.data, why)
+        info = self.docker.api.inspect_container(name)
+        self.assertFalse(info["State"]["Running"])
+        self.assertEqual(info["HostConfig"]["RestartPolicy"]["Name"], "no")
+
+    def test_a_container_docker_restarts_with_an_escaping_bind_is_killed_and_not_restarted(self) -> Any:
+        return defer.ensureDeferred(self._restart_policy())
+
+    async def _found_running(self) -> None:
+        root = os.path.realpath(tempfile.mkdtemp(prefix="pa-root-"))
+        self.addCleanup(_remove_tree, root)
+        dirs = Swap(self, root)
+        dirs.swap()
+        # Started by Docker while no agent watched (the daemon came back).
+        name = td.unique_name(self, self.docker)
+        self.docker.containers.run(
+            td.base_image(), ["sleep", "300"], name=name, detach=True, restart_policy={"Name": "always"},
+            volumes={dirs.data: {"bind": "/data", "mode": "rw"}}, labels={BIND_LABEL: json.dumps([dirs.data])},
+        )
+        agent = td.start_agent(self, allowed_paths=(root + "/",))
+        guard = self.guard(agent)
+        if not guard.contained:
+            await guard.next_contained()
+        self.assertEqual([n for n, _ in guard.contained], [name])
+        info = self.docker.api.inspect_container(name)
+        self.assertFalse(info["State"]["Running"])
+        self.assertEqual(info["HostConfig"]["RestartPolicy"]["Name"], "no")
+
+    def test_a_running_container_with_an_escaping_bind_is_stopped_when_the_agent_starts(self) -> Any:
+        return defer.ensureDeferred(self._found_running())
 
 
 class CronRunsCheckTheirBinds(unittest.TestCase):
