@@ -36,6 +36,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from plexagent import errors
+from plexagent.dockerbinds import BIND_LABEL, bind_label, start_checked
 from plexagent.dockerspec import parse_command, parse_environment, parse_volumes
 from plexagent.fileio import Unencodable, atomic_write, encode_json, ensure_private_dir, set_aside, set_aside_records
 from plexagent.paths import PathPolicy
@@ -473,10 +474,17 @@ class DockerCronRunner:
     Runs a job as a container on the Docker pool: create (with its
     networks, environment and volumes), start, poll until it exits (on the
     clock, so no pool thread waits for a long job), then remove it.
+
+    The job's volumes were checked when it was added, but each run binds
+    them afresh: every run checks them again against ``paths`` right before
+    the start (``dockerbinds.start_checked``), and is refused if one now
+    resolves outside the allowed paths.
     """
 
-    def __init__(self, pool: Any, clock: Any, poll_interval: float = 2.0, timeout: float = 3600.0) -> None:
+    def __init__(self, pool: Any, clock: Any, poll_interval: float = 2.0, timeout: float = 3600.0,
+                 paths: PathPolicy | None = None) -> None:
         self.pool = pool
+        self.paths = paths if paths is not None else PathPolicy(())
         self.clock = clock
         self.poll_interval = poll_interval
         self.timeout = timeout
@@ -492,7 +500,7 @@ class DockerCronRunner:
 
     async def _run(self, job: CronJob) -> int:
         name = f"plexagent-cron-{job.id}-{uuid.uuid4().hex[:6]}"
-        container_id = await self.pool.call(_start_container, job, name, what="image")
+        container_id = await self.pool.call(_start_container, job, name, self.paths, what="image")
         try:
             deadline = self.clock.seconds() + self.timeout
             while True:
@@ -540,13 +548,13 @@ class _Stopping(Exception):
     pass
 
 
-def _start_container(client: Any, job: CronJob, name: str) -> str:
+def _start_container(client: Any, job: CronJob, name: str, paths: PathPolicy) -> str:
     networks = list(job.networks)
     kwargs: dict[str, Any] = {
         "name": name,
         "environment": job.environment or None,
         "volumes": job.volumes or None,
-        "labels": {"plexagent.cron-job": job.id},
+        "labels": {"plexagent.cron-job": job.id, BIND_LABEL: bind_label(job.volumes or {})},
         "detach": True,
     }
     if networks:
@@ -555,7 +563,7 @@ def _start_container(client: Any, job: CronJob, name: str) -> str:
     try:
         for network in networks[1:]:
             client.api.connect_container_to_network(container.id, network)
-        container.start()
+        start_checked(client, container.id, paths)
     except Exception:
         container.remove(force=True)
         raise

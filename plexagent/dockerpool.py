@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
+import re
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
@@ -35,6 +36,8 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from plexagent import errors
+from plexagent.dockerbinds import start_checked
+from plexagent.paths import PathPolicy
 
 log = Logger()
 
@@ -60,35 +63,67 @@ def _close_quietly(source: Any) -> None:
             pass
 
 
+#: Docker's refusals recognised by their text, whatever status the engine
+#: gave them: engines answer many refusals of a container's parameters with
+#: a 500 (they carry no error type), and a registry's answer comes back as a
+#: 500 too. First match wins; Docker's own explanation goes in ``details``.
+_REFUSALS: tuple[tuple[re.Pattern[str], type[errors.PlexError], str], ...] = tuple(
+    (re.compile(pattern, re.IGNORECASE), kind, message)
+    for pattern, kind, message in (
+        (r"port is already allocated|address already in use", errors.Conflict, "a host port is already in use"),
+        (r"unable to find (user|group)|no matching entries in (passwd|group) file", errors.InvalidInput,
+         "docker refused the user"),
+        (r"invalid mode|invalid volume specification|invalid mount config|not a shared (or slave )?mount"
+         r"|duplicate mount point|error mounting|trying to mount", errors.InvalidInput, "docker refused the volumes"),
+        (r"restart policy|maximum retry count", errors.InvalidInput, "docker refused the restart policy"),
+        (r"healthcheck", errors.InvalidInput, "docker refused the health check"),
+        (r"invalid port|port specification|invalid ip address|invalid host ?port", errors.InvalidInput,
+         "docker refused the ports"),
+        (r"working directory", errors.InvalidInput, "docker refused the working directory"),
+        (r"invalid reference format", errors.InvalidInput, "invalid image reference"),
+        (r"unauthorized|authentication required|no basic auth credentials|incorrect username or password",
+         errors.Forbidden, "the registry refused the credentials"),
+        (r"pull access denied|manifest unknown|repository does not exist|manifest for \S+ not found",
+         errors.NotFound, "image not found"),
+        (r"oci runtime (create )?failed|runc create failed|executable file not found", errors.InvalidInput,
+         "docker could not start the container's process"),
+    )
+)
+
+#: What a 404 is about, from Docker's explanation; else the caller's ``what``.
+_SUBJECTS = tuple(
+    (re.compile(pattern, re.IGNORECASE), subject)
+    for pattern, subject in (
+        (r"no such container", "container"),
+        (r"no such image|pull access denied|manifest unknown|repository does not exist|reference does not exist",
+         "image"),
+        (r"no such network|network \S+ not found", "network"),
+        (r"no such volume|volume \S+ not found", "volume"),
+        (r"no such exec", "exec instance"),
+    )
+)
+
+
 def translate(exc: BaseException, what: str = "container", secrets: Iterable[str] = ()) -> BaseException:
     """
     The project's error for a docker-py exception (or ``exc`` itself when it
-    is not Docker's). ``what`` names the thing a 404 is about; any string in
-    ``secrets`` is blanked out of the details.
+    is not Docker's). ``what`` names the thing a 404 is about when Docker's
+    message does not; any string in ``secrets`` is blanked out of the
+    details.
+
+    Docker's refusal of the request (a 4xx, or a 500 whose text is a known
+    refusal: ``_REFUSALS``) is the client's: 400, 404 or 409 with Docker's
+    explanation. Anything else from the engine is a 500; an unreachable
+    daemon is a 503.
     """
     secrets = tuple(secrets)
     if isinstance(exc, errors.PlexError):
         return exc
     if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
         return errors.Unavailable(DOCKER_UNAVAILABLE, _scrub(_first_line(exc), secrets))
-    if isinstance(exc, docker.errors.NotFound):
-        return errors.NotFound(f"{what} not found", _scrub(_explanation(exc), secrets))
     if isinstance(exc, docker.errors.APIError):
-        status = exc.status_code or 500
-        details = _scrub(_explanation(exc), secrets)
-        if status == 404:
-            return errors.NotFound(f"{what} not found", details)
-        if status == 409:
-            return errors.Conflict("conflict with the container's or image's current state", details)
-        if status == 400:
-            return errors.InvalidInput("docker refused the parameters", details)
-        if status in (401, 403):
-            return errors.Forbidden("the registry refused the credentials", details)
-        if what in ("image", "registry"):
-            # Registry failures (pull, login) come back as 500s with the
-            # registry's reason in the message.
-            return stream_error("pull", details)
-        return errors.UpstreamFailed("docker failed", details)
+        status = 404 if isinstance(exc, docker.errors.NotFound) else exc.status_code or 500
+        return engine_error(status, _scrub(_explanation(exc), secrets), what)
     if isinstance(exc, docker.errors.DockerException):
         text = str(exc)
         # Creating the client fails this way when the daemon is unreachable.
@@ -96,6 +131,24 @@ def translate(exc: BaseException, what: str = "container", secrets: Iterable[str
             return errors.Unavailable(DOCKER_UNAVAILABLE, _scrub(_first_line(exc), secrets))
         return errors.InvalidInput("docker refused the parameters", _scrub(text, secrets))
     return exc
+
+
+def engine_error(status: int, explanation: str, what: str = "container") -> errors.PlexError:
+    """The project's error for the Docker engine's answer ``status`` explained by ``explanation``."""
+    if status == 404:
+        subject = next((s for pattern, s in _SUBJECTS if pattern.search(explanation)), what)
+        return errors.NotFound(f"{subject} not found", explanation)
+    if status == 409:
+        return errors.Conflict("conflict with the container's or image's current state", explanation)
+    if 400 <= status < 500 or status == 500:
+        for pattern, kind, message in _REFUSALS:
+            if pattern.search(explanation):
+                return kind(message, explanation)
+    if status in (401, 403):
+        return errors.Forbidden("docker refused the request", explanation)
+    if 400 <= status < 500:
+        return errors.InvalidInput("docker refused the parameters", explanation)
+    return errors.UpstreamFailed("docker failed", explanation)
 
 
 def _explanation(exc: Any) -> str:
@@ -369,6 +422,15 @@ class DockerPool(service.Service):
     ) -> defer.Deferred[Any]:
         """``fn(client, *args, **kwargs)`` on the pool; errors translated."""
         return self._submit(self.threadpool, True, fn, what, secrets, args, kwargs)
+
+    def background_call(
+        self, fn: Callable[..., Any], *args: Any, what: str = "container", **kwargs: Any
+    ) -> defer.Deferred[Any]:
+        """
+        Like ``call``, but not counted in ``active``: the agent's own
+        background checks, which no request waits for.
+        """
+        return self._submit(self.threadpool, False, fn, what, (), args, kwargs)
 
     def _submit(
         self, pool: ThreadPool, counted: bool, fn: Callable[..., Any], what: str, secrets: tuple[str, ...],
@@ -648,7 +710,7 @@ class _Ops:
         return client.api.inspect_container(name)
 
     @staticmethod
-    def run(client: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def run(client: Any, kwargs: dict[str, Any], policy: PathPolicy) -> dict[str, Any]:
         kwargs = dict(kwargs)
         image = kwargs.pop("image")
         command = kwargs.pop("command", None)
@@ -662,7 +724,8 @@ class _Ops:
             client.images.pull(repository, tag=tag or "latest")
             container = client.containers.create(image, command, **kwargs)
         try:
-            container.start()
+            # A pull may have taken minutes since the volumes were checked.
+            start_checked(client, container.id, policy)
         except Exception:
             # Do not leave a created-but-broken container holding the name.
             try:
@@ -674,14 +737,14 @@ class _Ops:
         return {"success": True, "id": container.id, "name": container.name, **container_status(container.attrs)}
 
     @staticmethod
-    def act(client: Any, name: str, action: str, **kwargs: Any) -> dict[str, Any]:
+    def act(client: Any, name: str, action: str, policy: PathPolicy, **kwargs: Any) -> dict[str, Any]:
         api = client.api
         if action == "start":
-            api.start(name)
+            name = start_checked(client, name, policy)
         elif action == "stop":
             api.stop(name, timeout=kwargs["timeout"])
         elif action == "restart":
-            api.restart(name, timeout=kwargs.get("timeout", 10))
+            name = start_checked(client, name, policy, restart_timeout=kwargs.get("timeout", 10))
         elif action == "remove":
             info = api.inspect_container(name)
             api.remove_container(name, v=kwargs["volumes"], force=kwargs["force"])
@@ -748,8 +811,22 @@ class _Ops:
 
     @staticmethod
     def login(client: Any, registry: str, username: str, password: str) -> dict[str, Any]:
-        result = client.login(username=username, password=password, registry=registry, reauth=True)
+        try:
+            result = client.login(username=username, password=password, registry=registry, reauth=True)
+        except docker.errors.APIError as e:
+            # Whatever the engine's status, the registry said no to what the
+            # client sent (address, credentials): theirs to fix, not the
+            # agent API's own authentication (401) or authorisation (403).
+            raise errors.InvalidInput("registry login failed", _scrub(_explanation(e), (password,))) from None
         return {"success": True, "registry": registry, "status": (result or {}).get("Status", "Login Succeeded")}
+
+
+def _notify(hooks: list[Callable[..., None]], *args: Any) -> None:
+    for hook in list(hooks):
+        try:
+            hook(*args)
+        except Exception:
+            log.failure("a Docker event listener failed")
 
 
 class ContainerListCache:
@@ -775,6 +852,11 @@ class ContainerListCache:
         self._generation = 0
         self._cached: dict[Any, tuple[int, float, Any]] = {}
         self._waiting: list[defer.Deferred[None]] = []
+        #: Called on the reactor with each container event, when the watch
+        #: (re)connects, and when it ends (the bind guard listens).
+        self.on_event: list[Callable[[Any], None]] = []
+        self.on_connect: list[Callable[[], None]] = []
+        self.on_end: list[Callable[[], None]] = []
 
     def invalidate(self, event: Any = None) -> None:
         """Forget what ``event`` (a Docker container event) may change; all if no event."""
@@ -797,14 +879,20 @@ class ContainerListCache:
         self._waiting.append(d)
         return d
 
+    def _event(self, event: Any) -> None:
+        self.invalidate(event)
+        _notify(self.on_event, event)
+
     def _opened(self) -> None:
         self.live = True
         self.invalidate()
+        _notify(self.on_connect)
 
     def _watch_ended(self, _: Any) -> None:
         self._watch = None
         self.live = False
         self.invalidate()
+        _notify(self.on_end)
 
     def watch(self) -> None:
         """Start watching Docker's container events, unless already watching."""
@@ -812,7 +900,7 @@ class ContainerListCache:
             return
         self._watch = self.pool.stream(
             lambda client: client.api.events(filters={"type": "container"}, decode=True),
-            self.invalidate,
+            self._event,
             on_open=self._opened,
             background=True,
         )
@@ -839,10 +927,15 @@ class ContainerListCache:
 
 
 class DockerFacade:
-    """Deferred-returning Docker operations on a ``DockerPool``."""
+    """
+    Deferred-returning Docker operations on a ``DockerPool``. Every start
+    of a container (run, start, restart) first checks its bind mounts
+    against ``paths`` (``dockerbinds.start_checked``).
+    """
 
-    def __init__(self, pool: DockerPool) -> None:
+    def __init__(self, pool: DockerPool, paths: PathPolicy | None = None) -> None:
         self.pool = pool
+        self.paths = paths if paths is not None else PathPolicy(())
         self.container_list = ContainerListCache(pool)
 
     def _changes(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
@@ -868,10 +961,10 @@ class DockerFacade:
         return info.addCallback(container_status)
 
     def run(self, kwargs: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
-        return self._changes(self.pool.call(_Ops.run, kwargs, what="image"))
+        return self._changes(self.pool.call(_Ops.run, kwargs, self.paths, what="image"))
 
     def act(self, name: str, action: str, **kwargs: Any) -> defer.Deferred[dict[str, Any]]:
-        return self._changes(self.pool.call(_Ops.act, name, action, **kwargs))
+        return self._changes(self.pool.call(_Ops.act, name, action, self.paths, **kwargs))
 
     def logs(self, name: str, tail: int | str) -> defer.Deferred[str]:
         return self.pool.call(_Ops.logs, name, tail)
@@ -910,9 +1003,15 @@ class DockerFacade:
         secrets = (auth or {}).get("password", "")
 
         def source(client: Any) -> Iterable[Any]:
-            return _raise_on_error_line(
-                client.api.pull(repository, tag=tag, stream=True, decode=True, auth_config=auth), "pull", secrets
-            )
+            try:
+                lines = client.api.pull(repository, tag=tag, stream=True, decode=True, auth_config=auth)
+            except docker.errors.APIError as e:
+                # Refused before any progress line: the registry's answer.
+                explanation = _scrub(_explanation(e), (secrets,))
+                if 400 <= (e.status_code or 500) < 500:
+                    raise engine_error(e.status_code or 500, explanation, "image") from None
+                raise stream_error("pull", explanation) from None
+            return _raise_on_error_line(lines, "pull", secrets)
 
         return self.pool.stream(source, on_line, what="image", secrets=(secrets,))
 

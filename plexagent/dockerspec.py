@@ -9,20 +9,52 @@ or a Docker test list). Each parser takes plain JSON values and returns
 plain values or raises ``errors.InvalidInput`` naming the field; host paths
 of volumes go through the path policy (``errors.Forbidden``) before anything
 is created.
+
+Every value is checked against what Docker accepts before Docker is asked:
+numbers are finite and within Docker's bounds (a ``1e308`` second interval
+overflowed the nanosecond conversion), names and modes are matched whole
+(``fullmatch``: a ``$`` lets a trailing newline through), and no string
+carries a NUL (Linux argv, environment and paths cannot).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import math
+import posixpath
 import re
 from typing import Any
 
 from plexagent import errors
+from plexagent.dockerbinds import BIND_LABEL, bind_label
 from plexagent.paths import PathPolicy
 from plexagent.strictparse import parse_int
 
 _NAME = re.compile(r"/?[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 _VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+#: A bind target: absolute, no ':' (Docker's separator), no control characters.
+_TARGET = re.compile(r"/[^:\x00-\x1f\x7f]*")
+_HOSTNAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}")
 _RESTART = ("no", "always", "unless-stopped", "on-failure")
+
+#: Volume mode options Docker accepts for a bind or a named volume, by
+#: group: at most one of each group.
+_MODE_GROUPS = (
+    ("rw", "ro"),
+    ("z", "Z"),
+    ("shared", "rshared", "slave", "rslave", "private", "rprivate"),
+    ("consistent", "cached", "delegated"),
+    ("nocopy",),  # named volumes only
+)
+
+#: Docker's bounds for a health check's durations (it refuses less than
+#: 1 ms) and counts (a Go int; the 32-bit bound keeps every build happy).
+MIN_DURATION = 0.001
+MAX_DURATION = 365 * 24 * 3600
+MAX_COUNT = 2**31 - 1
+
+#: Labels with this prefix are the agent's own (see ``dockerbinds``).
+RESERVED_LABEL_PREFIX = "plexagent."
 
 
 def require_str(body: dict[str, Any], field: str) -> str:
@@ -38,6 +70,12 @@ def optional_str(body: dict[str, Any], field: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise errors.InvalidInput(f"invalid {field}", f"{field} must be a string")
+    return value
+
+
+def _no_nul(value: str, field: str, message: str | None = None) -> str:
+    if "\x00" in value:
+        raise errors.InvalidInput(message or f"invalid {field}", f"{field} must not contain a NUL character")
     return value
 
 
@@ -60,7 +98,18 @@ def _port_number(value: Any, field: str) -> int:
     return number
 
 
+def _host_ip(value: str, field: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise errors.InvalidInput("invalid ports", f"{field}: {value!r} is not an IP address") from None
+
+
 def _container_port(value: Any, field: str) -> str:
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise errors.InvalidInput(
+            "invalid ports", f"{field}: {value!r} is not a container port such as 80 or \"53/udp\""
+        )
     text = str(value)
     port, _, proto = text.partition("/")
     proto = proto or "tcp"
@@ -80,7 +129,7 @@ def parse_ports(value: Any) -> dict[str, Any]:
     if isinstance(value, dict):
         for host, container in value.items():
             field = f"ports[{host!r}]"
-            host_port = None if str(host).strip() in ("", "0") else _port_number(host, field)
+            host_port = None if host.strip() in ("", "0") else _port_number(host, field)
             result[_container_port(container, field)] = host_port
         return result
     if not isinstance(value, list):
@@ -98,7 +147,7 @@ def parse_ports(value: Any) -> dict[str, Any]:
             close = spec.find("]")
             if close < 0 or spec[close + 1: close + 2] != ":":
                 raise errors.InvalidInput("invalid ports", f"{field}: {entry!r} is not [IP]:HOST:CONTAINER")
-            ip = spec[1:close]
+            ip = _host_ip(spec[1:close], field)
             rest = spec[close + 2:].split(":")
             if len(rest) != 2:
                 raise errors.InvalidInput("invalid ports", f"{field}: {entry!r} is not [IP]:HOST:CONTAINER")
@@ -113,6 +162,8 @@ def parse_ports(value: Any) -> dict[str, Any]:
             result[_container_port(parts[1] + suffix, field)] = host_port
         elif len(parts) == 3:
             ip, host, container = parts
+            if not spec.startswith("["):
+                ip = _host_ip(ip, field)
             binding: Any = (ip, _port_number(host, field)) if host not in ("", "0") else (ip,)
             result[_container_port(container + suffix, field)] = binding
         else:
@@ -126,15 +177,21 @@ def parse_environment(value: Any) -> dict[str, str]:
     result: dict[str, str] = {}
     if isinstance(value, dict):
         for key, item in value.items():
-            if not isinstance(key, str) or not key or "=" in key:
+            if not isinstance(key, str) or not key or "=" in key or "\x00" in key:
                 raise errors.InvalidInput("invalid environment", f"environment key {key!r} is not a variable name")
-            result[key] = "" if item is None else str(item) if not isinstance(item, bool) else str(item).lower()
+            if isinstance(item, (dict, list)) or (isinstance(item, float) and not math.isfinite(item)):
+                raise errors.InvalidInput(
+                    "invalid environment", f"environment[{key!r}] must be a string, number or boolean"
+                )
+            text = "" if item is None else str(item) if not isinstance(item, bool) else str(item).lower()
+            result[key] = _no_nul(text, f"environment[{key!r}]", "invalid environment")
         return result
     if not isinstance(value, list):
         raise errors.InvalidInput("invalid environment", "environment must be a list of \"K=V\" or an object")
     for i, entry in enumerate(value):
         if not isinstance(entry, str) or "=" not in entry or entry.startswith("="):
             raise errors.InvalidInput("invalid environment", f"environment[{i}] must be \"KEY=VALUE\"")
+        _no_nul(entry, f"environment[{i}]", "invalid environment")
         key, _, item = entry.partition("=")
         result[key] = item
     return result
@@ -146,8 +203,10 @@ def parse_command(value: Any, field: str = "command") -> list[str] | str | None:
     if isinstance(value, str):
         if not value.strip():
             raise errors.InvalidInput(f"invalid {field}", f"{field} must not be empty")
-        return value
+        return _no_nul(value, field)
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        for i, item in enumerate(value):
+            _no_nul(item, f"{field}[{i}]", f"invalid {field}")
         return value
     raise errors.InvalidInput(f"invalid {field}", f"{field} must be a string or a non-empty list of strings")
 
@@ -186,18 +245,40 @@ def parse_volumes(value: Any, policy: PathPolicy) -> dict[str, dict[str, str]]:
         raise errors.InvalidInput("invalid volumes", "volumes must be a list of \"SOURCE:TARGET\" or an object")
     result: dict[str, dict[str, str]] = {}
     for field, source, bind, mode in entries:
-        if not isinstance(source, str) or not source:
+        if not isinstance(source, str) or not source or ":" in source:
             raise errors.InvalidInput("invalid volumes", f"{field}: the source must be a host path or a volume name")
-        if not isinstance(bind, str) or not bind.startswith("/"):
-            raise errors.InvalidInput("invalid volumes", f"{field}: the target must be an absolute path in the container")
-        if not isinstance(mode, str) or not re.fullmatch(r"[a-zA-Z,]+", mode):
-            raise errors.InvalidInput("invalid volumes", f"{field}: mode must be such as rw or ro")
-        if source.startswith(("/", ".", "~")):
+        _no_nul(source, field, "invalid volumes")
+        if not isinstance(bind, str) or not _TARGET.fullmatch(bind) or posixpath.normpath(bind) == "/":
+            raise errors.InvalidInput(
+                "invalid volumes",
+                f"{field}: the target must be an absolute path in the container other than /, "
+                "without ':' or control characters",
+            )
+        is_path = source.startswith(("/", ".", "~"))
+        if is_path:
             source = policy.resolve(source, field)
         elif not _VOLUME_NAME.fullmatch(source):
             raise errors.InvalidInput("invalid volumes", f"{field}: {source!r} is neither an absolute host path nor a volume name")
-        result[source] = {"bind": bind, "mode": mode}
+        result[source] = {"bind": bind, "mode": volume_mode(mode, field, is_path)}
     return result
+
+
+def volume_mode(mode: Any, field: str, host_path: bool) -> str:
+    """A Docker volume mode such as ``rw``, ``ro,z`` or ``rw,rslave``; 400 otherwise."""
+    options = mode.split(",") if isinstance(mode, str) else [""]
+    allowed = [o for group in _MODE_GROUPS for o in group if not host_path or o != "nocopy"]
+    for option in options:
+        if option not in allowed:
+            raise errors.InvalidInput(
+                "invalid volumes",
+                f"{field}: mode {mode!r} is not a comma-separated list of {', '.join(allowed)}",
+            )
+    for group in _MODE_GROUPS:
+        if sum(options.count(o) for o in group) > 1:
+            raise errors.InvalidInput(
+                "invalid volumes", f"{field}: mode {mode!r} gives more than one of {', '.join(group)}"
+            )
+    return ",".join(options)
 
 
 def parse_restart_policy(value: Any) -> dict[str, Any] | None:
@@ -212,25 +293,40 @@ def parse_restart_policy(value: Any) -> dict[str, Any] | None:
         retries = count or 0
     else:
         raise errors.InvalidInput("invalid restart_policy", "restart_policy must be a string such as \"unless-stopped\"")
-    if name not in _RESTART:
+    if not isinstance(name, str) or name not in _RESTART:
         raise errors.InvalidInput("invalid restart_policy", f"restart_policy must be one of {', '.join(_RESTART)}")
-    try:
-        retries = parse_int(retries)
-    except (TypeError, ValueError):
-        raise errors.InvalidInput("invalid restart_policy", "the retry count must be an integer") from None
+    if isinstance(retries, str):
+        try:
+            retries = parse_int(retries)
+        except ValueError:
+            raise errors.InvalidInput("invalid restart_policy", "the retry count must be an integer") from None
+    retries = _count(retries, "restart_policy", "the retry count")
     policy: dict[str, Any] = {"Name": name}
     if name == "on-failure":
         policy["MaximumRetryCount"] = retries
     return policy
 
 
-def _seconds_ns(check: dict[str, Any], field: str) -> int | None:
+def _count(value: Any, error_field: str, field: str) -> int:
+    """A non-negative integer within Docker's bounds."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise errors.InvalidInput(f"invalid {error_field}", f"{field} must be an integer from 0 to {MAX_COUNT}")
+    return value
+
+
+def _seconds_ns(check: dict[str, Any], field: str, minimum: float = MIN_DURATION) -> int | None:
+    """A duration in seconds (from ``minimum`` to ``MAX_DURATION``) as nanoseconds."""
     value = check.get(field)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise errors.InvalidInput("invalid health_check", f"health_check.{field} must be a number of seconds")
-    return int(value * 1_000_000_000)
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not (value == 0 and minimum == 0 or MIN_DURATION <= value <= MAX_DURATION)):
+        # Comparisons are false for NaN, so it is refused too.
+        low = "0" if minimum == 0 else f"{MIN_DURATION:g}"
+        raise errors.InvalidInput(
+            "invalid health_check", f"health_check.{field} must be a number of seconds from {low} to {MAX_DURATION}"
+        )
+    return round(value * 1_000_000_000)
 
 
 def parse_health_check(value: Any) -> dict[str, Any] | None:
@@ -246,16 +342,16 @@ def parse_health_check(value: Any) -> dict[str, Any] | None:
         test_list = test if test[0] in ("CMD", "CMD-SHELL", "NONE") else ["CMD"] + test
     else:
         raise errors.InvalidInput("invalid health_check", "health_check.test must be a shell command string or a list")
+    for i, item in enumerate(test_list):
+        _no_nul(item, f"health_check.test[{i}]", "invalid health_check")
     check: dict[str, Any] = {"test": test_list}
-    for field in ("interval", "timeout", "start_period"):
-        ns = _seconds_ns(value, field)
+    for field, minimum in (("interval", MIN_DURATION), ("timeout", MIN_DURATION), ("start_period", 0.0)):
+        ns = _seconds_ns(value, field, minimum)
         if ns is not None:
             check[field] = ns
     retries = value.get("retries")
     if retries is not None:
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise errors.InvalidInput("invalid health_check", "health_check.retries must be a non-negative integer")
-        check["retries"] = retries
+        check["retries"] = _count(retries, "health_check", "health_check.retries")
     return check
 
 
@@ -288,18 +384,33 @@ def parse_run(body: Any, policy: PathPolicy) -> dict[str, Any]:
         value = body.get(field)
         if value is not None:
             kwargs[key] = parse_command(value, field) if field == "entrypoint" else _string(value, field)
+    if "working_dir" in kwargs and not kwargs["working_dir"].startswith("/"):
+        raise errors.InvalidInput("invalid workdir", "workdir must be an absolute path in the container")
+    if "hostname" in kwargs and not _HOSTNAME.fullmatch(kwargs["hostname"]):
+        raise errors.InvalidInput(
+            "invalid hostname",
+            "hostname must be at most 63 letters, digits, '_', '.' and '-', starting with a letter or digit",
+        )
     labels = body.get("labels")
-    if labels is not None:
-        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-            raise errors.InvalidInput("invalid labels", "labels must be an object of strings")
-        kwargs["labels"] = labels
+    if labels is None:
+        labels = {}
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise errors.InvalidInput("invalid labels", "labels must be an object of strings")
+    for key, value in labels.items():
+        _no_nul(key + value, f"labels[{key!r}]", "invalid labels")
+        if key.startswith(RESERVED_LABEL_PREFIX):
+            raise errors.InvalidInput(
+                "invalid labels", f"{key}: labels starting with {RESERVED_LABEL_PREFIX} are the agent's own"
+            )
+    # Records the host paths checked now: each start checks them again.
+    kwargs["labels"] = {**labels, BIND_LABEL: bind_label(kwargs["volumes"])}
     return kwargs
 
 
 def _string(value: Any, field: str) -> str:
     if not isinstance(value, str):
         raise errors.InvalidInput(f"invalid {field}", f"{field} must be a string")
-    return value
+    return _no_nul(value, field)
 
 
 def split_image(reference: str) -> tuple[str, str | None]:

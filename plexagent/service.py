@@ -281,11 +281,9 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
     from plexagent.cron import CronScheduler, DockerCronRunner
 
     runner = DockerCronRunner(agent.agent_services["dockerpool"], reactor, config.cron.poll_interval,
-                              config.cron.run_timeout)
-    from plexagent.paths import PathPolicy
-
+                              config.cron.run_timeout, agent.agent_services["paths"])
     scheduler = CronScheduler(config.node.data_dir, reactor, runner, config.cron.max_jobs,
-                              policy=PathPolicy(config.agent_api.allowed_paths))
+                              policy=agent.agent_services["paths"])
     scheduler.setServiceParent(top)
     agent.agent_services["cron"] = scheduler
 
@@ -312,13 +310,10 @@ def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service
     """The path policy, chunked-upload store (with its GC) and git cloner of the agent API."""
     from plexagent.chunks import ChunkGarbageCollector, ChunkStore
     from plexagent.gitclone import GitCloner
-    from plexagent.paths import PathPolicy
     from plexagent.tarsafe import StagingJournal
 
     aapi = config.agent_api
-    policy = PathPolicy(aapi.allowed_paths)
     store = ChunkStore(os.path.join(config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age)
-    agent.agent_services.setdefault("paths", policy)
     agent.agent_services["chunks"] = store
     agent.agent_services["git"] = GitCloner(
         agent.agent_services["paths"], os.path.join(config.node.data_dir, "git-staging"), reactor, aapi.git_timeout
@@ -347,12 +342,18 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         # listeners and stopped after them. Without the agent API nothing
         # uses Docker or the host operations: not even their imports are
         # paid for (a node-API-only agent stays small).
+        from plexagent.dockerbinds import BindGuard
         from plexagent.dockerpool import DockerFacade, DockerPool
+        from plexagent.paths import PathPolicy
 
+        # One path policy for every route and job that touches host paths.
+        paths = agent.agent_services["paths"] = PathPolicy(config.agent_api.allowed_paths)
         pool = DockerPool(reactor, config.docker.host, config.docker.threads)
         pool.setServiceParent(top)
         agent.agent_services["dockerpool"] = pool
-        agent.agent_services["docker"] = DockerFacade(pool)
+        facade = agent.agent_services["docker"] = DockerFacade(pool, paths)
+        # Docker's own restarts of the containers the agent made: checked too.
+        BindGuard(facade, facade.paths, reactor).setServiceParent(top)
         add_operations(config, reactor, agent, top)
 
     cp = config.control_plane

@@ -51,6 +51,50 @@ class Translate(unittest.TestCase):
         self.assertIsInstance(e, errors.Forbidden)
         self.assertNotIn("hunter2", json.dumps([e.message, e.details]))
 
+    def test_dockers_refusals_are_the_clients_whatever_status_the_engine_gave(self) -> None:
+        # Real answers of Docker 20.10: many refusals of a container's
+        # parameters come as 500s.
+        for status, explanation, kind, message in (
+            (500, "unable to find user nosuchuser: no matching entries in passwd file", errors.InvalidInput,
+             "docker refused the user"),
+            (500, "unable to find group nosuchgroup: no matching entries in group file", errors.InvalidInput,
+             "docker refused the user"),
+            (500, "invalid mode: rw,bogus", errors.InvalidInput, "docker refused the volumes"),
+            (500, "invalid volume specification: '/a:/:rw': invalid mount config for type \"bind\": "
+                  "invalid specification: destination can't be '/'", errors.InvalidInput, "docker refused the volumes"),
+            (500, "path /srv is mounted on / but it is not a shared mount", errors.InvalidInput,
+             "docker refused the volumes"),
+            (400, "Duplicate mount point: /x", errors.InvalidInput, "docker refused the volumes"),
+            (400, "invalid restart policy 'bogus'", errors.InvalidInput, "docker refused the restart policy"),
+            (400, "maximum retry count cannot be negative", errors.InvalidInput, "docker refused the restart policy"),
+            (400, "Interval in Healthcheck cannot be less than 1ms", errors.InvalidInput,
+             "docker refused the health check"),
+            (400, 'invalid port specification: "99999"', errors.InvalidInput, "docker refused the ports"),
+            (500, "driver failed programming external connectivity on endpoint web (0123): Bind for "
+                  "0.0.0.0:8080 failed: port is already allocated", errors.Conflict, "a host port is already in use"),
+            (500, "failed to create shim task: OCI runtime create failed: runc create failed: unable to start "
+                  "container process: error during container init: sethostname: invalid argument: unknown",
+             errors.InvalidInput, "docker could not start the container's process"),
+            (400, "invalid reference format: repository name must be lowercase", errors.InvalidInput,
+             "invalid image reference"),
+            (400, "Minimum memory limit allowed is 6MB", errors.InvalidInput, "docker refused the parameters"),
+            (404, "network app-net not found", errors.NotFound, "network not found"),
+            (404, "No such container: web", errors.NotFound, "container not found"),
+            (404, "No such image: app:v9", errors.NotFound, "image not found"),
+            (409, "Conflict. The container name \"/web\" is already in use", errors.Conflict,
+             "conflict with the container's or image's current state"),
+            (500, "Get \"https://registry.example/v2/\": unauthorized: authentication required", errors.Forbidden,
+             "the registry refused the credentials"),
+            (500, "error creating overlay mount: no space left on device", errors.UpstreamFailed, "docker failed"),
+        ):
+            e = translate(api_error(status, explanation), "container")
+            self.assertIsInstance(e, kind, explanation)
+            self.assertEqual((e.message, e.details), (message, explanation))
+
+    def test_a_500_from_an_image_operation_is_not_called_a_failed_pull(self) -> None:
+        e = translate(api_error(500, "error creating overlay mount: no space left on device"), "image")
+        self.assertEqual((type(e), e.message), (errors.UpstreamFailed, "docker failed"))
+
     def test_other_exceptions_are_left_alone(self) -> None:
         error = ValueError("bug")
         self.assertIs(translate(error), error)

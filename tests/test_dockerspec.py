@@ -8,9 +8,14 @@ import tempfile
 from twisted.trial import unittest
 
 from plexagent import errors
+from plexagent.dockerbinds import BIND_LABEL
 from plexagent.dockerspec import (
+    MAX_COUNT,
+    MAX_DURATION,
+    container_name,
     parse_environment,
     parse_health_check,
+    parse_int_arg,
     parse_ports,
     parse_restart_policy,
     parse_run,
@@ -65,6 +70,24 @@ class HealthCheck(unittest.TestCase):
         for value in ({"test": 1}, {"test": "x", "interval": "30s"}, {"test": "x", "retries": -1}, "x"):
             self.assertRaises(errors.InvalidInput, parse_health_check, value)
 
+    def test_durations_that_are_not_finite_or_out_of_bounds_are_refused_naming_the_field(self) -> None:
+        # 1e400 parses as infinity; NaN reaches here if a parser lets it.
+        for field in ("interval", "timeout", "start_period"):
+            for value in (float("nan"), float("inf"), float("-inf"), 1e308, MAX_DURATION + 1, -1, 1e-4):
+                e = self.assertRaises(errors.InvalidInput, parse_health_check, {"test": "x", field: value})
+                self.assertEqual(e.message, "invalid health_check")
+                self.assertIn(f"health_check.{field}", e.details)
+
+    def test_retries_must_be_an_integer_within_dockers_bounds(self) -> None:
+        for value in (float("nan"), float("inf"), 2.0, MAX_COUNT + 1, True):
+            e = self.assertRaises(errors.InvalidInput, parse_health_check, {"test": "x", "retries": value})
+            self.assertIn("health_check.retries", e.details)
+        self.assertEqual(parse_health_check({"test": "x", "retries": MAX_COUNT})["retries"], MAX_COUNT)
+
+    def test_start_period_may_be_zero_and_durations_keep_their_fraction(self) -> None:
+        check = parse_health_check({"test": "x", "start_period": 0, "interval": 0.25})
+        self.assertEqual((check["start_period"], check["interval"]), (0, 250_000_000))
+
 
 class RestartPolicy(unittest.TestCase):
     def test_names_and_retry_counts(self) -> None:
@@ -72,6 +95,12 @@ class RestartPolicy(unittest.TestCase):
         self.assertEqual(parse_restart_policy("on-failure:5"), {"Name": "on-failure", "MaximumRetryCount": 5})
         self.assertEqual(parse_restart_policy({"Name": "always"}), {"Name": "always"})
         self.assertRaises(errors.InvalidInput, parse_restart_policy, "sometimes")
+
+    def test_retry_counts_that_are_not_bounded_integers_are_refused(self) -> None:
+        for value in ("on-failure:" + "9" * 5000, {"Name": "on-failure", "MaximumRetryCount": float("inf")},
+                      {"Name": "on-failure", "MaximumRetryCount": float("nan")}, {"Name": ["on-failure"]}):
+            e = self.assertRaises(errors.InvalidInput, parse_restart_policy, value)
+            self.assertEqual(e.message, "invalid restart_policy")
 
 
 class Volumes(unittest.TestCase):
@@ -95,6 +124,21 @@ class Volumes(unittest.TestCase):
         for value in (["a"], ["a:b:c:d"], ["vol:relative"], ["bad name!:/x"], "a:/b"):
             self.assertRaises(errors.InvalidInput, parse_volumes, value, self.policy)
 
+    def test_modes_docker_accepts_are_kept(self) -> None:
+        for mode in ("ro", "rw", "ro,z", "Z", "rw,rslave", "ro,cached"):
+            self.assertEqual(parse_volumes([f"{self.root}/d:/x:{mode}"], self.policy)[f"{self.root}/d"]["mode"], mode)
+        self.assertEqual(parse_volumes(["cache:/x:nocopy"], self.policy)["cache"]["mode"], "nocopy")
+
+    def test_modes_docker_refuses_are_invalid_even_with_a_trailing_newline(self) -> None:
+        for mode in ("rw\n", "rw,bogus", "rw,ro", "z,Z", "shared,slave", "", "nocopy", "RW"):
+            e = self.assertRaises(errors.InvalidInput, parse_volumes,
+                                  {f"{self.root}/d": {"bind": "/x", "mode": mode}}, self.policy)
+            self.assertIn("mode", e.details)
+
+    def test_names_with_a_trailing_newline_are_invalid(self) -> None:
+        for value in (["cache\n:/x"], [f"{self.root}/d:/x\n:rw"]):
+            self.assertRaises(errors.InvalidInput, parse_volumes, value, self.policy)
+
 
 class Run(unittest.TestCase):
     def test_the_seed_body_maps_to_create_arguments(self) -> None:
@@ -110,9 +154,31 @@ class Run(unittest.TestCase):
         self.assertEqual(kwargs["network"], "app-network")
         self.assertEqual(kwargs["command"], "nginx -g 'daemon off;'")
 
+    def test_container_names_are_matched_whole(self) -> None:
+        self.assertEqual(container_name("web-1.a_b"), "web-1.a_b")
+        for name in ("web\n", "web\n\n", "-web", "we b", "web\x00"):
+            self.assertRaises(errors.InvalidInput, container_name, name)
+
+    def test_the_bind_label_records_the_checked_host_paths_and_cannot_be_sent(self) -> None:
+        root = os.path.realpath(tempfile.mkdtemp())
+        self.addCleanup(os.rmdir, root)
+        policy = PathPolicy([root + "/"])
+        kwargs = parse_run({"image": "app", "volumes": [f"{root}/d:/x", "cache:/c"], "labels": {"team": "a"}}, policy)
+        self.assertEqual(kwargs["labels"], {"team": "a", BIND_LABEL: f'["{root}/d"]'})
+        e = self.assertRaises(errors.InvalidInput, parse_run, {"image": "app", "labels": {BIND_LABEL: "[]"}}, policy)
+        self.assertEqual(e.message, "invalid labels")
+
     def test_image_is_required(self) -> None:
         e = self.assertRaises(errors.InvalidInput, parse_run, {"name": "x"}, PathPolicy(["/tmp/"]))
         self.assertEqual(e.message, "image is required")
+
+
+class QueryIntegers(unittest.TestCase):
+    def test_only_ascii_digits_within_bounds(self) -> None:
+        self.assertEqual(parse_int_arg(b" 12 ", "timeout", 10, maximum=3600), 12)
+        for raw in (b"1_0", "\u0663".encode(), b"1e3", b"12\n3", b"9" * 5000, b"3601", b"-1"):
+            e = self.assertRaises(errors.InvalidInput, parse_int_arg, raw, "timeout", 10, 0, 3600)
+            self.assertEqual(e.message, "invalid timeout")
 
 
 class Images(unittest.TestCase):

@@ -309,14 +309,28 @@ class RegistryRoutes(unittest.TestCase):
         status, err = await self.api.post(
             "/docker/login", {"registry": self.registry.address, "username": self.USER, "password": wrong}
         )
-        self.assertEqual((status, err["error"]), (403, "the registry refused the credentials"), err)
+        # The registry's refusal, not the agent API's own auth (401/403).
+        self.assertEqual((status, err["error"]), (400, "registry login failed"), err)
+        self.assertIn("401 Unauthorized", err["details"])
         self.assertNotIn(wrong, json.dumps(err))
         self.assertNotIn(wrong, self.logs.text())
         status, err = await self.api.post("/docker/login", {"registry": self.registry.address, "username": self.USER})
         self.assertEqual((status, err["error"]), (400, "password is required"))
 
-    def test_login_with_a_wrong_password_is_403_without_the_password(self) -> Any:
+    def test_login_with_a_wrong_password_is_400_saying_why_without_the_password(self) -> Any:
         return defer.ensureDeferred(self._login_refused())
+
+    async def _login_unreachable(self) -> None:
+        self.registry.stop()
+        status, err = await self.api.post(
+            "/docker/login", {"registry": self.registry.address, "username": self.USER, "password": self.password}
+        )
+        self.assertEqual((status, err["error"]), (400, "registry login failed"), err)
+        self.assertIn(self.registry.address, err["details"])
+        self.assertNoPassword(err)
+
+    def test_login_to_a_registry_that_does_not_answer_is_400_naming_it(self) -> Any:
+        return defer.ensureDeferred(self._login_unreachable())
 
     async def _pull_missing(self) -> None:
         status, err = await self.api.post(
