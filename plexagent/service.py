@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -57,8 +58,9 @@ def server_endpoint(reactor: Any, key: str, listen: str) -> Any:
 class ListenerService(service.Service):
     """
     One listener: binds in startService (failing startup with a one-line
-    message when it cannot), and on stop stops accepting, then lets
-    in-flight requests finish within ``shutdown_timeout``.
+    message when it cannot), and on stop stops accepting, then lets the
+    requests that have begun arriving finish within ``shutdown_timeout``
+    and closes every connection.
     """
 
     def __init__(
@@ -93,8 +95,7 @@ class ListenerService(service.Service):
             return
         outcome = result[0]
         if isinstance(outcome, Failure):
-            reason = outcome.getErrorMessage()
-            raise SystemExit(f"plexagent: {self.name}: cannot listen: {reason}")
+            raise SystemExit(cannot_listen(self.name or "", outcome.value))
         self._listening(outcome)
 
     def _listening(self, port: Any) -> None:
@@ -104,16 +105,79 @@ class ListenerService(service.Service):
         if self._after_listen is not None:
             self._after_listen()
 
+    def release(self) -> None:
+        """
+        Close the listening socket at once, without the reactor (startup
+        failed and the process is about to exit): a Unix socket's file is
+        removed.
+        """
+        port, self.port = self.port, None
+        if port is not None and getattr(port, "connected", False):
+            port.stopReading()
+            port.connectionLost(Failure(ConnectionDone()))
+
     async def _stop(self) -> None:
-        if self.port is not None:
-            port, self.port = self.port, None
+        port, self.port = self.port, None
+        if port is not None:
             await defer.maybeDeferred(port.stopListening)
-        await self.site.drain(self.shutdown_timeout, self.clock)
-        self.site.close_connections()
+        busy = self.site.busy_connections()
+        log.info(
+            "{name} stopped accepting connections; {busy} requests in progress have up to {timeout}s to finish",
+            name=self.name, busy=busy, timeout=self.shutdown_timeout,
+        )
+        cut = await self.site.shut_down(self.shutdown_timeout, self.clock)
+        if cut:
+            log.warn(
+                "{name}: cut {cut} connections still busy after node.shutdown_timeout ({timeout}s)",
+                name=self.name, cut=cut, timeout=self.shutdown_timeout,
+            )
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.ensureDeferred(self._stop())
+
+
+def cannot_listen(name: str, error: BaseException) -> str:
+    """The one line startup (and check-config) print for a listener that cannot bind."""
+    return f"plexagent: {name}: cannot listen: {error}"
+
+
+class AgentService(service.MultiService):
+    """
+    The agent's service tree. Starts its children in the order they were
+    added; a child that fails to start stops startup, and the listeners
+    already bound are released first. Stops in dependency order: every
+    listener stops accepting and lets its in-flight requests finish, and
+    only then do the services they use stop (control-plane client, Docker
+    pool, stores), one after another in the reverse order they were added.
+    """
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except BaseException:
+            for child in self:
+                if isinstance(child, ListenerService):
+                    child.release()
+            raise
+
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
+        return defer.ensureDeferred(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        children = [child for child in self if child.running]
+        listeners = [child for child in children if isinstance(child, ListenerService)]
+        await defer.gatherResults(
+            [defer.maybeDeferred(child.stopService) for child in listeners], consumeErrors=True
+        ).addErrback(lambda f: log.failure("stopping the listeners failed", f))
+        for child in reversed(children):
+            if child in listeners:
+                continue
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {name} failed", name=child.name or repr(child))
 
 
 def prepare_socket_path(path: str) -> None:
@@ -333,7 +397,7 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
 
         reactor = default_reactor
 
-    top = service.MultiService()
+    top = AgentService()
     agent = Agent(config, reactor)
     top.agent = agent  # type: ignore[attr-defined]
     _Stores(agent.cache, agent.reports).setServiceParent(top)
@@ -478,4 +542,17 @@ def _control_plane_services(cp: Any, node: Any, agent: Agent, reactor: Any) -> l
     outbox = ReportOutbox(agent.reports, agent.client, reactor, node.data_dir, cp.report_debounce)
     outbox.setName("report-outbox")
     agent.sync, agent.heartbeat, agent.outbox = sync, heartbeat, outbox  # type: ignore[attr-defined]
-    return [sync, heartbeat, outbox]
+    # First in, last out: the client's connections close after everything using it has stopped.
+    return [ControlPlaneConnections(agent.client), sync, heartbeat, outbox]
+
+
+class ControlPlaneConnections(service.Service):
+    """Closes the control-plane client's pooled connections when the agent stops."""
+
+    def __init__(self, client: Any) -> None:
+        self.setName("control-plane-connections")
+        self.client = client
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.client.close()

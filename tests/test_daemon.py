@@ -16,7 +16,6 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
 from plexagent.service import makeService
-from plexagent.testing import ControlPlaneSimulator
 from plexagent.testing.fixtures import AgentProcess, AgentSandbox, json_response, unix_http_client
 
 BASE = "http://localhost"
@@ -103,26 +102,6 @@ class LifecycleTests(DaemonCase):
         await proc.wait_for_socket(self.sandbox.socket)
         code, _ = await json_response(await unix_http_client(self.sandbox.socket).get(BASE + "/v1/state"))
         self.assertEqual(code, 200)
-
-    async def test_sigterm_finishes_in_flight_requests_removes_socket_and_exits_0(self) -> None:
-        sim = ControlPlaneSimulator.example()
-        await sim.start(reactor)
-        self.addCleanup(lambda: defer.ensureDeferred(sim.stop()))
-        self.sandbox.use_control_plane(sim)
-        proc = self.spawn()
-        await proc.wait_for_socket(self.sandbox.socket)
-        client = unix_http_client(self.sandbox.socket)
-        while (await json_response(await client.get(BASE + "/v1/state/secrets")))[1] == []:
-            await task.deferLater(reactor, 0.05, lambda: None)
-        sim.faults.delay = 1.0
-        slow = defer.ensureDeferred(json_response(await client.get(BASE + "/v1/state/secrets/db%2Fpassword")))
-        # Let the request reach the agent, then ask it to stop.
-        await task.deferLater(reactor, 0.3, lambda: None)
-        proc.kill(signal.SIGTERM)
-        code, body = await slow
-        self.assertEqual((code, body["value"]), (200, "s3cret-p@ssw0rd"))
-        self.assertEqual(await proc.wait(), 0)
-        self.assertFalse(os.path.exists(self.sandbox.socket))
 
 
 class CrashTests(DaemonCase):

@@ -119,9 +119,9 @@ class StateSync(service.Service):
         self._retry_call = None
         if self._inflight is not None:
             self._inflight.cancel()
-        stopped = self.stream.stop() if self.stream is not None else defer.succeed(None)
-        stopped.addCallback(lambda _: self.client.close())
-        return stopped
+        # The client is not ours to close: it is shared (secret reads, the
+        # outbox) and closed by the agent once all its users have stopped.
+        return self.stream.stop() if self.stream is not None else defer.succeed(None)
 
     # -- full fetches ----------------------------------------------------
 

@@ -21,6 +21,7 @@ real control plane would. Stream faults:
 ``publish(..., bad_signature=True | issued_at=... | nonce=...)``,
 ``drop_streams(mid_event=True)``, ``send_garbage()``, ``faults.silent_stream``;
 other faults: ``faults.fail(...)``, ``faults.slow(endpoint, seconds)``,
+``faults.hold(endpoint)`` (answer only when the test says so),
 ``faults.heartbeat_reconcile``.
 """
 
@@ -53,6 +54,33 @@ class Failure:
     retry_after: float | None = None
 
 
+class Hold:
+    """
+    Requests to one endpoint wait until ``release()``; ``arrived`` fires
+    (with the endpoint name) when the first of them has come in.
+    """
+
+    def __init__(self) -> None:
+        self.arrived: defer.Deferred[str] = defer.Deferred()
+        self._released = False
+        self._waiting: list[defer.Deferred[None]] = []
+
+    def wait(self, endpoint: str) -> defer.Deferred[None]:
+        if not self.arrived.called:
+            self.arrived.callback(endpoint)
+        if self._released:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def release(self) -> None:
+        self._released = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
 @attrs.define
 class Faults:
     """What the simulator does wrong, set by tests."""
@@ -70,6 +98,8 @@ class Faults:
     heartbeat_reconcile: int = 0
     #: the event stream sends nothing at all, not even keep-alives
     silent_stream: bool = False
+    #: per endpoint name: requests wait for the test to release them
+    holds: dict[str, Hold] = attrs.field(factory=dict)
 
     def fail(self, endpoint: str, status: int = 503, times: int = 1, retry_after: float | None = None) -> None:
         self.failures[endpoint] = Failure(status, times, retry_after)
@@ -78,6 +108,11 @@ class Faults:
         """Answer requests to ``endpoint`` only after ``seconds``."""
         self.delays[endpoint] = seconds
 
+    def hold(self, endpoint: str) -> Hold:
+        """Keep requests to ``endpoint`` waiting until the returned hold is released."""
+        hold = self.holds[endpoint] = Hold()
+        return hold
+
     def clear(self) -> None:
         self.delay = 0.0
         self.failures.clear()
@@ -85,6 +120,9 @@ class Faults:
         self.delays.clear()
         self.heartbeat_reconcile = 0
         self.silent_stream = False
+        for hold in self.holds.values():
+            hold.release()
+        self.holds.clear()
 
 
 @attrs.define
@@ -354,6 +392,9 @@ class ControlPlaneSimulator:
         delay = self.faults.delay + self.faults.delays.get(endpoint, 0.0)
         if delay > 0:
             await task.deferLater(self._reactor, delay, lambda: None)
+        hold = self.faults.holds.get(endpoint)
+        if hold is not None:
+            await hold.wait(endpoint)
         return value
 
     @app.route("/v1/nodes/<node_id>/state", methods=["GET"])
