@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -70,10 +70,13 @@ class ListenerService(service.Service):
         site: web.PlexSite,
         clock: Any,
         shutdown_timeout: float,
-        prepare: Callable[[], None] | None = None,
+        prepare: Callable[[], Any] | None = None,
         after_listen: Callable[[], None] | None = None,
+        socket_path: str = "",
     ) -> None:
         self.setName(name)
+        #: the Unix socket path startup prepares (``prepare``), if any
+        self.socket_path = socket_path
         self.endpoint = endpoint
         self.site = site
         self.clock = clock
@@ -95,7 +98,7 @@ class ListenerService(service.Service):
             return
         outcome = result[0]
         if isinstance(outcome, Failure):
-            raise SystemExit(cannot_listen(self.name or "", outcome.value))
+            raise StartupError(cannot_listen(self.name or "", outcome.value))
         self._listening(outcome)
 
     def _listening(self, port: Any) -> None:
@@ -180,31 +183,116 @@ class AgentService(service.MultiService):
                 log.failure("stopping {name} failed", name=child.name or repr(child))
 
 
-def prepare_socket_path(path: str) -> None:
-    """Create the socket's directory; remove a stale socket, refuse a live one."""
+class StartupError(SystemExit):
+    """Startup cannot go on; the message is the one line to print (and exits non-zero)."""
+
+
+def prepare_socket_path(path: str, check_only: bool = False) -> list[str]:
+    """
+    Create the socket's directory; remove a stale socket, refuse a live one.
+
+    With ``check_only`` a stale socket is left alone. Returns the
+    directories it created, top down (for ``check_only`` callers to remove).
+    """
     directory = os.path.dirname(path) or "."
+    missing: list[str] = []
+    ancestor = os.path.abspath(directory)
+    while not os.path.lexists(ancestor):
+        missing.insert(0, ancestor)
+        ancestor = os.path.dirname(ancestor)
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"plexagent: node_api.socket: cannot create {directory}: {e.strerror}")
+        _remove_dirs([d for d in missing if os.path.isdir(d)])
+        raise StartupError(f"plexagent: node_api.socket: cannot create {directory}: {e.strerror}")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return missing
     if not stat.S_ISSOCK(st.st_mode):
-        raise SystemExit(f"plexagent: node_api.socket: {path} exists and is not a socket")
+        _remove_dirs(missing)
+        raise StartupError(f"plexagent: node_api.socket: {path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
     except OSError as e:
         if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            os.unlink(path)
-            return
-        raise SystemExit(f"plexagent: node_api.socket: {path}: {e.strerror}")
+            if not check_only:
+                os.unlink(path)
+            return missing
+        raise StartupError(f"plexagent: node_api.socket: {path}: {e.strerror}")
     else:
-        raise SystemExit(f"plexagent: node_api.socket: another process is listening on {path}")
+        raise StartupError(f"plexagent: node_api.socket: another process is listening on {path}")
     finally:
         probe.close()
+
+
+def _remove_dirs(created: list[str]) -> None:
+    for directory in reversed(created):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
+
+
+def _probe_tcp(name: str, interface: str, port: int) -> None:
+    """Bind ``interface:port`` as Twisted would, and release it; StartupError with startup's line if it cannot."""
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            address = socket.getaddrinfo(interface, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0][4]
+        else:
+            address = (interface, port)
+        probe.bind(address)
+    except OSError as e:
+        raise StartupError(cannot_listen(name, CannotListenError(interface, port, e))) from None
+    finally:
+        probe.close()
+
+
+def _probe_unix(name: str, path: str) -> None:
+    """Bind a Unix socket at ``path`` and remove it; StartupError with startup's line if it cannot."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.bind(path)
+    except OSError as e:
+        raise StartupError(cannot_listen(name, CannotListenError(None, path, e))) from None
+    else:
+        os.unlink(path)
+    finally:
+        probe.close()
+
+
+def check_listeners(top: service.MultiService, memory: Any) -> None:
+    """
+    Try every bind startup would make, and release each at once: ``top``
+    was built on ``memory`` (a MemoryReactor), which tells where each
+    listener would bind. Raises StartupError with the line startup would
+    print; leaves nothing behind (not even a directory it had to create).
+    """
+    for child in top:
+        if not isinstance(child, ListenerService):
+            continue
+        name = child.name or ""
+        tcp, ssl, unix = len(memory.tcpServers), len(memory.sslServers), len(memory.unixServers)
+        child.endpoint.listen(child.site)
+        for port, _factory, _backlog, interface in memory.tcpServers[tcp:]:
+            _probe_tcp(name, interface, port)
+        for port, _factory, _context, _backlog, interface in memory.sslServers[ssl:]:
+            _probe_tcp(name, interface, port)
+        for address, *_rest in memory.unixServers[unix:]:
+            path = os.fsdecode(address)
+            created: list[str] = []
+            try:
+                if child.socket_path == path:
+                    created = prepare_socket_path(path, check_only=True)
+                    if os.path.lexists(path):
+                        continue  # a stale socket startup would replace
+                _probe_unix(name, path)
+            finally:
+                _remove_dirs(created)
 
 
 def group_id(name: str) -> int | None:
@@ -228,7 +316,7 @@ class _Stores(service.Service):
             self.cache.load()
             self.reports.load()
         except OSError as e:
-            raise SystemExit(f"plexagent: node.data_dir: {e.filename}: {e.strerror}")
+            raise StartupError(f"plexagent: node.data_dir: {e.filename}: {e.strerror}")
 
     def stopService(self) -> Any:
         super().stopService()
@@ -477,6 +565,7 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
             config.node.shutdown_timeout,
             prepare=lambda: prepare_socket_path(socket_path),
             after_listen=chgrp_socket,
+            socket_path=socket_path,
         ).setServiceParent(top)
 
     if napi.http_enabled:

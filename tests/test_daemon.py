@@ -83,6 +83,18 @@ class StartupErrorTests(DaemonCase):
         self.assertNotEqual(status, 0)
         self.assertIn("node_api.http_listen: cannot listen", output)
 
+    async def test_a_failed_start_removes_the_socket_it_had_bound(self) -> None:
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        # The socket binds first, then the TCP listener fails.
+        self.sandbox.enable_http(f"127.0.0.1:{busy.getsockname()[1]}")
+        status, output = await self.start_failure()
+        self.assertNotEqual(status, 0)
+        self.assertIn("node_api.http_listen: cannot listen", output)
+        self.assertEqual(os.listdir(self.sandbox.run_dir), [])
+
     async def test_socket_held_by_a_live_agent_is_refused(self) -> None:
         live = socket.socket(socket.AF_UNIX)
         live.bind(self.sandbox.socket)
