@@ -235,7 +235,7 @@ def _remove_dirs(created: list[str]) -> None:
             pass
 
 
-def _probe_tcp(name: str, interface: str, port: int) -> None:
+def probe_tcp(name: str, interface: str, port: int) -> None:
     """Bind ``interface:port`` as Twisted would, and release it; StartupError with startup's line if it cannot."""
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     probe = socket.socket(family, socket.SOCK_STREAM)
@@ -252,7 +252,7 @@ def _probe_tcp(name: str, interface: str, port: int) -> None:
         probe.close()
 
 
-def _probe_unix(name: str, path: str) -> None:
+def probe_unix(name: str, path: str) -> None:
     """Bind a Unix socket at ``path`` and remove it; StartupError with startup's line if it cannot."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -279,20 +279,29 @@ def check_listeners(top: service.MultiService, memory: Any) -> None:
         tcp, ssl, unix = len(memory.tcpServers), len(memory.sslServers), len(memory.unixServers)
         child.endpoint.listen(child.site)
         for port, _factory, _backlog, interface in memory.tcpServers[tcp:]:
-            _probe_tcp(name, interface, port)
+            probe_tcp(name, interface, port)
         for port, _factory, _context, _backlog, interface in memory.sslServers[ssl:]:
-            _probe_tcp(name, interface, port)
+            probe_tcp(name, interface, port)
         for address, *_rest in memory.unixServers[unix:]:
             path = os.fsdecode(address)
-            created: list[str] = []
-            try:
-                if child.socket_path == path:
-                    created = prepare_socket_path(path, check_only=True)
-                    if os.path.lexists(path):
-                        continue  # a stale socket startup would replace
-                _probe_unix(name, path)
-            finally:
-                _remove_dirs(created)
+            if child.socket_path == path:
+                check_socket_path(path)
+            else:
+                probe_unix(name, path)
+
+
+def check_socket_path(path: str) -> None:
+    """
+    What startup would say of the Local Node API socket at ``path``
+    (directory, file in the way, live socket, bind), without changing
+    anything: StartupError with startup's line.
+    """
+    created = prepare_socket_path(path, check_only=True)
+    try:
+        if not os.path.lexists(path):  # else a stale socket startup would replace
+            probe_unix("node_api.socket", path)
+    finally:
+        _remove_dirs(created)
 
 
 def group_id(name: str) -> int | None:
