@@ -98,6 +98,14 @@ class EnvironmentTests(unittest.TestCase):
         c = parse_config({}, {"NODE_AGENT_ALLOWED_IPS": "10.120.0.5, 192.168.1.0/24,"})
         self.assertEqual(c.agent_api.allowed_ips, ("10.120.0.5", "192.168.1.0/24"))
 
+    def test_bad_allowed_ip_in_environment_names_the_variable(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({}, {"NODE_AGENT_ALLOWED_IPS": "10.0.0.1, 10.0.0.0/33"})
+        self.assertEqual(
+            str(caught.exception),
+            "NODE_AGENT_ALLOWED_IPS (overrides agent_api.allowed_ips): '10.0.0.0/33' is not an IP address or CIDR network",
+        )
+
     def test_require_auth_always_from_environment(self) -> None:
         for text, value in (("1", True), ("yes", True), ("false", False), ("0", False), ("No", False)):
             c = parse_config({}, {"NODE_AGENT_REQUIRE_AUTH_ALWAYS": text})
