@@ -16,6 +16,15 @@ class Options(usage.Options):
         ["config", "c", None, "Path of the TOML configuration file (default: built-in defaults)."],
     ]
 
+    def opt_version(self) -> None:
+        """Display plexagent's version (and the Twisted it runs on) and exit."""
+        from twisted import copyright
+
+        from plexagent import __version__
+
+        print(f"plexagent {__version__} (Twisted {copyright.version})")
+        sys.exit(0)
+
 
 def makeService(options: Options, reactor: Any = None, environ: Any = None) -> Any:
     from plexagent import service

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import socket
+import sys
 
 from twisted.internet import reactor, threads
 from twisted.trial import unittest
@@ -28,6 +29,16 @@ class VersionAndCheckConfigTests(unittest.TestCase):
 
     def test_version(self) -> None:
         self.assertEqual(run(["version"]), (0, f"plexagent {__version__}\n", ""))
+
+    async def test_twistd_plexagent_version_is_plexagents(self) -> None:
+        from twisted import copyright
+        from twisted.internet import utils
+
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-c", "from twisted.scripts.twistd import run; run()", "plexagent", "--version"],
+            env=dict(os.environ),
+        )
+        self.assertEqual((code, out.decode(), err), (0, f"plexagent {__version__} (Twisted {copyright.version})\n", b""))
 
     def test_check_config_accepts_a_good_file(self) -> None:
         self.assertEqual(run(["check-config", "--config", self.sandbox.write()]), (0, "configuration OK\n", ""))
