@@ -31,6 +31,7 @@ from plexagent.controlplane.events import (
     ServerSentEvent,
     SSEParser,
 )
+from plexagent.logs import describe
 from plexagent.reports import rfc3339
 from plexagent.state import InvalidState, NodeState, StateCache, parse_data_entries, parse_metadata, parse_secret_refs
 
@@ -381,7 +382,7 @@ class EventStream:
             stopped.callback(None)
         if not self.started:
             return
-        log.info("event stream closed: {reason}", reason=reason.getErrorMessage())
+        log.info("event stream closed: {reason}", reason=describe(reason))
         # The server's retry: sets the delay after a healthy stream (one that
         # delivered an event since the last failure); repeated failures
         # back off with jitter on top, so a server that accepts and drops

@@ -15,11 +15,12 @@ from typing import Any
 
 import treq
 from twisted.internet import defer, endpoints, protocol, reactor as default_reactor, task
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from plexagent.config import Config, parse_config
+from plexagent.controlplane.client import QuietConnectionPool
 
 
 def toml_value(value: Any) -> str:
@@ -133,7 +134,7 @@ class _UnixEndpoints:
 
 def unix_http_client(path: str, reactor: Any = default_reactor, persistent: bool = False) -> treq.client.HTTPClient:
     """A treq client whose every request goes to the Unix socket ``path``."""
-    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool = QuietConnectionPool(reactor, persistent=persistent)
     agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(reactor, path), pool=pool)
     client = treq.client.HTTPClient(agent)
     client.pool = pool  # type: ignore[attr-defined]
