@@ -1,4 +1,4 @@
-"""The configuration contract of spec/config.md."""
+"""The configuration contract (docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -186,3 +186,39 @@ class OperationsConfigTests(unittest.TestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse_config(doc)
             self.assertTrue(str(caught.exception).startswith(key + ":"), str(caught.exception))
+
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def accepted_keys() -> list[tuple[str, str, object]]:
+    """(section, key, default) of every key the configuration accepts."""
+    import attrs
+
+    from plexagent.config import _SECTIONS
+
+    return [(section, field.name, field.default) for section, cls in _SECTIONS.items() for field in attrs.fields(cls)]
+
+
+class ExampleConfigTests(unittest.TestCase):
+    """etc/plexagent.toml lists every key, each at exactly its default."""
+
+    def setUp(self) -> None:
+        import tomllib
+
+        with open(os.path.join(REPOSITORY, "etc", "plexagent.toml"), "rb") as f:
+            self.document = tomllib.load(f)
+
+    def test_every_key_is_listed(self) -> None:
+        missing = [f"{s}.{k}" for s, k, _ in accepted_keys() if k not in self.document.get(s, {})]
+        self.assertEqual(missing, [])
+
+    def test_every_key_is_at_its_default(self) -> None:
+        parsed = parse_config(self.document, {})  # also: no unknown section or key
+        wrong = [
+            f"{s}.{k} = {getattr(getattr(parsed, s), k)!r}, the default is {default!r}"
+            for s, k, default in accepted_keys()
+            if getattr(getattr(parsed, s), k) != default or type(getattr(getattr(parsed, s), k)) is not type(default)
+        ]
+        self.assertEqual(wrong, [])
+        self.assertEqual(parsed, Config())
