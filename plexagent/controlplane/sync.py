@@ -1,8 +1,8 @@
 """
-Keeping the cache current (spec/control-plane.md, "How the agent keeps its
-cache current"): fetch state at start, then follow the signed event stream,
-fetch again every ``reconcile_interval``, after every stream reconnect and
-when a heartbeat asks for it. On any failure the Local Node API keeps serving
+Keeping the cache current (docs/control-plane-sync.md): fetch state at
+start, then follow the signed event stream, fetch again every
+``reconcile_interval``, after every stream reconnect and when a heartbeat
+asks for it. On any failure the Local Node API keeps serving
 the cache and the failed step is retried with exponential backoff and full
 jitter, honouring Retry-After.
 

@@ -1,5 +1,5 @@
 """
-A control-plane simulator that follows ``spec/control-plane.md``, on a real
+A control-plane simulator that follows ``docs/control-plane.md``, on a real
 TCP port, with injectable faults.
 
 Importable by users' own tests::
