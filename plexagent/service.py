@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
-from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet import tcp, unix
+from twisted.internet.error import AlreadyListened, CannotListenError, ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -46,9 +47,47 @@ def endpoint_description(listen: str) -> str:
     return f"tcp:{port}:interface={host}" if host else f"tcp:{port}"
 
 
+class _SystemdUNIXPort(unix.Port):
+    """
+    A listening Unix socket systemd made and passed: its file, mode and
+    group are systemd's (SocketMode=, SocketGroup=). twisted's Port would
+    chmod it to 0666 on adoption and remove the file on stop, leaving
+    the socket unit with a socket nobody can reach.
+    """
+
+    def startListening(self) -> None:
+        if unix._inFilesystemNamespace(self._bindPath):
+            # The mode Port.startListening sets: keep systemd's.
+            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
+        super().startListening()
+
+    def connectionLost(self, reason: Any) -> None:
+        tcp.Port.connectionLost(self, reason)  # not unix.Port's: the file stays
+
+
+class SystemdUNIXServerEndpoint(endpoints.AdoptedStreamServerEndpoint):
+    """Listens on a Unix socket passed by systemd, leaving its file as systemd made it."""
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        if self._used:
+            return defer.fail(AlreadyListened())
+        self._used = True
+        try:
+            self._setNonBlocking(self.fileno)
+            port = _SystemdUNIXPort._fromListeningDescriptor(self.reactor, self.fileno, factory)
+            port.startListening()
+            os.close(self.fileno)  # the port holds its own duplicate
+        except BaseException:
+            return defer.fail()
+        return defer.succeed(port)
+
+
 def server_endpoint(reactor: Any, key: str, listen: str) -> Any:
     try:
-        return endpoints.serverFromString(reactor, endpoint_description(listen))
+        endpoint = endpoints.serverFromString(reactor, endpoint_description(listen))
+        if isinstance(endpoint, endpoints.AdoptedStreamServerEndpoint) and endpoint.addressFamily == socket.AF_UNIX:
+            return SystemdUNIXServerEndpoint(reactor, endpoint.fileno, endpoint.addressFamily)
+        return endpoint
     except IndexError:
         raise ConfigError(f"{key}: {listen!r}: no such socket was passed by systemd") from None
     except (ValueError, TypeError, KeyError) as e:

@@ -9,9 +9,11 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
+from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
@@ -180,11 +182,15 @@ class MakeServiceTests(unittest.TestCase):
 
 
 class SocketActivationTests(DaemonCase):
-    async def test_the_socket_can_come_from_systemd(self) -> None:
-        # What systemd does for a .socket unit: bind and listen, then start
-        # the service with the socket as fd 3 and LISTEN_FDS/LISTEN_PID set.
+    def activated(self) -> tuple[Any, Any]:
+        """
+        What systemd does for a .socket unit: bind and listen (mode 0660),
+        then start the service with the socket as fd 3 and
+        LISTEN_FDS/LISTEN_PID set. Returns the process's watcher and transport.
+        """
         listening = socket.socket(socket.AF_UNIX)
         listening.bind(self.sandbox.socket)
+        os.chmod(self.sandbox.socket, 0o660)
         listening.listen(16)
         self.addCleanup(listening.close)
         self.sandbox.document["node_api"]["socket"] = "systemd:domain=UNIX:index=0"
@@ -208,17 +214,22 @@ class SocketActivationTests(DaemonCase):
                 await watcher.ended
 
         self.addCleanup(lambda: defer.ensureDeferred(reap()))
-        client = unix_http_client(self.sandbox.socket)
-        for _ in range(300):
-            if watcher.status is not None:
-                self.fail(f"agent exited: {bytes(watcher.output).decode()}")
-            try:
-                code, body = await json_response(await client.get(BASE + "/v1/state", timeout=5))
-                break
-            except Exception:
-                await task.deferLater(reactor, 0.05, lambda: None)
+        return watcher, transport
+
+    async def test_the_socket_can_come_from_systemd(self) -> None:
+        watcher, _ = self.activated()
+        await watcher.wait_for("node_api.socket listening on")
+        code, body = await json_response(await unix_http_client(self.sandbox.socket).get(BASE + "/v1/state"))
         self.assertEqual(code, 200)
         self.assertEqual(body["report_keys"], [])
+
+    async def test_a_systemd_socket_keeps_its_mode_and_its_file_after_sigterm(self) -> None:
+        watcher, transport = self.activated()
+        await watcher.wait_for("node_api.socket listening on")
+        self.assertEqual(stat.S_IMODE(os.stat(self.sandbox.socket).st_mode), 0o660)
+        transport.signalProcess("TERM")
+        self.assertEqual(await watcher.ended, 0)
+        self.assertEqual(stat.S_IMODE(os.stat(self.sandbox.socket).st_mode), 0o660)
 
     async def test_a_missing_systemd_socket_is_a_configuration_error(self) -> None:
         self.sandbox.document["node_api"]["socket"] = "systemd:domain=UNIX:index=0"
