@@ -368,7 +368,8 @@ class _Stores(service.Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        d = self.reports.idle()
+        # Last to stop: what the services before wrote is on disk first.
+        d = defer.gatherResults([self.cache.idle(), self.reports.idle()], consumeErrors=True)
         d.addCallback(lambda _: self.reports.close())
         return d
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import attrs
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from plexagent import errors
 from plexagent.fileio import atomic_write, ensure_private_dir
@@ -172,6 +173,10 @@ class StateCache:
     def update(self, **changes: Any) -> defer.Deferred[None]:
         return self.replace(attrs.evolve(self.current, **changes))
 
+    def idle(self) -> defer.Deferred[None]:
+        """Fires once every write begun so far has finished (for a clean stop)."""
+        return self._write_lock.run(lambda: None)
+
     def _persist(self) -> defer.Deferred[None]:
         def write() -> defer.Deferred[None]:
             # Serialise the snapshot that is current when the write starts:
@@ -179,11 +184,26 @@ class StateCache:
             payload = json.dumps(self.current.to_document(), ensure_ascii=False).encode("utf-8")
             return self._run_in_thread(atomic_write, self._path, payload)
 
-        d = self._write_lock.run(write)
+        written = self._write_lock.run(write)
 
         def failed(f: Any) -> None:
             f.trap(errors.PlexError)
             log.error("could not persist node state: {details}", details=f.value.details)
 
-        d.addErrback(failed)
-        return d
+        written.addErrback(failed)
+        # What callers get may be cancelled (a fetch cancelled at stop is
+        # chained to it); the write must not be: cancelling the thread's
+        # Deferred would release the lock while the thread still writes, and
+        # the next write (or the stop) would not wait for it.
+        result: defer.Deferred[None] = defer.Deferred()
+
+        def done(outcome: Any) -> None:
+            if result.called:
+                return  # cancelled meanwhile
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(None)
+
+        written.addBoth(done)
+        return result

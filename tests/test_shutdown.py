@@ -259,3 +259,52 @@ class StopOrderTests(unittest.TestCase):
             "stop control-plane-connections", "stopped control-plane-connections",
             "stop docker-pool", "stop stores",
         ])
+
+
+class StoresStopTests(unittest.TestCase):
+    """The stores stop last, once the state write in progress is on disk."""
+
+    def setUp(self) -> None:
+        from plexagent.reports import ReportStore
+        from plexagent.service import _Stores
+        from plexagent.state import StateCache
+
+        #: the writes "in a thread": each finishes when the test fires it
+        self.writes: list[defer.Deferred[None]] = []
+
+        def in_thread(f: Any, *args: Any) -> defer.Deferred[None]:
+            d: defer.Deferred[None] = defer.Deferred()  # like deferToThread's: no canceller
+            self.writes.append(d)
+            d.addCallback(lambda _: f(*args))
+            return d
+
+        self.data_dir = self.mktemp()
+        self.cache = StateCache(self.data_dir, run_in_thread=in_thread)
+        self.stores = _Stores(self.cache, ReportStore(self.data_dir, reactor))
+        self.stores.startService()
+
+    def test_the_stores_stop_once_the_state_write_in_progress_is_on_disk(self) -> None:
+        from plexagent.state import NodeState
+
+        data_dir, writes = self.data_dir, self.writes
+        self.cache.replace(NodeState(metadata={"role": "gateway"}))
+        stopped = self.stores.stopService()
+        self.assertNoResult(stopped)
+        writes[0].callback(None)  # the write thread finishes
+        self.successResultOf(stopped)
+        with open(os.path.join(data_dir, "state.json")) as f:
+            self.assertEqual(json.load(f)["metadata"], {"role": "gateway"})
+
+    def test_cancelling_a_state_replace_does_not_cut_its_write(self) -> None:
+        from plexagent.state import NodeState
+
+        # A state fetch cancelled at stop has the cache write chained to it.
+        replaced = self.cache.replace(NodeState(metadata={"role": "gateway"}))
+        replaced.cancel()
+        self.failureResultOf(replaced, defer.CancelledError)
+        stopped = self.stores.stopService()
+        self.assertNoResult(stopped)
+        self.writes[0].callback(None)
+        self.successResultOf(stopped)
+        with open(os.path.join(self.data_dir, "state.json")) as f:
+            self.assertEqual(json.load(f)["metadata"], {"role": "gateway"})
