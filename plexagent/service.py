@@ -315,13 +315,13 @@ def check_listeners(top: service.MultiService, memory: Any) -> None:
         if not isinstance(child, ListenerService):
             continue
         name = child.name or ""
-        tcp, ssl, unix = len(memory.tcpServers), len(memory.sslServers), len(memory.unixServers)
+        seen_tcp, seen_ssl, seen_unix = len(memory.tcpServers), len(memory.sslServers), len(memory.unixServers)
         child.endpoint.listen(child.site)
-        for port, _factory, _backlog, interface in memory.tcpServers[tcp:]:
+        for port, _factory, _backlog, interface in memory.tcpServers[seen_tcp:]:
             probe_tcp(name, interface, port)
-        for port, _factory, _context, _backlog, interface in memory.sslServers[ssl:]:
+        for port, _factory, _context, _backlog, interface in memory.sslServers[seen_ssl:]:
             probe_tcp(name, interface, port)
-        for address, *_rest in memory.unixServers[unix:]:
+        for address, *_rest in memory.unixServers[seen_unix:]:
             path = os.fsdecode(address)
             if child.socket_path == path:
                 check_socket_path(path)
