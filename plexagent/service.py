@@ -395,28 +395,48 @@ def _warn(message: str) -> None:
 
 class GracefulTermination(service.Service):
     """
-    SIGTERM stops the reactor like twistd's own handler, but as an ordinary
-    shutdown: services stop (listeners drain), and the process exits 0
-    instead of re-raising the signal on itself.
+    SIGTERM is the agent's ordinary way to stop: the services stop in order
+    (the listeners drain first) and the process exits 0.
+
+    The reactor's own SIGTERM handler stops it; twistd would then re-raise
+    the signal on itself (exit status -15): the shutdown clears that. A
+    SIGTERM during startup, before the reactor runs and installs its
+    handler, stops the agent once it runs instead of killing it half-started.
     """
 
     def __init__(self, reactor: Any) -> None:
         self.setName("graceful-termination")
         self.reactor = reactor
 
+    _installed = False
+
+    def privilegedStartService(self) -> None:
+        # twistd calls this on every service before it starts any (binds included).
+        super().privilegedStartService()
+        self._install()
+
     def startService(self) -> None:
         super().startService()
-        # After the reactor has installed its own handlers (during startup).
-        self.reactor.callWhenRunning(self.reactor.callLater, 0, self._install)
+        self._install()
 
     def _install(self) -> None:
+        if self._installed:
+            return
+        self._installed = True
         import signal
 
-        def terminate(signum: int, frame: Any) -> None:
-            log.info("received SIGTERM: finishing in-flight requests, then exiting")
-            self.reactor.callFromThread(self.reactor.stop)
+        signal.signal(signal.SIGTERM, self._during_startup)
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._exit_cleanly)
 
-        signal.signal(signal.SIGTERM, terminate)
+    def _during_startup(self, signum: int, frame: Any) -> None:
+        log.info("received SIGTERM during startup: stopping once started")
+        self.reactor.callFromThread(self.reactor.stop)
+
+    def _exit_cleanly(self) -> None:
+        import signal
+
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
 
 
 def tls_endpoint_description(listen: str, cert: str, key: str) -> str:

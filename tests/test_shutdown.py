@@ -186,6 +186,15 @@ class ShutdownBoundTests(ShutdownCase):
             await answer
         self.assertEqual(await proc.wait(), 0)
 
+    async def test_sigterm_as_soon_as_the_socket_is_bound_exits_0(self) -> None:
+        proc = self.spawn()
+        # Logged while twistd starts the services, before its reactor runs
+        # and installs its own signal handlers.
+        await proc.wait_for_output(r"node_api\.socket listening on")
+        proc.kill(signal.SIGTERM)
+        self.assertEqual(await proc.wait(), 0)
+        self.assertFalse(os.path.exists(self.sandbox.socket))
+
     async def test_the_socket_file_is_removed(self) -> None:
         proc = self.spawn()
         await proc.wait_for_socket(self.sandbox.socket)
