@@ -2,7 +2,8 @@
 The ``plexagent`` command: operator helpers beside the daemon.
 
 ``plexagent version``; ``plexagent check-config --config PATH`` (what
-startup would say, without starting); ``plexagent state [metadata|data|
+startup would say, without starting: each bind is tried and released);
+``plexagent state [metadata|data|
 secrets] [KEY]`` and ``plexagent report list|get|put|delete`` through the
 Local Node API socket.
 
@@ -75,23 +76,26 @@ def _register_version(commands: Any) -> None:
 
 def check_config(path: str | None, environ: Any) -> str:
     """
-    Everything startup checks short of binding: the file, every key, the key
-    files, listener descriptions. Returns a one-line verdict; raises
-    ConfigError with startup's own message.
+    Everything startup checks: the file, every key, the key files, and
+    the listeners (each bind is tried and released at once). Returns a
+    one-line verdict; raises ConfigError with startup's own message, or
+    StartupError with the line startup would print.
     """
     from twisted.internet.testing import MemoryReactor
 
     from plexagent.config import ConfigError, load_config
-    from plexagent.service import makeService
+    from plexagent.service import check_listeners, makeService
 
     config = load_config(path, environ)
+    memory = MemoryReactor()
     try:
-        makeService(config, MemoryReactor())
+        top = makeService(config, memory)
     except ConfigError as e:
         # Sockets systemd passes exist only in the service itself.
         if "no such socket was passed by systemd" not in str(e):
             raise
         return "configuration OK (socket-activated listeners not checked)"
+    check_listeners(top, memory)
     return "configuration OK"
 
 
@@ -99,11 +103,15 @@ def _check_config(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any
     import os
 
     from plexagent.config import ConfigError
+    from plexagent.service import StartupError
 
     try:
         print(check_config(args.config, os.environ), file=stdout)
     except ConfigError as e:
         print(f"plexagent: configuration error: {e}", file=stderr)
+        return 2
+    except StartupError as e:
+        print(e.code, file=stderr)
         return 2
     return 0
 

@@ -250,6 +250,8 @@ def parse_config(
     agent = sections.setdefault("agent_api", {})
     if "NODE_AGENT_ALLOWED_IPS" in environ:
         agent["allowed_ips"] = _split_list(environ["NODE_AGENT_ALLOWED_IPS"])
+        # Named here, so an error points at the variable, not at the file's key.
+        _check_networks("NODE_AGENT_ALLOWED_IPS (overrides agent_api.allowed_ips)", agent["allowed_ips"])
     if "NODE_AGENT_REQUIRE_AUTH_ALWAYS" in environ:
         agent["require_auth_always"] = parse_bool(
             "NODE_AGENT_REQUIRE_AUTH_ALWAYS", environ["NODE_AGENT_REQUIRE_AUTH_ALWAYS"]
@@ -261,6 +263,14 @@ def parse_config(
     config = Config(**{name: _SECTIONS[name](**vals) for name, vals in sections.items()})
     _validate(config)
     return config
+
+
+def _check_networks(key: str, entries: tuple[str, ...]) -> None:
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}: {entry!r} is not an IP address or CIDR network") from None
 
 
 def _validate(config: Config) -> None:
@@ -292,13 +302,7 @@ def _validate(config: Config) -> None:
     for key in ("max_body_bytes", "max_report_entries", "max_report_bytes"):
         if getattr(config.node_api, key) <= 0:
             raise ConfigError(f"node_api.{key}: must be greater than 0")
-    for entry in config.agent_api.allowed_ips:
-        try:
-            ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            raise ConfigError(
-                f"agent_api.allowed_ips: {entry!r} is not an IP address or CIDR network"
-            ) from None
+    _check_networks("agent_api.allowed_ips", config.agent_api.allowed_ips)
     for root in config.agent_api.allowed_paths:
         if not root.startswith("/"):
             raise ConfigError(f"agent_api.allowed_paths: {root!r} must be an absolute path")

@@ -12,11 +12,12 @@ import argparse
 import grp
 import os
 import sys
+from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from plexagent.service import GracefulTermination, makeService
+from plexagent.service import GracefulTermination, StartupError, check_socket_path, makeService, probe_tcp
 from plexagent.testing import ControlPlaneSimulator
 from plexagent.testing.fixtures import dump_toml, write_secret_file
 
@@ -74,6 +75,19 @@ Stop with Ctrl-C.
 """
 
 
+def taken(directory: str, http_port: int) -> str | None:
+    """
+    One line saying which of the demo's socket and port is held by another
+    process (another demo?), or None. Changes nothing.
+    """
+    try:
+        check_socket_path(os.path.join(directory, "api.sock"))
+        probe_tcp("node_api.http_listen", "127.0.0.1", http_port)
+    except StartupError as e:
+        return f"{e.code} (another demo running? choose another --dir or --http-port)"
+    return None
+
+
 async def start(directory: str, http_port: int) -> None:
     os.makedirs(directory, exist_ok=True)
     sim = ControlPlaneSimulator.example()
@@ -96,24 +110,35 @@ async def start(directory: str, http_port: int) -> None:
     print(instructions(directory, http_port), flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo until Ctrl-C or SIGTERM; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default="demo-run", help="where the socket, config and data go")
     parser.add_argument("--http-port", type=int, default=9100, help="port of the bearer-token TCP listener")
     parser.add_argument("--log", action="store_true", help="print the agent's log")
     args = parser.parse_args(argv)
     directory = os.path.abspath(args.dir)
+    # Before writing a byte: a demo already running keeps its config and keys.
+    problem = taken(directory, args.http_port)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
     if args.log:
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    status = [0]
+
+    def failed(f: Any) -> None:
+        status[0] = 1
+        value = f.value
+        print(value.code if isinstance(value, SystemExit) else f"plexagent demo: {value}", file=sys.stderr)
+        # start() may fail before the reactor runs (its binds are synchronous).
+        reactor.callWhenRunning(reactor.stop)
+
     d = defer.ensureDeferred(start(directory, args.http_port))
-
-    def failed(f: object) -> None:
-        print(f"plexagent demo: {getattr(f, 'value', f)}", file=sys.stderr)
-        reactor.stop()
-
     d.addErrback(failed)
     reactor.run()
+    return status[0]
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,5 @@
 """
-The Local Node API route tree (seed local-node-api.md): parse, call, render.
+The Local Node API route tree (docs/openapi/local-node-api.yaml): parse, call, render.
 
 Authentication happens before these routes (``auth.GuardedResource``); the
 listener's policy is on ``request.plexagent_policy`` for the one decision a

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
+from twisted.internet import tcp, unix
+from twisted.internet.error import AlreadyListened, CannotListenError, ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -45,9 +47,47 @@ def endpoint_description(listen: str) -> str:
     return f"tcp:{port}:interface={host}" if host else f"tcp:{port}"
 
 
+class _SystemdUNIXPort(unix.Port):
+    """
+    A listening Unix socket systemd made and passed: its file, mode and
+    group are systemd's (SocketMode=, SocketGroup=). twisted's Port would
+    chmod it to 0666 on adoption and remove the file on stop, leaving
+    the socket unit with a socket nobody can reach.
+    """
+
+    def startListening(self) -> None:
+        if unix._inFilesystemNamespace(self._bindPath):
+            # The mode Port.startListening sets: keep systemd's.
+            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
+        super().startListening()
+
+    def connectionLost(self, reason: Any) -> None:
+        tcp.Port.connectionLost(self, reason)  # not unix.Port's: the file stays
+
+
+class SystemdUNIXServerEndpoint(endpoints.AdoptedStreamServerEndpoint):
+    """Listens on a Unix socket passed by systemd, leaving its file as systemd made it."""
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        if self._used:
+            return defer.fail(AlreadyListened())
+        self._used = True
+        try:
+            self._setNonBlocking(self.fileno)
+            port = _SystemdUNIXPort._fromListeningDescriptor(self.reactor, self.fileno, factory)
+            port.startListening()
+            os.close(self.fileno)  # the port holds its own duplicate
+        except BaseException:
+            return defer.fail()
+        return defer.succeed(port)
+
+
 def server_endpoint(reactor: Any, key: str, listen: str) -> Any:
     try:
-        return endpoints.serverFromString(reactor, endpoint_description(listen))
+        endpoint = endpoints.serverFromString(reactor, endpoint_description(listen))
+        if isinstance(endpoint, endpoints.AdoptedStreamServerEndpoint) and endpoint.addressFamily == socket.AF_UNIX:
+            return SystemdUNIXServerEndpoint(reactor, endpoint.fileno, endpoint.addressFamily)
+        return endpoint
     except IndexError:
         raise ConfigError(f"{key}: {listen!r}: no such socket was passed by systemd") from None
     except (ValueError, TypeError, KeyError) as e:
@@ -57,8 +97,9 @@ def server_endpoint(reactor: Any, key: str, listen: str) -> Any:
 class ListenerService(service.Service):
     """
     One listener: binds in startService (failing startup with a one-line
-    message when it cannot), and on stop stops accepting, then lets
-    in-flight requests finish within ``shutdown_timeout``.
+    message when it cannot), and on stop stops accepting, then lets the
+    requests that have begun arriving finish within ``shutdown_timeout``
+    and closes every connection.
     """
 
     def __init__(
@@ -68,10 +109,13 @@ class ListenerService(service.Service):
         site: web.PlexSite,
         clock: Any,
         shutdown_timeout: float,
-        prepare: Callable[[], None] | None = None,
+        prepare: Callable[[], Any] | None = None,
         after_listen: Callable[[], None] | None = None,
+        socket_path: str = "",
     ) -> None:
         self.setName(name)
+        #: the Unix socket path startup prepares (``prepare``), if any
+        self.socket_path = socket_path
         self.endpoint = endpoint
         self.site = site
         self.clock = clock
@@ -93,8 +137,7 @@ class ListenerService(service.Service):
             return
         outcome = result[0]
         if isinstance(outcome, Failure):
-            reason = outcome.getErrorMessage()
-            raise SystemExit(f"plexagent: {self.name}: cannot listen: {reason}")
+            raise StartupError(cannot_listen(self.name or "", outcome.value))
         self._listening(outcome)
 
     def _listening(self, port: Any) -> None:
@@ -104,43 +147,200 @@ class ListenerService(service.Service):
         if self._after_listen is not None:
             self._after_listen()
 
+    def release(self) -> None:
+        """
+        Close the listening socket at once, without the reactor (startup
+        failed and the process is about to exit): a Unix socket's file is
+        removed.
+        """
+        port, self.port = self.port, None
+        if port is not None and getattr(port, "connected", False):
+            port.stopReading()
+            port.connectionLost(Failure(ConnectionDone()))
+
     async def _stop(self) -> None:
-        if self.port is not None:
-            port, self.port = self.port, None
+        port, self.port = self.port, None
+        if port is not None:
             await defer.maybeDeferred(port.stopListening)
-        await self.site.drain(self.shutdown_timeout, self.clock)
-        self.site.close_connections()
+        busy = self.site.busy_connections()
+        log.info(
+            "{name} stopped accepting connections; {busy} requests in progress have up to {timeout}s to finish",
+            name=self.name, busy=busy, timeout=self.shutdown_timeout,
+        )
+        cut = await self.site.shut_down(self.shutdown_timeout, self.clock)
+        if cut:
+            log.warn(
+                "{name}: cut {cut} connections still busy after node.shutdown_timeout ({timeout}s)",
+                name=self.name, cut=cut, timeout=self.shutdown_timeout,
+            )
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.ensureDeferred(self._stop())
 
 
-def prepare_socket_path(path: str) -> None:
-    """Create the socket's directory; remove a stale socket, refuse a live one."""
+def cannot_listen(name: str, error: BaseException) -> str:
+    """The one line startup (and check-config) print for a listener that cannot bind."""
+    return f"plexagent: {name}: cannot listen: {error}"
+
+
+class AgentService(service.MultiService):
+    """
+    The agent's service tree. Starts its children in the order they were
+    added; a child that fails to start stops startup, and the listeners
+    already bound are released first. Stops in dependency order: every
+    listener stops accepting and lets its in-flight requests finish, and
+    only then do the services they use stop (control-plane client, Docker
+    pool, stores), one after another in the reverse order they were added.
+    """
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except BaseException:
+            for child in self:
+                if isinstance(child, ListenerService):
+                    child.release()
+            raise
+
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
+        return defer.ensureDeferred(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        children = [child for child in self if child.running]
+        listeners = [child for child in children if isinstance(child, ListenerService)]
+        await defer.gatherResults(
+            [defer.maybeDeferred(child.stopService) for child in listeners], consumeErrors=True
+        ).addErrback(lambda f: log.failure("stopping the listeners failed", f))
+        for child in reversed(children):
+            if child in listeners:
+                continue
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {name} failed", name=child.name or repr(child))
+
+
+class StartupError(SystemExit):
+    """Startup cannot go on; the message is the one line to print (and exits non-zero)."""
+
+
+def prepare_socket_path(path: str, check_only: bool = False) -> list[str]:
+    """
+    Create the socket's directory; remove a stale socket, refuse a live one.
+
+    With ``check_only`` a stale socket is left alone. Returns the
+    directories it created, top down (for ``check_only`` callers to remove).
+    """
     directory = os.path.dirname(path) or "."
+    missing: list[str] = []
+    ancestor = os.path.abspath(directory)
+    while not os.path.lexists(ancestor):
+        missing.insert(0, ancestor)
+        ancestor = os.path.dirname(ancestor)
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"plexagent: node_api.socket: cannot create {directory}: {e.strerror}")
+        _remove_dirs([d for d in missing if os.path.isdir(d)])
+        raise StartupError(f"plexagent: node_api.socket: cannot create {directory}: {e.strerror}")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return missing
     if not stat.S_ISSOCK(st.st_mode):
-        raise SystemExit(f"plexagent: node_api.socket: {path} exists and is not a socket")
+        _remove_dirs(missing)
+        raise StartupError(f"plexagent: node_api.socket: {path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
     except OSError as e:
         if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            os.unlink(path)
-            return
-        raise SystemExit(f"plexagent: node_api.socket: {path}: {e.strerror}")
+            if not check_only:
+                os.unlink(path)
+            return missing
+        raise StartupError(f"plexagent: node_api.socket: {path}: {e.strerror}")
     else:
-        raise SystemExit(f"plexagent: node_api.socket: another process is listening on {path}")
+        raise StartupError(f"plexagent: node_api.socket: another process is listening on {path}")
     finally:
         probe.close()
+
+
+def _remove_dirs(created: list[str]) -> None:
+    for directory in reversed(created):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
+
+
+def probe_tcp(name: str, interface: str, port: int) -> None:
+    """Bind ``interface:port`` as Twisted would, and release it; StartupError with startup's line if it cannot."""
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            address = socket.getaddrinfo(interface, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0][4]
+        else:
+            address = (interface, port)
+        probe.bind(address)
+    except OSError as e:
+        raise StartupError(cannot_listen(name, CannotListenError(interface, port, e))) from None
+    finally:
+        probe.close()
+
+
+def probe_unix(name: str, path: str) -> None:
+    """Bind a Unix socket at ``path`` and remove it; StartupError with startup's line if it cannot."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.bind(path)
+    except OSError as e:
+        raise StartupError(cannot_listen(name, CannotListenError(None, path, e))) from None
+    else:
+        os.unlink(path)
+    finally:
+        probe.close()
+
+
+def check_listeners(top: service.MultiService, memory: Any) -> None:
+    """
+    Try every bind startup would make, and release each at once: ``top``
+    was built on ``memory`` (a MemoryReactor), which tells where each
+    listener would bind. Raises StartupError with the line startup would
+    print; leaves nothing behind (not even a directory it had to create).
+    """
+    for child in top:
+        if not isinstance(child, ListenerService):
+            continue
+        name = child.name or ""
+        seen_tcp, seen_ssl, seen_unix = len(memory.tcpServers), len(memory.sslServers), len(memory.unixServers)
+        child.endpoint.listen(child.site)
+        for port, _factory, _backlog, interface in memory.tcpServers[seen_tcp:]:
+            probe_tcp(name, interface, port)
+        for port, _factory, _context, _backlog, interface in memory.sslServers[seen_ssl:]:
+            probe_tcp(name, interface, port)
+        for address, *_rest in memory.unixServers[seen_unix:]:
+            path = os.fsdecode(address)
+            if child.socket_path == path:
+                check_socket_path(path)
+            else:
+                probe_unix(name, path)
+
+
+def check_socket_path(path: str) -> None:
+    """
+    What startup would say of the Local Node API socket at ``path``
+    (directory, file in the way, live socket, bind), without changing
+    anything: StartupError with startup's line.
+    """
+    created = prepare_socket_path(path, check_only=True)
+    try:
+        if not os.path.lexists(path):  # else a stale socket startup would replace
+            probe_unix("node_api.socket", path)
+    finally:
+        _remove_dirs(created)
 
 
 def group_id(name: str) -> int | None:
@@ -164,11 +364,12 @@ class _Stores(service.Service):
             self.cache.load()
             self.reports.load()
         except OSError as e:
-            raise SystemExit(f"plexagent: node.data_dir: {e.filename}: {e.strerror}")
+            raise StartupError(f"plexagent: node.data_dir: {e.filename}: {e.strerror}")
 
     def stopService(self) -> Any:
         super().stopService()
-        d = defer.gatherResults([self.reports.idle(), self.cache.idle()])
+        # Last to stop: what the services before wrote is on disk first.
+        d = defer.gatherResults([self.cache.idle(), self.reports.idle()], consumeErrors=True)
         d.addCallback(lambda _: self.reports.close())
         return d
 
@@ -195,28 +396,48 @@ def _warn(message: str) -> None:
 
 class GracefulTermination(service.Service):
     """
-    SIGTERM stops the reactor like twistd's own handler, but as an ordinary
-    shutdown: services stop (listeners drain), and the process exits 0
-    instead of re-raising the signal on itself.
+    SIGTERM is the agent's ordinary way to stop: the services stop in order
+    (the listeners drain first) and the process exits 0.
+
+    The reactor's own SIGTERM handler stops it; twistd would then re-raise
+    the signal on itself (exit status -15): the shutdown clears that. A
+    SIGTERM during startup, before the reactor runs and installs its
+    handler, stops the agent once it runs instead of killing it half-started.
     """
 
     def __init__(self, reactor: Any) -> None:
         self.setName("graceful-termination")
         self.reactor = reactor
 
+    _installed = False
+
+    def privilegedStartService(self) -> None:
+        # twistd calls this on every service before it starts any (binds included).
+        super().privilegedStartService()
+        self._install()
+
     def startService(self) -> None:
         super().startService()
-        # After the reactor has installed its own handlers (during startup).
-        self.reactor.callWhenRunning(self.reactor.callLater, 0, self._install)
+        self._install()
 
     def _install(self) -> None:
+        if self._installed:
+            return
+        self._installed = True
         import signal
 
-        def terminate(signum: int, frame: Any) -> None:
-            log.info("received SIGTERM: finishing in-flight requests, then exiting")
-            self.reactor.callFromThread(self.reactor.stop)
+        signal.signal(signal.SIGTERM, self._during_startup)
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._exit_cleanly)
 
-        signal.signal(signal.SIGTERM, terminate)
+    def _during_startup(self, signum: int, frame: Any) -> None:
+        log.info("received SIGTERM during startup: stopping once started")
+        self.reactor.callFromThread(self.reactor.stop)
+
+    def _exit_cleanly(self) -> None:
+        import signal
+
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
 
 
 def tls_endpoint_description(listen: str, cert: str, key: str) -> str:
@@ -332,7 +553,7 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
 
         reactor = default_reactor
 
-    top = service.MultiService()
+    top = AgentService()
     agent = Agent(config, reactor)
     top.agent = agent  # type: ignore[attr-defined]
     _Stores(agent.cache, agent.reports).setServiceParent(top)
@@ -418,6 +639,7 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
             config.node.shutdown_timeout,
             prepare=lambda: prepare_socket_path(socket_path),
             after_listen=chgrp_socket,
+            socket_path=socket_path,
         ).setServiceParent(top)
 
     if napi.http_enabled:
@@ -483,4 +705,17 @@ def _control_plane_services(cp: Any, node: Any, agent: Agent, reactor: Any) -> l
     outbox = ReportOutbox(agent.reports, agent.client, reactor, node.data_dir, cp.report_debounce)
     outbox.setName("report-outbox")
     agent.sync, agent.heartbeat, agent.outbox = sync, heartbeat, outbox  # type: ignore[attr-defined]
-    return [sync, heartbeat, outbox]
+    # First in, last out: the client's connections close after everything using it has stopped.
+    return [ControlPlaneConnections(agent.client), sync, heartbeat, outbox]
+
+
+class ControlPlaneConnections(service.Service):
+    """Closes the control-plane client's pooled connections when the agent stops."""
+
+    def __init__(self, client: Any) -> None:
+        self.setName("control-plane-connections")
+        self.client = client
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.client.close()

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import attrs
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from plexagent import errors
 from plexagent.fileio import Unencodable, atomic_write, decode_json, encode_json, ensure_private_dir, set_aside
@@ -197,11 +198,26 @@ class StateCache:
             # concurrent replaces coalesce into the newest one.
             return self._run_in_thread(atomic_write, self._path, self._encoded)
 
-        d = self._write_lock.run(write)
+        written = self._write_lock.run(write)
 
         def failed(f: Any) -> None:
             f.trap(errors.PlexError)
             log.error("could not persist node state: {details}", details=f.value.details)
 
-        d.addErrback(failed)
-        return d
+        written.addErrback(failed)
+        # What callers get may be cancelled (a fetch cancelled at stop is
+        # chained to it); the write must not be: cancelling the thread's
+        # Deferred would release the lock while the thread still writes, and
+        # the next write (or the stop) would not wait for it.
+        result: defer.Deferred[None] = defer.Deferred()
+
+        def done(outcome: Any) -> None:
+            if result.called:
+                return  # cancelled meanwhile
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(None)
+
+        written.addBoth(done)
+        return result

@@ -1,6 +1,6 @@
 """
 Shared HTTP plumbing: JSON responses, the one error -> status mapping, body
-limits, and a Site that knows its in-flight requests (for graceful stop).
+limits, and a Site that knows its open connections (for graceful stop).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import os
 import re
 import tempfile
 import time
-import weakref
 from io import BytesIO
 from typing import Any, Callable, Iterable
 
@@ -339,7 +338,10 @@ class PlexRequest(server.Request):
     channel: Any
     content: Any
 
-    _counted = False
+    #: the site that processes this request (set when processing begins)
+    _plex_site: Any = None
+    #: whether the site's observer is to hear of this request when it finishes
+    _observed = False
     #: the body limit that applied to this request
     body_limit: int | None = None
 
@@ -381,10 +383,9 @@ class PlexRequest(server.Request):
 
     def process(self) -> None:
         site = self.channel.site
-        site._inflight += 1
-        self._counted = True
         self._plex_site = site
         if site.observer is not None:
+            self._observed = True
             self._plex_started = time.perf_counter()
         given = self.requestHeaders.getRawHeaders(b"x-request-id")
         if given and _REQUEST_ID.fullmatch(given[0]):
@@ -431,23 +432,25 @@ class PlexRequest(server.Request):
         self.finish()
         return reason
 
-    def _uncount(self) -> None:
-        if self._counted:
-            self._counted = False
-            self._plex_site._request_done()
+    def write(self, data: bytes) -> None:
+        site = getattr(self.channel, "site", None)
+        if not self.startedWriting and site is not None and site.stopping:
+            # The listener is shutting down: this response is the connection's last.
+            self.channel.persistent = False
+            self.setHeader(b"connection", b"close")
+        super().write(data)
 
     def finish(self) -> Any:
+        if self._plex_site is not None and self._plex_site.stopping:
+            # Close the connection once this response is sent (see PlexSite.shut_down).
+            self.channel.persistent = False
         result = super().finish()
-        if self._counted:
+        if self._observed:
+            self._observed = False
             observer = self._plex_site.observer
             if observer is not None:
                 observer(self, time.perf_counter() - self._plex_started)
-        self._uncount()
         return result
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        self._uncount()
 
 
 def _raw_json_response(code: int, reason: bytes, error: str, details: str | None = None) -> bytes:
@@ -570,6 +573,12 @@ class PlexChannel(http.HTTPChannel):
                 timer.cancel()
         self._header_timer = self._linger_timer = None
         super().connectionLost(reason)
+        self.site.connection_closed(self)
+
+    def busy(self) -> bool:
+        """Whether a request is on this connection: any part of it received, or its response not yet sent."""
+        # LineReceiver keeps the bytes of a request line or header not yet complete in _buffer.
+        return bool(self.requests) or bool(self._buffer)
 
 
 def _plex_channel() -> Any:
@@ -580,15 +589,17 @@ def _plex_channel() -> Any:
 
 class PlexSite(server.Site):
     """
-    A Site with body limits and graceful draining.
+    A Site with body limits and graceful shutdown.
 
     Each request's body limit is ``body_limits(method, path)`` of its route
     (else ``max_body_bytes``), applied from the request line and headers
     before any byte of the body is read: a declared length over it is a 413
     at once, a chunked body is counted as it arrives.
 
-    ``drain(timeout)`` waits until every in-flight request has finished, or
-    the timeout (on the given clock) passes.
+    ``shut_down(timeout, clock)`` (once its port has stopped listening)
+    closes idle connections, lets every request that has begun arriving
+    finish and its response be sent, and cuts what is left after the
+    timeout.
     """
 
     requestFactory = PlexRequest
@@ -596,6 +607,8 @@ class PlexSite(server.Site):
     # No access log line per request through twisted.web's combined log: the
     # agent logs requests itself where needed; this keeps the hot path cheap.
     noisy = False
+    #: set by shut_down: responses close their connections
+    stopping = False
 
     def __init__(
         self,
@@ -617,21 +630,22 @@ class PlexSite(server.Site):
         self.listener_name = ""
         #: ``observer(request, seconds)`` is called as each request finishes
         self.observer: Callable[[Any, float], None] | None = None
-        self._inflight = 0
-        self._drained: list[defer.Deferred[None]] = []
-        self._channels: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        #: open connections (the HTTP channels inside twisted.web's wrappers)
+        self._channels: set[Any] = set()
+        self._all_closed: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
-        self._channels.add(channel)
+        self._channels.add(getattr(channel, "_channel", channel))
         return channel
 
-    def close_connections(self) -> None:
-        """Close every connection (after draining: idle keep-alives remain)."""
-        for channel in list(self._channels):
-            transport = getattr(getattr(channel, "_channel", channel), "transport", None)
-            if transport is not None:
-                transport.loseConnection()
+    def connection_closed(self, channel: Any) -> None:
+        """Called by each connection as it closes."""
+        self._channels.discard(channel)
+        if not self._channels:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
 
     def log(self, request: Any) -> None:
         pass
@@ -645,23 +659,49 @@ class PlexSite(server.Site):
         return self.max_body_bytes
 
     @property
-    def inflight(self) -> int:
-        return self._inflight
+    def open_connections(self) -> int:
+        return len(self._channels)
 
-    def _request_done(self) -> None:
-        self._inflight -= 1
-        if self._inflight == 0:
-            waiting, self._drained = self._drained, []
-            for d in waiting:
-                d.callback(None)
+    def busy_connections(self) -> int:
+        """Connections with a request on them (arriving, being processed or being answered)."""
+        return sum(1 for channel in self._channels if channel.busy())
 
-    def drain(self, timeout: float, clock: Any) -> defer.Deferred[None]:
-        if self._inflight == 0:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._drained.append(d)
-        d.addTimeout(timeout, clock, onTimeoutCancel=lambda *a: None)
-        return d
+    def shut_down(self, timeout: float, clock: Any) -> defer.Deferred[int]:
+        """
+        Close every connection gracefully: idle ones at once, busy ones when
+        their request has been answered; abort those still open after
+        ``timeout`` seconds. Fires with the number of connections aborted
+        once every connection has closed.
+        """
+        self.stopping = True
+        if not self._channels:
+            return defer.succeed(0)
+        closed: defer.Deferred[None] = defer.Deferred()
+        self._all_closed.append(closed)
+        aborted = [0]
+
+        def close_idle() -> None:
+            for channel in list(self._channels):
+                if not channel.busy():
+                    channel.loseConnection()
+
+        def abort_the_rest() -> None:
+            for channel in list(self._channels):
+                aborted[0] += 1
+                channel.transport.abortConnection()
+
+        # One reactor turn first: bytes already received on an accepted
+        # connection are read, so a request that has begun arriving is not
+        # taken for an idle connection.
+        clock.callLater(0, close_idle)
+        timer = clock.callLater(timeout, abort_the_rest)
+
+        def done(_: None) -> int:
+            if timer.active():
+                timer.cancel()
+            return aborted[0]
+
+        return closed.addCallback(done)
 
 
 def iter_routes(app: Klein) -> Iterable[tuple[str, tuple[str, ...]]]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
+import sys
 
 from twisted.internet import reactor, threads
 from twisted.trial import unittest
 
 from plexagent import __version__, cli
 from plexagent.service import makeService
-from plexagent.testing.fixtures import AgentSandbox
+from plexagent.testing.fixtures import AgentProcess, AgentSandbox
 
 
 def run(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
@@ -26,6 +29,16 @@ class VersionAndCheckConfigTests(unittest.TestCase):
 
     def test_version(self) -> None:
         self.assertEqual(run(["version"]), (0, f"plexagent {__version__}\n", ""))
+
+    async def test_twistd_plexagent_version_is_plexagents(self) -> None:
+        from twisted import copyright
+        from twisted.internet import utils
+
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-c", "from twisted.scripts.twistd import run; run()", "plexagent", "--version"],
+            env=dict(os.environ),
+        )
+        self.assertEqual((code, out.decode(), err), (0, f"plexagent {__version__} (Twisted {copyright.version})\n", b""))
 
     def test_check_config_accepts_a_good_file(self) -> None:
         self.assertEqual(run(["check-config", "--config", self.sandbox.write()]), (0, "configuration OK\n", ""))
@@ -44,6 +57,89 @@ class VersionAndCheckConfigTests(unittest.TestCase):
         self.sandbox.document["node_api"]["socket"] = "systemd:domain=UNIX:index=0"
         code, out, _ = run(["check-config", "--config", self.sandbox.write()])
         self.assertEqual((code, out), (0, "configuration OK (socket-activated listeners not checked)\n"))
+
+
+class CheckConfigBindTests(unittest.TestCase):
+    """check-config tries every bind startup would make, says what startup would say, and keeps nothing."""
+
+    def setUp(self) -> None:
+        self.sandbox = AgentSandbox()
+        self.addCleanup(self.sandbox.cleanup)
+
+    def busy_port(self) -> int:
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        return busy.getsockname()[1]
+
+    async def assert_startup_says(self, line: str) -> None:
+        """The real daemon fails to start with ``line`` as its last log line."""
+        proc = AgentProcess(self.sandbox.config_path, reactor)
+        proc.start()
+        self.assertNotEqual(await proc.wait(), 0)
+        last = proc.output.strip().splitlines()[-1]  # after the log lines, its error (timestamped by twistd)
+        self.assertTrue(last.endswith("] " + line.strip()), f"{last!r} does not end with {line!r}")
+
+    async def test_a_port_in_use_is_reported_with_startups_line(self) -> None:
+        self.sandbox.enable_http(f"127.0.0.1:{self.busy_port()}")
+        code, out, err = run(["check-config", "--config", self.sandbox.write()])
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("node_api.http_listen: cannot listen: ", err)
+        self.assertIn("Address already in use", err)
+        await self.assert_startup_says(err)
+
+    async def test_an_agent_api_port_in_use_is_reported_with_startups_line(self) -> None:
+        self.sandbox.document["agent_api"].update({"enabled": True, "listen": f"127.0.0.1:{self.busy_port()}"})
+        code, out, err = run(["check-config", "--config", self.sandbox.write()])
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("agent_api.listen: cannot listen: ", err)
+        await self.assert_startup_says(err)
+
+    async def test_a_socket_path_held_by_a_live_process_is_reported_with_startups_line(self) -> None:
+        live = socket.socket(socket.AF_UNIX)
+        live.bind(self.sandbox.socket)
+        live.listen(1)
+        self.addCleanup(live.close)
+        code, out, err = run(["check-config", "--config", self.sandbox.write()])
+        self.assertEqual(
+            (code, out, err),
+            (2, "", f"plexagent: node_api.socket: another process is listening on {self.sandbox.socket}\n"),
+        )
+        await self.assert_startup_says(err)
+
+    async def test_a_socket_directory_that_cannot_be_created_is_reported_with_startups_line(self) -> None:
+        blocker = os.path.join(self.sandbox.run_dir, "a-file")
+        open(blocker, "w").close()
+        self.sandbox.document["node_api"]["socket"] = os.path.join(blocker, "run", "api.sock")
+        code, out, err = run(["check-config", "--config", self.sandbox.write()])
+        self.assertEqual(
+            (code, out, err),
+            (2, "", f"plexagent: node_api.socket: cannot create {blocker}/run: Not a directory\n"),
+        )
+        await self.assert_startup_says(err)
+
+    def test_a_socket_path_too_long_to_bind_is_reported(self) -> None:
+        long_dir = os.path.join(self.sandbox.run_dir, "d" * 120)
+        self.sandbox.document["node_api"]["socket"] = os.path.join(long_dir, "api.sock")
+        code, out, err = run(["check-config", "--config", self.sandbox.write()])
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("plexagent: node_api.socket: cannot listen: ", err)
+        self.assertFalse(os.path.exists(long_dir))
+
+    def test_a_good_config_leaves_no_socket_and_no_directory_behind(self) -> None:
+        socket_dir = os.path.join(self.sandbox.run_dir, "new", "dir")
+        self.sandbox.document["node_api"]["socket"] = os.path.join(socket_dir, "api.sock")
+        self.sandbox.enable_http("127.0.0.1:0")
+        self.assertEqual(run(["check-config", "--config", self.sandbox.write()]), (0, "configuration OK\n", ""))
+        self.assertEqual(os.listdir(self.sandbox.run_dir), [])
+
+    def test_a_stale_socket_is_left_for_startup_to_replace(self) -> None:
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(self.sandbox.socket)
+        stale.close()
+        self.assertEqual(run(["check-config", "--config", self.sandbox.write()]), (0, "configuration OK\n", ""))
+        self.assertTrue(os.path.exists(self.sandbox.socket))
 
 
 class SocketCommandTests(unittest.TestCase):

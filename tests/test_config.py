@@ -1,4 +1,4 @@
-"""The configuration contract of spec/config.md."""
+"""The configuration contract (docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 from twisted.trial import unittest
 
-from plexagent.config import AgentAPIConfig, Config, ConfigError, load_config, parse_config, read_key_file
+from plexagent.config import Config, ConfigError, load_config, parse_config, read_key_file
 
 
 class DefaultsTests(unittest.TestCase):
@@ -100,6 +100,14 @@ class EnvironmentTests(unittest.TestCase):
         c = parse_config({}, {"NODE_AGENT_ALLOWED_IPS": "10.120.0.5, 192.168.1.0/24,"})
         self.assertEqual(c.agent_api.allowed_ips, ("10.120.0.5", "192.168.1.0/24"))
 
+    def test_bad_allowed_ip_in_environment_names_the_variable(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({}, {"NODE_AGENT_ALLOWED_IPS": "10.0.0.1, 10.0.0.0/33"})
+        self.assertEqual(
+            str(caught.exception),
+            "NODE_AGENT_ALLOWED_IPS (overrides agent_api.allowed_ips): '10.0.0.0/33' is not an IP address or CIDR network",
+        )
+
     def test_require_auth_always_from_environment(self) -> None:
         for text, value in (("1", True), ("yes", True), ("false", False), ("0", False), ("No", False)):
             c = parse_config({}, {"NODE_AGENT_REQUIRE_AUTH_ALWAYS": text})
@@ -147,15 +155,6 @@ class KeyFileTests(unittest.TestCase):
         self.assertEqual(str(caught.exception).split(": ")[0], "k")
 
 
-class ExampleConfigTests(unittest.TestCase):
-    def test_the_shipped_example_config_parses(self) -> None:
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        config = load_config(os.path.join(here, "etc", "plexagent.toml"), {})
-        self.assertEqual(config.node.id, "edge-us-west-42")
-        self.assertEqual(config.node_api.socket, "/var/run/plexd/api.sock")
-        self.assertEqual(config.agent_api.max_json_bytes, AgentAPIConfig().max_json_bytes)
-
-
 class OperationsConfigTests(unittest.TestCase):
     """The additive [nginx], [system] and [cron] sections."""
 
@@ -193,3 +192,39 @@ class ReportQuotaConfigTests(unittest.TestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse_config({"node_api": {key: 0}})
             self.assertEqual(str(caught.exception), f"node_api.{key}: must be greater than 0")
+
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def accepted_keys() -> list[tuple[str, str, object]]:
+    """(section, key, default) of every key the configuration accepts."""
+    import attrs
+
+    from plexagent.config import _SECTIONS
+
+    return [(section, field.name, field.default) for section, cls in _SECTIONS.items() for field in attrs.fields(cls)]
+
+
+class ExampleConfigTests(unittest.TestCase):
+    """etc/plexagent.toml lists every key, each at exactly its default."""
+
+    def setUp(self) -> None:
+        import tomllib
+
+        with open(os.path.join(REPOSITORY, "etc", "plexagent.toml"), "rb") as f:
+            self.document = tomllib.load(f)
+
+    def test_every_key_is_listed(self) -> None:
+        missing = [f"{s}.{k}" for s, k, _ in accepted_keys() if k not in self.document.get(s, {})]
+        self.assertEqual(missing, [])
+
+    def test_every_key_is_at_its_default(self) -> None:
+        parsed = parse_config(self.document, {})  # also: no unknown section or key
+        wrong = [
+            f"{s}.{k} = {getattr(getattr(parsed, s), k)!r}, the default is {default!r}"
+            for s, k, default in accepted_keys()
+            if getattr(getattr(parsed, s), k) != default or type(getattr(getattr(parsed, s), k)) is not type(default)
+        ]
+        self.assertEqual(wrong, [])
+        self.assertEqual(parsed, Config())

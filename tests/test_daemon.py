@@ -10,7 +10,9 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
+from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactor
@@ -85,6 +87,18 @@ class StartupErrorTests(DaemonCase):
         self.assertNotEqual(status, 0)
         self.assertIn("node_api.http_listen: cannot listen", output)
 
+    async def test_a_failed_start_removes_the_socket_it_had_bound(self) -> None:
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        # The socket binds first, then the TCP listener fails.
+        self.sandbox.enable_http(f"127.0.0.1:{busy.getsockname()[1]}")
+        status, output = await self.start_failure()
+        self.assertNotEqual(status, 0)
+        self.assertIn("node_api.http_listen: cannot listen", output)
+        self.assertEqual(os.listdir(self.sandbox.run_dir), [])
+
     async def test_socket_held_by_a_live_agent_is_refused(self) -> None:
         live = socket.socket(socket.AF_UNIX)
         live.bind(self.sandbox.socket)
@@ -104,26 +118,6 @@ class LifecycleTests(DaemonCase):
         await proc.wait_for_socket(self.sandbox.socket)
         code, _ = await json_response(await unix_http_client(self.sandbox.socket).get(BASE + "/v1/state"))
         self.assertEqual(code, 200)
-
-    async def test_sigterm_finishes_in_flight_requests_removes_socket_and_exits_0(self) -> None:
-        sim = ControlPlaneSimulator.example()
-        await sim.start(reactor)
-        self.addCleanup(lambda: defer.ensureDeferred(sim.stop()))
-        self.sandbox.use_control_plane(sim)
-        proc = self.spawn()
-        await proc.wait_for_socket(self.sandbox.socket)
-        client = unix_http_client(self.sandbox.socket)
-        while (await json_response(await client.get(BASE + "/v1/state/secrets")))[1] == []:
-            await task.deferLater(reactor, 0.05, lambda: None)
-        sim.faults.delay = 1.0
-        slow = defer.ensureDeferred(json_response(await client.get(BASE + "/v1/state/secrets/db%2Fpassword")))
-        # Let the request reach the agent, then ask it to stop.
-        await task.deferLater(reactor, 0.3, lambda: None)
-        proc.kill(signal.SIGTERM)
-        code, body = await slow
-        self.assertEqual((code, body["value"]), (200, "s3cret-p@ssw0rd"))
-        self.assertEqual(await proc.wait(), 0)
-        self.assertFalse(os.path.exists(self.sandbox.socket))
 
 
 class CrashTests(DaemonCase):
@@ -277,11 +271,15 @@ class MakeServiceTests(unittest.TestCase):
 
 
 class SocketActivationTests(DaemonCase):
-    async def test_the_socket_can_come_from_systemd(self) -> None:
-        # What systemd does for a .socket unit: bind and listen, then start
-        # the service with the socket as fd 3 and LISTEN_FDS/LISTEN_PID set.
+    def activated(self) -> tuple[Any, Any]:
+        """
+        What systemd does for a .socket unit: bind and listen (mode 0660),
+        then start the service with the socket as fd 3 and
+        LISTEN_FDS/LISTEN_PID set. Returns the process's watcher and transport.
+        """
         listening = socket.socket(socket.AF_UNIX)
         listening.bind(self.sandbox.socket)
+        os.chmod(self.sandbox.socket, 0o660)
         listening.listen(16)
         self.addCleanup(listening.close)
         self.sandbox.document["node_api"]["socket"] = "systemd:domain=UNIX:index=0"
@@ -305,17 +303,22 @@ class SocketActivationTests(DaemonCase):
                 await watcher.ended
 
         self.addCleanup(lambda: defer.ensureDeferred(reap()))
-        client = unix_http_client(self.sandbox.socket)
-        for _ in range(300):
-            if watcher.status is not None:
-                self.fail(f"agent exited: {bytes(watcher.output).decode()}")
-            try:
-                code, body = await json_response(await client.get(BASE + "/v1/state", timeout=5))
-                break
-            except Exception:
-                await task.deferLater(reactor, 0.05, lambda: None)
+        return watcher, transport
+
+    async def test_the_socket_can_come_from_systemd(self) -> None:
+        watcher, _ = self.activated()
+        await watcher.wait_for("node_api.socket listening on")
+        code, body = await json_response(await unix_http_client(self.sandbox.socket).get(BASE + "/v1/state"))
         self.assertEqual(code, 200)
         self.assertEqual(body["report_keys"], [])
+
+    async def test_a_systemd_socket_keeps_its_mode_and_its_file_after_sigterm(self) -> None:
+        watcher, transport = self.activated()
+        await watcher.wait_for("node_api.socket listening on")
+        self.assertEqual(stat.S_IMODE(os.stat(self.sandbox.socket).st_mode), 0o660)
+        transport.signalProcess("TERM")
+        self.assertEqual(await watcher.ended, 0)
+        self.assertEqual(stat.S_IMODE(os.stat(self.sandbox.socket).st_mode), 0o660)
 
     async def test_a_missing_systemd_socket_is_a_configuration_error(self) -> None:
         self.sandbox.document["node_api"]["socket"] = "systemd:domain=UNIX:index=0"

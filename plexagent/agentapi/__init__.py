@@ -1,5 +1,5 @@
 """
-The Node Agent API (seed node-agent-api.md): one Klein app assembled from
+The Node Agent API (docs/openapi/node-agent-api.yaml): one Klein app assembled from
 one module per seed section.
 
 Each route module exposes ``register(app, context)``, adding its routes to

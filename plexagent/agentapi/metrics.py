@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from klein import Klein
-from twisted.web.iweb import IRequest
 
 from plexagent import errors, metrics, web
 from plexagent.agentapi.streaming import arg

@@ -22,6 +22,7 @@ from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import _HTTP11ClientFactory  # no public way to quiet the pool's factories
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -31,6 +32,19 @@ from plexagent import __version__, errors
 log = Logger()
 
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class QuietConnectionPool(HTTPConnectionPool):
+    """
+    An HTTPConnectionPool whose per-connection factories do not log
+    "Starting factory" / "Stopping factory" for every connection.
+    """
+
+    _factory = _QuietHTTP11ClientFactory
 
 
 class ControlPlaneError(Exception):
@@ -100,14 +114,14 @@ class ControlPlaneClient:
         }
         self.request_timeout = request_timeout
         policy = _ExtraCAPolicy(ca_file) if ca_file else BrowserLikePolicyForHTTPS()
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = QuietConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 4
         self.agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=self.pool)
         self._http = treq.client.HTTPClient(self.agent)
         # The event stream holds its connection for as long as it lives: give
         # it its own, non-persistent pool so it never takes a pooled slot
         # from the request/response calls.
-        self._stream_pool = HTTPConnectionPool(reactor, persistent=False)
+        self._stream_pool = QuietConnectionPool(reactor, persistent=False)
         self._stream_agent = Agent(
             reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=self._stream_pool
         )

@@ -1,6 +1,6 @@
 """
 The control-plane event stream: an incremental Server-Sent Events parser and
-verification of the signed envelopes it carries (spec/control-plane.md).
+verification of the signed envelopes it carries (docs/control-plane.md).
 
 Both are plain objects with no I/O: the parser is fed bytes as they arrive
 and returns complete events; the verifier takes an injected clock.

@@ -1,8 +1,8 @@
 """
-Keeping the cache current (spec/control-plane.md, "How the agent keeps its
-cache current"): fetch state at start, then follow the signed event stream,
-fetch again every ``reconcile_interval``, after every stream reconnect and
-when a heartbeat asks for it. On any failure the Local Node API keeps serving
+Keeping the cache current (docs/control-plane-sync.md): fetch state at
+start, then follow the signed event stream, fetch again every
+``reconcile_interval``, after every stream reconnect and when a heartbeat
+asks for it. On any failure the Local Node API keeps serving
 the cache and the failed step is retried with exponential backoff and full
 jitter, honouring Retry-After.
 
@@ -31,6 +31,7 @@ from plexagent.controlplane.events import (
     ServerSentEvent,
     SSEParser,
 )
+from plexagent.logs import describe
 from plexagent.reports import rfc3339
 from plexagent.state import InvalidState, NodeState, StateCache, parse_data_entries, parse_metadata, parse_secret_refs
 
@@ -119,9 +120,9 @@ class StateSync(service.Service):
         self._retry_call = None
         if self._inflight is not None:
             self._inflight.cancel()
-        stopped = self.stream.stop() if self.stream is not None else defer.succeed(None)
-        stopped.addCallback(lambda _: self.client.close())
-        return stopped
+        # The client is not ours to close: it is shared (secret reads, the
+        # outbox) and closed by the agent once all its users have stopped.
+        return self.stream.stop() if self.stream is not None else defer.succeed(None)
 
     # -- full fetches ----------------------------------------------------
 
@@ -394,7 +395,7 @@ class EventStream:
             stopped.callback(None)
         if not self.started:
             return
-        log.info("event stream closed: {reason}", reason=reason.getErrorMessage())
+        log.info("event stream closed: {reason}", reason=describe(reason))
         # The server's retry: sets the delay after a healthy stream (one that
         # delivered an event since the last failure); repeated failures
         # back off with jitter on top, so a server that accepts and drops

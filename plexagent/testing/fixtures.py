@@ -15,11 +15,12 @@ from typing import Any
 
 import treq
 from twisted.internet import defer, endpoints, protocol, reactor as default_reactor, task
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from plexagent.config import Config, parse_config
+from plexagent.controlplane.client import QuietConnectionPool
 
 
 def toml_value(value: Any) -> str:
@@ -133,7 +134,7 @@ class _UnixEndpoints:
 
 def unix_http_client(path: str, reactor: Any = default_reactor, persistent: bool = False) -> treq.client.HTTPClient:
     """A treq client whose every request goes to the Unix socket ``path``."""
-    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool = QuietConnectionPool(reactor, persistent=persistent)
     agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(reactor, path), pool=pool)
     client = treq.client.HTTPClient(agent)
     client.pool = pool  # type: ignore[attr-defined]
@@ -150,18 +151,44 @@ class _ProcessWatcher(protocol.ProcessProtocol):
         self.output = bytearray()
         self.ended: defer.Deferred[int] = defer.Deferred()
         self.status: int | None = None
+        self._expected: list[tuple[Any, defer.Deferred[Any]]] = []
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
+        self._match()
 
     def errReceived(self, data: bytes) -> None:
         self.output += data
+        self._match()
+
+    def wait_for(self, pattern: str) -> defer.Deferred[Any]:
+        """Fires with the match once the output matches the regular expression ``pattern``."""
+        import re
+
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._expected.append((re.compile(pattern.encode("utf-8")), d))
+        self._match()
+        return d
+
+    def _match(self) -> None:
+        for entry in list(self._expected):
+            pattern, d = entry
+            found = pattern.search(bytes(self.output))
+            if found is not None:
+                self._expected.remove(entry)
+                d.callback(found)
 
     def processEnded(self, reason: Any) -> None:
         value = reason.value
         self.status = getattr(value, "exitCode", None)
         if self.status is None:
             self.status = -(getattr(value, "signal", 0) or 0)
+        expected, self._expected = self._expected, []
+        for pattern, d in expected:
+            d.errback(AssertionError(
+                f"the process ended ({self.status}) before its output matched {pattern.pattern!r}:\n"
+                + bytes(self.output).decode("utf-8", "replace")
+            ))
         self.ended.callback(self.status)
 
 
@@ -203,6 +230,11 @@ class AgentProcess:
             if self.reactor.seconds() > deadline:
                 raise AssertionError(f"agent socket {path} never came up:\n{self.output}")
             await task.deferLater(self.reactor, 0.05, lambda: None)
+
+    def wait_for_output(self, pattern: str) -> defer.Deferred[Any]:
+        """Fires with the match once the agent's output matches the regular expression ``pattern``."""
+        assert self.watcher is not None
+        return self.watcher.wait_for(pattern)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.watcher is not None and self.watcher.status is None:

@@ -1,5 +1,5 @@
 """
-A control-plane simulator that follows ``spec/control-plane.md``, on a real
+A control-plane simulator that follows ``docs/control-plane.md``, on a real
 TCP port, with injectable faults.
 
 Importable by users' own tests::
@@ -22,7 +22,8 @@ real control plane would. Stream faults:
 ``drop_streams(mid_event=True)``, ``send_garbage()``, ``faults.silent_stream``;
 other faults: ``faults.fail(...)``, ``faults.slow(endpoint, seconds)``,
 ``faults.heartbeat_reconcile``, ``faults.refuse_report_key(key, status)``
-(refuse, applying nothing, every report batch that holds that key).
+(refuse, applying nothing, every report batch that holds that key),
+``faults.hold(endpoint)`` (answer only when the test says so).
 
 Like a real control plane it refuses (400) a report body that is not strict
 JSON: NaN, Infinity or a lone surrogate.
@@ -58,6 +59,33 @@ class Failure:
     retry_after: float | None = None
 
 
+class Hold:
+    """
+    Requests to one endpoint wait until ``release()``; ``arrived`` fires
+    (with the endpoint name) when the first of them has come in.
+    """
+
+    def __init__(self) -> None:
+        self.arrived: defer.Deferred[str] = defer.Deferred()
+        self._released = False
+        self._waiting: list[defer.Deferred[None]] = []
+
+    def wait(self, endpoint: str) -> defer.Deferred[None]:
+        if not self.arrived.called:
+            self.arrived.callback(endpoint)
+        if self._released:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def release(self) -> None:
+        self._released = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
 @attrs.define
 class Faults:
     """What the simulator does wrong, set by tests."""
@@ -77,6 +105,8 @@ class Faults:
     silent_stream: bool = False
     #: report keys whose batches are refused with the given status
     refused_report_keys: dict[str, int] = attrs.field(factory=dict)
+    #: per endpoint name: requests wait for the test to release them
+    holds: dict[str, Hold] = attrs.field(factory=dict)
 
     def fail(self, endpoint: str, status: int = 503, times: int = 1, retry_after: float | None = None) -> None:
         self.failures[endpoint] = Failure(status, times, retry_after)
@@ -89,6 +119,11 @@ class Faults:
         """Refuse (``status``, applying nothing) every report batch holding ``key``, written or deleted."""
         self.refused_report_keys[key] = status
 
+    def hold(self, endpoint: str) -> Hold:
+        """Keep requests to ``endpoint`` waiting until the returned hold is released."""
+        hold = self.holds[endpoint] = Hold()
+        return hold
+
     def clear(self) -> None:
         self.refused_report_keys.clear()
         self.delay = 0.0
@@ -97,6 +132,9 @@ class Faults:
         self.delays.clear()
         self.heartbeat_reconcile = 0
         self.silent_stream = False
+        for hold in self.holds.values():
+            hold.release()
+        self.holds.clear()
 
 
 @attrs.define
@@ -368,6 +406,9 @@ class ControlPlaneSimulator:
         delay = self.faults.delay + self.faults.delays.get(endpoint, 0.0)
         if delay > 0:
             await task.deferLater(self._reactor, delay, lambda: None)
+        hold = self.faults.holds.get(endpoint)
+        if hold is not None:
+            await hold.wait(endpoint)
         return value
 
     @app.route("/v1/nodes/<node_id>/state", methods=["GET"])

@@ -1,4 +1,4 @@
-"""The SSE parser and envelope verification (spec/control-plane.md, Event stream)."""
+"""The SSE parser and envelope verification (docs/control-plane.md, Event stream)."""
 
 from __future__ import annotations
 

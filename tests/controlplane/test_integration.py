@@ -1,6 +1,6 @@
 """
 The agent against the control-plane simulator on real loopback TCP, one
-test per fault the simulator can inject (spec/control-plane.md, Faults).
+test per fault the simulator can inject (plexagent.testing.simulator.Faults).
 """
 
 from __future__ import annotations
