@@ -216,7 +216,9 @@ class BindGuard(service.Service):
         watch.on_event.append(self._event)
         watch.on_connect.append(self._connected)
         watch.on_end.append(self._ended)
-        watch.watch()
+        # Only once the reactor runs: a start that fails later (a listener
+        # that cannot bind) must not leave a watching thread behind.
+        self._timer = self.clock.callLater(0, self._reconnect)
 
     def stopService(self) -> None:
         super().stopService()

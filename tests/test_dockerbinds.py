@@ -190,6 +190,7 @@ class Guard(unittest.TestCase):
         self.guard = BindGuard(self.facade, PathPolicy(["/srv/"]), self.clock, retry=1.0, max_retry=4.0)
         self.guard.startService()
         self.addCleanup(self.guard.stopService)
+        self.clock.advance(0)  # the watch begins once the reactor runs
         self.watch = self.facade.container_list
 
     def test_it_watches_from_the_start_and_sweeps_at_each_connection(self) -> None:
