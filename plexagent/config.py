@@ -86,7 +86,7 @@ class AgentAPIConfig:
     #: this (other JSON routes: 1 MiB). Such a body is parsed whole: its text,
     #: the decoded content and the file's bytes are each about this size in
     #: memory at once. Larger files go through /upload/tar/stream.
-    max_json_bytes: int = 67108864
+    max_json_bytes: int = 16777216
     #: members (files, directories, links) per extracted archive
     max_archive_members: int = 200000
     #: seconds after its last chunk an unfinished chunked upload is removed

@@ -36,7 +36,7 @@ class DefaultsTests(unittest.TestCase):
         self.assertEqual(c.agent_api.allowed_services, ("nginx", "docker", "node-agent"))
         self.assertEqual(c.agent_api.max_upload_bytes, 10737418240)
         # /files/write bodies are parsed whole in memory: 64 MiB, not 256.
-        self.assertEqual(c.agent_api.max_json_bytes, 64 << 20)
+        self.assertEqual(c.agent_api.max_json_bytes, 16 << 20)
         self.assertEqual((c.docker.host, c.docker.threads), ("", 10))
 
     def test_no_config_file_means_defaults(self) -> None:

@@ -207,6 +207,13 @@ class BodyLimits(Listeners):
         self.assertJSON(await self.agent_api(b"POST", b"/files/mkdir", body), 413, "request body too large")
         self.assertJSON(await self.agent_api(b"POST", b"/containers/x/exec", body), 413, "request body too large")
 
+    async def test_files_write_takes_at_most_max_json_bytes_by_default(self) -> None:
+        # Its body is parsed whole in memory: 16 MiB, not hundreds of MB.
+        request = self.head_only(b"POST", b"/files/write", (16 << 20) + 1)
+        response = await self.tcp(request, until_closed=False)
+        self.assertEqual(self.assertJSON(response, 413, "request body too large")["details"],
+                         f"the limit is {16 << 20} bytes")
+
     async def test_a_chunked_body_over_the_limit_is_413(self) -> None:
         chunk = b"x" * (64 << 10)
         chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(20)) + b"0\r\n\r\n"
