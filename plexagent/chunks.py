@@ -42,6 +42,7 @@ from plexagent.fileio import (
     is_set_aside,
     set_aside,
     storage_error,
+    write_all,
 )
 from plexagent.strictparse import parse_int
 
@@ -135,9 +136,7 @@ class ChunkWriter:
             self.discard()
             return
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
+            write_all(self._fd, data)
         except OSError as e:
             self.discard()
             self.error = storage_error(e, "upload chunk")

@@ -29,6 +29,13 @@ from plexagent.strictparse import INT_MAX, INT_MIN, MAX_DEPTH, parse_json
 log = Logger()
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def ensure_private_dir(path: str) -> None:
     """Create ``path`` (and parents) with mode 0700 if missing."""
     os.makedirs(path, mode=0o700, exist_ok=True)
@@ -111,10 +118,7 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -134,9 +138,7 @@ def append_durably(path: str, data: bytes, mode: int = 0o600) -> None:
         created = not os.path.lexists(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

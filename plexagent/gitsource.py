@@ -36,7 +36,7 @@ import time
 from urllib.parse import unquote
 
 from plexagent import errors, processes
-from plexagent.fileio import path_error
+from plexagent.fileio import path_error, write_all
 from plexagent.paths import PathPolicy
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -392,7 +392,7 @@ def _object_format(config: bytes) -> str:
 def _write(dir_fd: int, name: str, data: bytes) -> None:
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
-        os.write(fd, data)
+        write_all(fd, data)
     finally:
         os.close(fd)
 

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 import attrs
 
 from plexagent import errors
-from plexagent.fileio import PATH_MAX, path_error
+from plexagent.fileio import PATH_MAX, path_error, write_all
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Longest file name most Linux file systems accept.
@@ -490,11 +490,8 @@ def atomic_write_at(dfd: int, name: str, chunks: "bytes | Iterable[bytes]", mode
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
             for chunk in _iter_chunks(chunks):
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                    written += n
+                write_all(fd, chunk)
+                written += len(chunk)
             os.fchmod(fd, mode)
             os.fsync(fd)
         finally:

@@ -47,6 +47,7 @@ from plexagent.fileio import (
     set_aside,
     set_aside_records,
     storage_error,
+    write_all,
 )
 
 log = Logger()
@@ -463,9 +464,7 @@ class ReportStore:
         assert self._fd is not None
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
+            write_all(self._fd, data)
             os.fdatasync(self._fd)
         except OSError as e:
             try:
@@ -492,9 +491,7 @@ class ReportStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -49,7 +49,15 @@ from typing import Any, Callable
 import attrs
 
 from plexagent import errors
-from plexagent.fileio import PATH_MAX, atomic_write, ensure_private_dir, is_set_aside, path_error, set_aside
+from plexagent.fileio import (
+    PATH_MAX,
+    atomic_write,
+    ensure_private_dir,
+    is_set_aside,
+    path_error,
+    set_aside,
+    write_all,
+)
 from plexagent.paths import PathPolicy
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -360,9 +368,7 @@ class _Extractor:
                         raise errors.TooLarge(
                             "archive too large", f"its content exceeds the limit of {self.limits.max_bytes} bytes"
                         )
-                    view = memoryview(block)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    write_all(fd, block)
             os.fchmod(fd, info.mode & 0o777)
             try:
                 os.utime(fd, (info.mtime, info.mtime))

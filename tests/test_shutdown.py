@@ -20,7 +20,8 @@ from twisted.web.client import ResponseFailed
 
 from plexagent.service import AgentService, ListenerService
 from plexagent.testing import ControlPlaneSimulator
-from plexagent.testing.fixtures import AgentProcess, AgentSandbox, json_response, unix_http_client
+from plexagent.testing.fixtures import AgentProcess, json_response, unix_http_client
+from tests.test_daemon import DaemonCase
 from tests.test_tarsafe import archive, member
 
 BASE = "http://localhost"
@@ -63,12 +64,8 @@ def request_head(method: str, target: str, length: int, *headers: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-class ShutdownCase(unittest.TestCase):
+class ShutdownCase(DaemonCase):
     timeout = 60
-
-    def setUp(self) -> None:
-        self.sandbox = AgentSandbox()
-        self.addCleanup(self.sandbox.cleanup)
 
     async def simulator(self) -> ControlPlaneSimulator:
         sim = ControlPlaneSimulator.example()
@@ -76,17 +73,6 @@ class ShutdownCase(unittest.TestCase):
         self.addCleanup(lambda: defer.ensureDeferred(sim.stop()))
         self.sandbox.use_control_plane(sim)
         return sim
-
-    def spawn(self) -> AgentProcess:
-        proc = AgentProcess(self.sandbox.write(), reactor)
-        proc.start()
-
-        async def reap() -> None:
-            proc.kill()
-            await proc.wait()
-
-        self.addCleanup(lambda: defer.ensureDeferred(reap()))
-        return proc
 
     async def started_with_secrets(self) -> tuple[AgentProcess, Any]:
         proc = self.spawn()
