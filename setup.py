@@ -6,7 +6,7 @@ setup(
     description="Node agent: the Local Node API and the Node Agent API in one Twisted daemon",
     python_requires=">=3.11",
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/plexagent_plugin.py"], "plexagent": ["openapi/*.yaml"]},
+    package_data={"twisted": ["plugins/plexagent_plugin.py"], "plexagent": ["http/openapi/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "twisted[tls]>=23.10",

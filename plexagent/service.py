@@ -20,12 +20,12 @@ from twisted.internet.error import AlreadyListened, CannotListenError, Connectio
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from plexagent import auth, web
+from plexagent.http import auth, web
 from plexagent.config import Config, ConfigError, read_key_file
-from plexagent.nodeapi import NodeAPI, SecretReader
-from plexagent.reports import ReportStore
-from plexagent.secrets import SecretBox, parse_node_secret_key
-from plexagent.state import StateCache
+from plexagent.node.routes import NodeAPI, SecretReader
+from plexagent.node.reports import ReportStore
+from plexagent.node.secrets import SecretBox, parse_node_secret_key
+from plexagent.node.state import StateCache
 
 log = Logger()
 
@@ -480,10 +480,10 @@ def build_agent_api(config: Config, reactor: Any, agent: "Agent") -> "ListenerSe
 
 def add_operations(config: Config, reactor: Any, agent: Agent, top: service.MultiService) -> None:
     """Host operations for the agent API: systemd, the firewall, nginx, cron, metrics."""
-    from plexagent.firewall import Firewall
-    from plexagent.programs import Programs
-    from plexagent.servicecontrol import ServiceControl
-    from plexagent.systemd import Systemd
+    from plexagent.host.firewall import Firewall
+    from plexagent.host.programs import Programs
+    from plexagent.host.services import ServiceControl
+    from plexagent.host.systemd import Systemd
 
     system = config.system
     programs = Programs(reactor, system.path, system.program_timeout)
@@ -495,11 +495,11 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
     )
     agent.agent_services["firewall"] = Firewall(programs, system.ufw)
 
-    from plexagent.nginx import Nginx
+    from plexagent.host.nginx import Nginx
 
     agent.agent_services["nginx"] = Nginx(config.nginx, programs, systemd, agent.agent_services["dockerpool"])
 
-    from plexagent.cron import CronScheduler, DockerCronRunner
+    from plexagent.host.cron import CronScheduler, DockerCronRunner
 
     runner = DockerCronRunner(agent.agent_services["dockerpool"], reactor, config.cron.poll_interval,
                               config.cron.run_timeout, agent.agent_services["paths"])
@@ -529,9 +529,9 @@ def observe_listeners(top: service.MultiService, agent: Agent) -> None:
 
 def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service.MultiService) -> None:
     """The path policy, chunked-upload store (with its GC) and git cloner of the agent API."""
-    from plexagent.chunks import ChunkGarbageCollector, ChunkStore
-    from plexagent.gitclone import GitCloner
-    from plexagent.tarsafe import StagingJournal
+    from plexagent.host.files.chunks import ChunkGarbageCollector, ChunkStore
+    from plexagent.host.gitclone import GitCloner
+    from plexagent.host.files.tarsafe import StagingJournal
 
     aapi = config.agent_api
     store = ChunkStore(os.path.join(config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age)
@@ -563,9 +563,9 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         # listeners and stopped after them. Without the agent API nothing
         # uses Docker or the host operations: not even their imports are
         # paid for (a node-API-only agent stays small).
-        from plexagent.dockerbinds import BindGuard
-        from plexagent.dockerpool import DockerFacade, DockerPool
-        from plexagent.paths import PathPolicy
+        from plexagent.host.docker.binds import BindGuard
+        from plexagent.host.docker.pool import DockerFacade, DockerPool
+        from plexagent.host.files.paths import PathPolicy
 
         # One path policy for every route and job that touches host paths.
         paths = agent.agent_services["paths"] = PathPolicy(config.agent_api.allowed_paths)

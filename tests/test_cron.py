@@ -12,8 +12,9 @@ import os
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from plexagent import cron, errors
-from plexagent.paths import PathPolicy
+from plexagent import errors
+from plexagent.host import cron
+from plexagent.host.files.paths import PathPolicy
 
 # 2026-01-01T00:00:30Z
 START = datetime.datetime(2026, 1, 1, 0, 0, 30, tzinfo=datetime.timezone.utc).timestamp()

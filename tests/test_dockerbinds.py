@@ -15,8 +15,8 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from plexagent import errors
-from plexagent.dockerbinds import BIND_LABEL, BindGuard, bind_label, check, contain, contain_all, problem, start_checked
-from plexagent.paths import PathPolicy
+from plexagent.host.docker.binds import BIND_LABEL, BindGuard, bind_label, check, contain, contain_all, problem, start_checked
+from plexagent.host.files.paths import PathPolicy
 
 
 def inspect(*binds: str, recorded: list[str] | None = None, running: bool = False) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from plexagent import errors
 from plexagent.agentapi.imageload import Base64Field
-from plexagent.dockerpool import ContainerListCache, DockerPool, TarFeed, translate
+from plexagent.host.docker.pool import ContainerListCache, DockerPool, TarFeed, translate
 
 
 def api_error(status: int, explanation: str) -> docker.errors.APIError:
@@ -213,7 +213,7 @@ class Lifecycle(unittest.TestCase):
 
 class ContainerCacheInvalidation(unittest.TestCase):
     def cache(self) -> "ContainerListCache":
-        from plexagent.dockerpool import ContainerListCache
+        from plexagent.host.docker.pool import ContainerListCache
 
         class NotRunning:
             running = False

@@ -8,8 +8,8 @@ import tempfile
 from twisted.trial import unittest
 
 from plexagent import errors
-from plexagent.dockerbinds import BIND_LABEL
-from plexagent.dockerspec import (
+from plexagent.host.docker.binds import BIND_LABEL
+from plexagent.host.docker.specs import (
     MAX_COUNT,
     MAX_DURATION,
     container_name,
@@ -22,7 +22,7 @@ from plexagent.dockerspec import (
     parse_volumes,
     split_image,
 )
-from plexagent.paths import PathPolicy
+from plexagent.host.files.paths import PathPolicy
 
 
 class Ports(unittest.TestCase):

@@ -59,7 +59,7 @@ from plexagent.testing.fixtures import AgentProcess, AgentSandbox, unix_http_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
-OPENAPI = os.path.join(PROJECT, "plexagent", "openapi")
+OPENAPI = os.path.join(PROJECT, "plexagent", "http", "openapi")
 
 #: Generated cases per operation (and phase); keeps the whole run to minutes.
 MAX_EXAMPLES = int(os.environ.get("PLEXAGENT_FUZZ_EXAMPLES", "50"))
@@ -263,7 +263,7 @@ def junit_operations(path: str) -> set[str]:
 
 
 def fuzzed_operations(document: str, excluded: list[tuple[str, str]] = ()) -> set[str]:
-    from plexagent.openapi import documented_routes
+    from plexagent.http.openapi import documented_routes
 
     return {f"{m} {p}" for m, p in documented_routes(document) if (m, p) not in set(excluded)}
 

@@ -10,7 +10,7 @@ import threading
 from twisted.trial import unittest
 
 from plexagent import errors
-from plexagent.paths import PathPolicy
+from plexagent.host.files.paths import PathPolicy
 
 
 class PolicyCase(unittest.TestCase):
@@ -310,7 +310,7 @@ class DeleteDepthTests(PolicyCase):
         self.assertEqual(os.listdir(self.outside), ["precious"])
 
     def test_directory_moved_away_while_emptied_stops_the_delete(self) -> None:
-        from plexagent import paths
+        from plexagent.host.files import paths
 
         make_deep_tree(self, self.root, 3)
         real_remove_entries = paths._remove_entries
@@ -339,7 +339,7 @@ class PathErrorMappingTests(unittest.TestCase):
         import errno
 
         from plexagent.fileio import path_error
-        from plexagent.web import status_for
+        from plexagent.http.web import status_for
 
         expected = {
             errno.ENAMETOOLONG: 400, errno.ELOOP: 400, errno.EINVAL: 400, errno.ENXIO: 400, errno.ENODEV: 400,

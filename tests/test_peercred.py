@@ -14,7 +14,7 @@ import sys
 from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
-from plexagent.peercred import process_groups
+from plexagent.http.peercred import process_groups
 from plexagent.service import makeService
 from plexagent.testing import ControlPlaneSimulator
 from plexagent.testing.fixtures import AgentSandbox

@@ -8,7 +8,8 @@ import psutil
 
 from twisted.trial import unittest
 
-from plexagent import errors, processes
+from plexagent import errors
+from plexagent.host import processes
 
 
 class RunTests(unittest.TestCase):

@@ -7,8 +7,8 @@ from twisted.trial import unittest
 
 from plexagent import errors
 from plexagent.config import ConfigError, parse_config
-from plexagent.nodeapi import parse_if_match, parse_report_body
-from plexagent.reports import MAX_KEY_LENGTH, validate_key
+from plexagent.node.routes import parse_if_match, parse_report_body
+from plexagent.node.reports import MAX_KEY_LENGTH, validate_key
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -17,9 +17,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import task
 from twisted.trial import unittest
 
-from plexagent import cron, dockerspec, errors, firewall, tarsafe
+from plexagent import errors
+from plexagent.host import cron, firewall
+from plexagent.host.docker import specs
+from plexagent.host.files import tarsafe
 from plexagent.controlplane.events import EnvelopeVerifier, RejectedEnvelope, sign_envelope
-from plexagent.paths import PathPolicy
+from plexagent.host.files.paths import PathPolicy
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -83,24 +86,24 @@ class DockerSpecProperties(unittest.TestCase):
 
     @given(json_values)
     def test_ports(self, value: object) -> None:
-        self.refused_or_value(dockerspec.parse_ports, value)
+        self.refused_or_value(specs.parse_ports, value)
 
     @given(st.lists(st.text(max_size=30), max_size=4) | json_values)
     def test_port_strings(self, value: object) -> None:
-        self.refused_or_value(dockerspec.parse_ports, value)
+        self.refused_or_value(specs.parse_ports, value)
 
     @given(json_values)
     def test_environment(self, value: object) -> None:
-        self.refused_or_value(dockerspec.parse_environment, value)
+        self.refused_or_value(specs.parse_environment, value)
 
     @given(json_values)
     def test_command(self, value: object) -> None:
-        self.refused_or_value(dockerspec.parse_command, value)
+        self.refused_or_value(specs.parse_command, value)
 
     @given(st.lists(st.text(max_size=40), max_size=4) | json_values)
     def test_volumes_never_name_a_host_path_outside_the_roots(self, value: object) -> None:
         try:
-            volumes = dockerspec.parse_volumes(value, self.policy)
+            volumes = specs.parse_volumes(value, self.policy)
         except (errors.InvalidInput, errors.Forbidden):
             return
         for source in volumes:
@@ -109,7 +112,7 @@ class DockerSpecProperties(unittest.TestCase):
 
     @given(json_objects)
     def test_whole_run_bodies(self, body: dict) -> None:
-        self.refused_or_value(dockerspec.parse_run, body, self.policy)
+        self.refused_or_value(specs.parse_run, body, self.policy)
 
 
 names = st.lists(

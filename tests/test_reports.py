@@ -10,7 +10,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from plexagent import errors
-from plexagent.reports import ReportStore
+from plexagent.node.reports import ReportStore
 
 
 class ManualThreads:

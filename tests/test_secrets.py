@@ -8,7 +8,7 @@ import os
 from twisted.trial import unittest
 
 from plexagent.config import ConfigError
-from plexagent.secrets import DecryptionFailed, SecretBox, parse_node_secret_key
+from plexagent.node.secrets import DecryptionFailed, SecretBox, parse_node_secret_key
 
 
 class SecretBoxTests(unittest.TestCase):

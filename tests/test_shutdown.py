@@ -260,9 +260,9 @@ class StoresStopTests(unittest.TestCase):
     """The stores stop last, once the state write in progress is on disk."""
 
     def setUp(self) -> None:
-        from plexagent.reports import ReportStore
+        from plexagent.node.reports import ReportStore
         from plexagent.service import _Stores
-        from plexagent.state import StateCache
+        from plexagent.node.state import StateCache
 
         #: the writes "in a thread": each finishes when the test fires it
         self.writes: list[defer.Deferred[None]] = []
@@ -279,7 +279,7 @@ class StoresStopTests(unittest.TestCase):
         self.stores.startService()
 
     def test_the_stores_stop_once_the_state_write_in_progress_is_on_disk(self) -> None:
-        from plexagent.state import NodeState
+        from plexagent.node.state import NodeState
 
         data_dir, writes = self.data_dir, self.writes
         self.cache.replace(NodeState(metadata={"role": "gateway"}))
@@ -291,7 +291,7 @@ class StoresStopTests(unittest.TestCase):
             self.assertEqual(json.load(f)["metadata"], {"role": "gateway"})
 
     def test_cancelling_a_state_replace_does_not_cut_its_write(self) -> None:
-        from plexagent.state import NodeState
+        from plexagent.node.state import NodeState
 
         # A state fetch cancelled at stop has the cache write chained to it.
         replaced = self.cache.replace(NodeState(metadata={"role": "gateway"}))

@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from plexagent.state import InvalidState, NodeState, StateCache
+from plexagent.node.state import InvalidState, NodeState, StateCache
 
 GOOD = {
     "metadata": {"region": "eu"},

@@ -13,11 +13,14 @@ from typing import Any, Callable
 from twisted.internet import task
 from twisted.trial import unittest
 
-from plexagent import chunks, cron, dockerspec, errors, firewall, gitclone, networks, servicecontrol
+from plexagent import errors
+from plexagent.host import cron, firewall, gitclone, networks, services
+from plexagent.host.docker import specs
+from plexagent.host.files import chunks
 from plexagent.agentapi.files import parse_mode
 from plexagent.config import ConfigError, parse_config
-from plexagent.nodeapi import parse_if_match
-from plexagent.paths import PathPolicy
+from plexagent.node.routes import parse_if_match
+from plexagent.host.files.paths import PathPolicy
 from plexagent.service import endpoint_description
 from plexagent.strictparse import parse_int
 
@@ -30,9 +33,9 @@ class _Header:
         return self.value
 
 
-def _services() -> servicecontrol.ServiceControl:
+def _services() -> services.ServiceControl:
     # "nginx\n" is allowed too, so only the name check can refuse it.
-    return servicecontrol.ServiceControl(None, ("nginx", "nginx\n"), "node-agent", task.Clock())  # type: ignore[arg-type]
+    return services.ServiceControl(None, ("nginx", "nginx\n"), "node-agent", task.Clock())  # type: ignore[arg-type]
 
 
 _POLICY = PathPolicy(("/tmp/",))
@@ -56,14 +59,14 @@ def _listen(listen: str) -> None:
 
 #: (what, check(value) raising errors.PlexError when refused, a valid value)
 VALIDATORS: list[tuple[str, Callable[[Any], Any], Any]] = [
-    ("container name", dockerspec.container_name, "web"),
-    ("volume name", lambda v: dockerspec.parse_volumes({v: "/data"}, _POLICY), "vol"),
-    ("volume mode", lambda v: dockerspec.parse_volumes({"vol": {"bind": "/data", "mode": v}}, _POLICY), "rw"),
-    ("container port", lambda v: dockerspec.parse_ports([v]), "80"),
-    ("host:container port", lambda v: dockerspec.parse_ports([v]), "8080:80"),
-    ("port object", lambda v: dockerspec.parse_ports({v: 80}), "8080"),
-    ("restart retries", dockerspec.parse_restart_policy, "on-failure:3"),
-    ("timeout query param", lambda v: dockerspec.parse_int_arg(v, "timeout", 10), b"5"),
+    ("container name", specs.container_name, "web"),
+    ("volume name", lambda v: specs.parse_volumes({v: "/data"}, _POLICY), "vol"),
+    ("volume mode", lambda v: specs.parse_volumes({"vol": {"bind": "/data", "mode": v}}, _POLICY), "rw"),
+    ("container port", lambda v: specs.parse_ports([v]), "80"),
+    ("host:container port", lambda v: specs.parse_ports([v]), "8080:80"),
+    ("port object", lambda v: specs.parse_ports({v: 80}), "8080"),
+    ("restart retries", specs.parse_restart_policy, "on-failure:3"),
+    ("timeout query param", lambda v: specs.parse_int_arg(v, "timeout", 10), b"5"),
     ("network name", lambda v: networks.parse_create({"name": v}), "backend"),
     ("network driver", lambda v: networks.parse_create({"name": "n", "driver": v}), "bridge"),
     ("cron image", lambda v: cron.parse_job({**_JOB, "image": v}, _POLICY), "busybox"),

@@ -17,7 +17,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import resource
 
-from plexagent import web
+from plexagent.http import web
 from plexagent.testing import docker as td
 from plexagent.testing.rawhttp import RawResponse, exchange
 from tests.test_drills_disk import mount_tmpfs

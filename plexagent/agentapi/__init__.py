@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import attrs
 
-from plexagent import auth, web
+from plexagent.http import auth, web
 from plexagent.config import Config
 
 #: Route modules, in the seed's order. Each has ``register(app, context)``.

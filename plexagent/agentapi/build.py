@@ -12,11 +12,12 @@ from typing import Any
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from plexagent import errors, web
+from plexagent import errors
+from plexagent.http import web
 from plexagent.agentapi.imageload import register_load
-from plexagent.agentapi.streaming import NDJSON, arg, json_object, ndjson, stream_response
-from plexagent.dockerspec import optional_str, parse_bool_arg, require_str
-from plexagent.paths import PathPolicy
+from plexagent.http.streaming import NDJSON, arg, json_object, ndjson, stream_response
+from plexagent.host.docker.specs import optional_str, parse_bool_arg, require_str
+from plexagent.host.files.paths import PathPolicy
 
 #: A Dockerfile larger than this is not one we should echo back.
 MAX_DOCKERFILE_BYTES = 1024 * 1024

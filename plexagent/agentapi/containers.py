@@ -11,11 +11,12 @@ from klein import Klein
 from twisted.internet import defer
 from twisted.web.iweb import IRequest
 
-from plexagent import __version__, errors, web
-from plexagent.agentapi.streaming import arg, json_object, stream_response
-from plexagent.containerhealth import assess
-from plexagent.dockerspec import parse_bool_arg, parse_command, parse_int_arg, parse_run
-from plexagent.paths import PathPolicy
+from plexagent import __version__, errors
+from plexagent.http import web
+from plexagent.http.streaming import arg, json_object, stream_response
+from plexagent.host.docker.health import assess
+from plexagent.host.docker.specs import parse_bool_arg, parse_command, parse_int_arg, parse_run
+from plexagent.host.files.paths import PathPolicy
 
 #: The logs a client gets when it does not say ``tail``.
 DEFAULT_TAIL = 100

@@ -7,8 +7,10 @@ from typing import Any
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from plexagent import cron, errors, web
-from plexagent.paths import PathPolicy
+from plexagent import errors
+from plexagent.host import cron
+from plexagent.http import web
+from plexagent.host.files.paths import PathPolicy
 
 
 def register(app: Klein, context: Any) -> None:

@@ -17,8 +17,9 @@ from typing import Any
 from klein import Klein
 from twisted.internet import threads
 
-from plexagent import errors, web
-from plexagent.paths import PathPolicy
+from plexagent import errors
+from plexagent.http import web
+from plexagent.host.files.paths import PathPolicy
 
 _OCTAL = re.compile("[0-7]{1,4}")
 

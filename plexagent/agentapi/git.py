@@ -7,9 +7,9 @@ from typing import Any
 
 from klein import Klein
 
-from plexagent import web
+from plexagent.http import web
 from plexagent.agentapi.files import path_policy, read_json_object
-from plexagent.gitclone import GitCloner, parse_clone_request
+from plexagent.host.gitclone import GitCloner, parse_clone_request
 
 
 def register(app: Klein, context: Any) -> None:

@@ -17,8 +17,9 @@ import multipart
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from plexagent import errors, web
-from plexagent.dockerpool import DockerFacade, TarFeed
+from plexagent import errors
+from plexagent.http import web
+from plexagent.host.docker.pool import DockerFacade, TarFeed
 
 log = Logger()
 

@@ -10,8 +10,9 @@ from typing import Any
 
 from klein import Klein
 
-from plexagent import errors, metrics, web
-from plexagent.agentapi.streaming import arg
+from plexagent import errors, metrics
+from plexagent.http import web
+from plexagent.http.streaming import arg
 
 
 def wants_prometheus(request: Any) -> bool:

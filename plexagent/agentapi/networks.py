@@ -7,7 +7,8 @@ from typing import Any
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from plexagent import networks, web
+from plexagent.host import networks
+from plexagent.http import web
 
 
 def register(app: Klein, context: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from plexagent import web
+from plexagent.http import web
 
 
 def register(app: Klein, context: Any) -> None:

@@ -6,8 +6,8 @@ from typing import Any
 
 from klein import Klein
 
-from plexagent import web
-from plexagent.openapi import document_json
+from plexagent.http import web
+from plexagent.http.openapi import document_json
 
 
 def register(app: Klein, context: Any) -> None:

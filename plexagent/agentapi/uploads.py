@@ -28,7 +28,9 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from plexagent import chunks, errors, tarsafe, web
+from plexagent import errors
+from plexagent.host.files import chunks, tarsafe
+from plexagent.http import web
 from plexagent.agentapi.files import path_policy, query_arg, read_json_object
 from plexagent.fileio import storage_error
 

@@ -36,7 +36,7 @@ from plexagent import errors
 from plexagent.controlplane.client import ControlPlaneError
 from plexagent.controlplane.sync import Backoff, _cancel, _retry_after
 from plexagent.fileio import append_durably, atomic_write, decode_json, encode_json, set_aside
-from plexagent.reports import Changes, ReportStore, rfc3339
+from plexagent.node.reports import Changes, ReportStore, rfc3339
 
 log = Logger()
 

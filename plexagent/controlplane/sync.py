@@ -32,8 +32,8 @@ from plexagent.controlplane.events import (
     SSEParser,
 )
 from plexagent.logs import describe
-from plexagent.reports import rfc3339
-from plexagent.state import InvalidState, NodeState, StateCache, parse_data_entries, parse_metadata, parse_secret_refs
+from plexagent.node.reports import rfc3339
+from plexagent.node.state import InvalidState, NodeState, StateCache, parse_data_entries, parse_metadata, parse_secret_refs
 
 log = Logger()
 

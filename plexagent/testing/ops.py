@@ -25,7 +25,7 @@ import attrs
 from twisted.internet import reactor as default_reactor
 from twisted.trial import unittest
 
-from plexagent import processes
+from plexagent.host import processes
 from plexagent.testing import docker as docker_fixtures
 
 

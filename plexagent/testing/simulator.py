@@ -47,7 +47,7 @@ from twisted.web.iweb import IRequest
 
 from plexagent.controlplane.events import sign_envelope
 from plexagent.fileio import decode_json
-from plexagent.secrets import SecretBox
+from plexagent.node.secrets import SecretBox
 
 EXAMPLE_NODE_ID = "edge-us-west-42"
 

@@ -10,7 +10,7 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from plexagent import auth
+from plexagent.http import auth
 from plexagent.agentapi import AgentAPI, AgentContext
 from plexagent.config import AgentAPIConfig, Config, NodeConfig
 

@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from plexagent import errors
-from plexagent.dockerbinds import BIND_LABEL
+from plexagent.host.docker.binds import BIND_LABEL
 from plexagent.testing import docker as td
 from plexagent.testing.ops import start_agent as start_ops_agent
 

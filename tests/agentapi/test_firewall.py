@@ -8,7 +8,8 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from plexagent import errors, firewall
+from plexagent import errors
+from plexagent.host import firewall
 from plexagent.testing.docker import AgentClient
 from plexagent.testing.ops import FirewallNamespace, start_agent
 

@@ -167,8 +167,8 @@ class FileCloneTests(CloneCase):
 
 class StagingTests(unittest.TestCase):
     def test_staging_older_than_twice_the_timeout_is_removed(self) -> None:
-        from plexagent.gitclone import GitCloner
-        from plexagent.paths import PathPolicy
+        from plexagent.host.gitclone import GitCloner
+        from plexagent.host.files.paths import PathPolicy
 
         work = os.path.realpath(self.mktemp())
         for name, age in (("old", 700), ("running", 100)):
@@ -250,20 +250,20 @@ class TimeoutTests(unittest.TestCase):
 
 class ParseTests(unittest.TestCase):
     def test_credentials_are_taken_out_of_the_url(self) -> None:
-        from plexagent.gitclone import parse_clone_request
+        from plexagent.host.gitclone import parse_clone_request
 
         req = parse_clone_request({"url": "https://bob:p%40ss@example.com/r.git", "target_path": "/app/r"})
         self.assertEqual((req.url, req.username, req.password), ("https://example.com/r.git", "bob", "p@ss"))
         self.assertNotIn("p@ss", repr(req))
 
     def test_token_alone_gets_a_placeholder_username(self) -> None:
-        from plexagent.gitclone import parse_clone_request
+        from plexagent.host.gitclone import parse_clone_request
 
         req = parse_clone_request({"url": "https://example.com/r.git", "target_path": "/app/r", "token": "t0k"})
         self.assertEqual((req.username, req.password), ("x-access-token", "t0k"))
 
     def test_scrub_masks_raw_and_quoted_secrets_and_url_userinfo(self) -> None:
-        from plexagent.gitclone import scrub
+        from plexagent.host.gitclone import scrub
 
         text = "fatal: https://u:p@ss w0rd@h/ and p%40ss%20w0rd and p@ss w0rd and http://x:y@host/"
         out = scrub(text, ["p@ss w0rd"])
@@ -474,13 +474,13 @@ class StandaloneCloneTests(unittest.TestCase):
         make_repository(self.repo)
 
     def test_a_plain_clone_passes(self) -> None:
-        from plexagent.gitclone import check_standalone_clone
+        from plexagent.host.gitclone import check_standalone_clone
 
         check_standalone_clone(self.repo)
 
     def test_alternates_commondir_or_git_file_are_refused(self) -> None:
         from plexagent import errors
-        from plexagent.gitclone import check_standalone_clone
+        from plexagent.host.gitclone import check_standalone_clone
 
         git_dir = os.path.join(self.repo, ".git")
         for name in ("objects/info/alternates", "objects/info/http-alternates", "commondir"):

@@ -6,7 +6,8 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from plexagent import errors, networks
+from plexagent import errors
+from plexagent.host import networks
 from plexagent.testing.docker import (
     PREFIX,
     AgentClient,

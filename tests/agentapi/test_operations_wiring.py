@@ -7,14 +7,14 @@ import os
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from plexagent import web
+from plexagent.http import web
 from plexagent.config import AgentAPIConfig, Config, NodeAPIConfig, NodeConfig, SystemConfig
-from plexagent.cron import CronScheduler
-from plexagent.firewall import Firewall
+from plexagent.host.cron import CronScheduler
+from plexagent.host.firewall import Firewall
 from plexagent.metrics import AgentMetrics
-from plexagent.nginx import Nginx
+from plexagent.host.nginx import Nginx
 from plexagent.service import ListenerService, makeService
-from plexagent.servicecontrol import ServiceControl
+from plexagent.host.services import ServiceControl
 from tests.agentapi.support import WiringDirectory
 
 

@@ -174,7 +174,7 @@ class VPCBypass(unittest.TestCase):
     """``require_auth_always = false`` lets RFC 1918 peers in without the key (the seed's VPC bypass)."""
 
     def policy(self, always: bool, allowed: tuple[str, ...] = ()) -> Any:
-        from plexagent.auth import AgentAPIPolicy
+        from plexagent.http.auth import AgentAPIPolicy
 
         return AgentAPIPolicy(allowed, "the-key", require_auth_always=always)
 

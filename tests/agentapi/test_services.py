@@ -12,9 +12,9 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from plexagent import errors
-from plexagent.programs import Programs
-from plexagent.servicecontrol import ServiceControl
-from plexagent.systemd import Systemd
+from plexagent.host.programs import Programs
+from plexagent.host.services import ServiceControl
+from plexagent.host.systemd import Systemd
 from plexagent.testing.docker import AgentClient
 from plexagent.testing.ops import FakeSystemctl, start_agent
 
@@ -158,7 +158,7 @@ class SelfRestartTests(unittest.TestCase):
 
 class SystemdParsingTests(unittest.TestCase):
     def test_systemd_timestamps_are_read_as_utc(self):
-        from plexagent.systemd import parse_timestamp
+        from plexagent.host.systemd import parse_timestamp
 
         self.assertEqual(parse_timestamp("Mon 2026-11-23 15:00:00 UTC"), 1795446000.0)
         self.assertIsNone(parse_timestamp("n/a"))

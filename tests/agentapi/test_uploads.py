@@ -13,9 +13,9 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from plexagent import tarsafe
+from plexagent.host.files import tarsafe
 from plexagent.agentapi.uploads import MAX_CONCURRENT_EXTRACTIONS, PIPE_HIGH_WATER, BodyPipe, UploadInterrupted
-from plexagent.chunks import ChunkStore
+from plexagent.host.files.chunks import ChunkStore
 from tests.agentapi.support import API_KEY, RunningAgentAPI, tree
 from tests.test_tarsafe import archive, member
 

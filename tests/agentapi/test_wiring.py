@@ -11,8 +11,9 @@ import tempfile
 from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
-from plexagent import service, web
-from plexagent.dockerpool import DockerFacade, DockerPool
+from plexagent import service
+from plexagent.http import web
+from plexagent.host.docker.pool import DockerFacade, DockerPool
 from plexagent.testing import docker as td
 
 #: Every route of issue 5, with its methods.

@@ -39,7 +39,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from plexagent import errors
-from plexagent.paths import PathPolicy
+from plexagent.host.files.paths import PathPolicy
 
 log = Logger()
 

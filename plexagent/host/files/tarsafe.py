@@ -58,7 +58,7 @@ from plexagent.fileio import (
     set_aside,
     write_all,
 )
-from plexagent.paths import PathPolicy
+from plexagent.host.files.paths import PathPolicy
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _COPY_BUFFER = 1 << 20

@@ -36,8 +36,8 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from plexagent import errors
-from plexagent.dockerbinds import start_checked
-from plexagent.paths import PathPolicy
+from plexagent.host.docker.binds import start_checked
+from plexagent.host.files.paths import PathPolicy
 
 log = Logger()
 
@@ -718,7 +718,7 @@ class _Ops:
             container = client.containers.create(image, command, **kwargs)
         except docker.errors.ImageNotFound:
             # As `docker run` does: pull a missing image, then create.
-            from plexagent.dockerspec import split_image
+            from plexagent.host.docker.specs import split_image
 
             repository, tag = split_image(image)
             client.images.pull(repository, tag=tag or "latest")

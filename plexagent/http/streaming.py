@@ -11,7 +11,8 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from plexagent import errors, web
+from plexagent import errors
+from plexagent.http import web
 
 NDJSON = b"application/x-ndjson"
 

@@ -13,8 +13,9 @@ from typing import Any, Sequence
 
 import attrs
 
-from plexagent import errors, processes
-from plexagent.programs import Programs
+from plexagent import errors
+from plexagent.host import processes
+from plexagent.host.programs import Programs
 from plexagent.strictparse import parse_int
 
 UFW_UNAVAILABLE = "ufw not available"

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from plexagent import errors, processes
+from plexagent import errors
+from plexagent.host import processes
 from plexagent.config import NginxConfig
-from plexagent.programs import Programs
-from plexagent.systemd import Systemd
+from plexagent.host.programs import Programs
+from plexagent.host.systemd import Systemd
 
 NGINX_UNAVAILABLE = "nginx not available"
 INVALID_CONFIGURATION = "nginx configuration is invalid"

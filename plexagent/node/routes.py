@@ -13,10 +13,11 @@ from typing import Any, cast
 from twisted.internet import defer
 from twisted.web.iweb import IRequest
 
-from plexagent import errors, strictparse, web
-from plexagent.reports import ReportStore
-from plexagent.secrets import DecryptionFailed, SecretBox
-from plexagent.state import StateCache
+from plexagent import errors, strictparse
+from plexagent.http import web
+from plexagent.node.reports import ReportStore
+from plexagent.node.secrets import DecryptionFailed, SecretBox
+from plexagent.node.state import StateCache
 
 FORBIDDEN_SECRETS = "forbidden: insufficient privileges for secret access"
 
@@ -117,7 +118,7 @@ class NodeAPI:
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
-        from plexagent.openapi import document_json
+        from plexagent.http.openapi import document_json
 
         body = document_json("local-node-api")
         request.setHeader(b"content-type", web.JSON_CONTENT_TYPE)

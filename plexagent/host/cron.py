@@ -36,10 +36,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from plexagent import errors
-from plexagent.dockerbinds import BIND_LABEL, bind_label, start_checked
-from plexagent.dockerspec import parse_command, parse_environment, parse_volumes
+from plexagent.host.docker.binds import BIND_LABEL, bind_label, start_checked
+from plexagent.host.docker.specs import parse_command, parse_environment, parse_volumes
 from plexagent.fileio import Unencodable, atomic_write, encode_json, ensure_private_dir, set_aside, set_aside_records
-from plexagent.paths import PathPolicy
+from plexagent.host.files.paths import PathPolicy
 
 log = Logger()
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from twisted.internet import defer
 
-from plexagent import processes
+from plexagent.host import processes
 
 
 class Programs:

@@ -34,10 +34,11 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import attrs
 from twisted.internet import threads
 
-from plexagent import errors, gitsource, processes
+from plexagent import errors
+from plexagent.host import gitsource, processes
 from plexagent.fileio import ensure_private_dir, path_error, storage_error
-from plexagent.paths import PathPolicy, remove_tree
-from plexagent.tarsafe import chmod_directory_at
+from plexagent.host.files.paths import PathPolicy, remove_tree
+from plexagent.host.files.tarsafe import chmod_directory_at
 
 _ALLOWED_SCHEMES = ("https", "http", "ssh", "git", "file")
 #: What git may use for a remote URL: never a local transport.

@@ -35,9 +35,10 @@ import stat
 import time
 from urllib.parse import unquote
 
-from plexagent import errors, processes
+from plexagent import errors
+from plexagent.host import processes
 from plexagent.fileio import path_error, write_all
-from plexagent.paths import PathPolicy
+from plexagent.host.files.paths import PathPolicy
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LOOSE_DIRECTORY = re.compile(r"[0-9a-f]{2}")

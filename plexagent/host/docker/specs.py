@@ -26,8 +26,8 @@ import re
 from typing import Any
 
 from plexagent import errors
-from plexagent.dockerbinds import BIND_LABEL, bind_label
-from plexagent.paths import PathPolicy
+from plexagent.host.docker.binds import BIND_LABEL, bind_label
+from plexagent.host.files.paths import PathPolicy
 from plexagent.strictparse import parse_int
 
 _NAME = re.compile(r"/?[a-zA-Z0-9][a-zA-Z0-9_.-]*")

@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from plexagent import errors
-from plexagent.systemd import Systemd
+from plexagent.host.systemd import Systemd
 
 log = Logger()
 

@@ -13,7 +13,8 @@ from typing import Any, Protocol, cast
 from twisted.web import resource
 from twisted.web.iweb import IRequest
 
-from plexagent import errors, peercred, web
+from plexagent import errors
+from plexagent.http import peercred, web
 
 
 class ListenerPolicy(Protocol):

@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any, Sequence
 
-from plexagent import errors, processes
-from plexagent.programs import Programs
+from plexagent import errors
+from plexagent.host import processes
+from plexagent.host.programs import Programs
 
 SYSTEMD_UNAVAILABLE = "systemd not available"
 

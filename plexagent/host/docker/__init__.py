@@ -1,0 +1,1 @@
+"""Docker: the thread pool, the facade, container specs, health, bind checks, builds and loads."""

@@ -1,0 +1,1 @@
+"""Host files: the path policy, safe tar extraction and chunked uploads."""

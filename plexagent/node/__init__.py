@@ -1,0 +1,1 @@
+"""The Local Node API: its routes, the node state cache, the report store and secrets."""
