@@ -84,7 +84,8 @@ def check_config(path: str | None, environ: Any) -> str:
     from twisted.internet.testing import MemoryReactor
 
     from plexagent.config import ConfigError, load_config
-    from plexagent.service import check_listeners, makeService
+    from plexagent.http.listeners import check_listeners
+    from plexagent.service import makeService
 
     config = load_config(path, environ)
     memory = MemoryReactor()
@@ -103,7 +104,7 @@ def _check_config(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any
     import os
 
     from plexagent.config import ConfigError
-    from plexagent.service import StartupError
+    from plexagent.http.listeners import StartupError
 
     try:
         print(check_config(args.config, os.environ), file=stdout)

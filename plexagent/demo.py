@@ -17,7 +17,8 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from plexagent.service import GracefulTermination, StartupError, check_socket_path, makeService, probe_tcp
+from plexagent.http.listeners import StartupError, check_socket_path, probe_tcp
+from plexagent.service import GracefulTermination, makeService
 from plexagent.testing import ControlPlaneSimulator
 from plexagent.testing.fixtures import dump_toml, write_secret_file
 

@@ -16,8 +16,11 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from plexagent import errors
-from plexagent.agentapi.imageload import Base64Field
-from plexagent.host.docker.pool import ContainerListCache, DockerPool, TarFeed, translate
+from plexagent.http.bodies import Base64Field
+from plexagent.host.docker.errors import translate
+from plexagent.host.docker.pool import DockerPool
+from plexagent.host.docker.watch import ContainerListCache
+from plexagent.pipes import TarFeed
 
 
 def api_error(status: int, explanation: str) -> docker.errors.APIError:
@@ -213,7 +216,7 @@ class Lifecycle(unittest.TestCase):
 
 class ContainerCacheInvalidation(unittest.TestCase):
     def cache(self) -> "ContainerListCache":
-        from plexagent.host.docker.pool import ContainerListCache
+        from plexagent.host.docker.watch import ContainerListCache
 
         class NotRunning:
             running = False

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from plexagent.service import makeService
 from plexagent.testing.fixtures import AgentSandbox, json_response, unix_http_client
-from plexagent.http.web import PlexChannel
+from plexagent.http.site import PlexChannel
 
 BASE = "http://localhost"
 

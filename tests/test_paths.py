@@ -339,7 +339,7 @@ class PathErrorMappingTests(unittest.TestCase):
         import errno
 
         from plexagent.fileio import path_error
-        from plexagent.http.web import status_for
+        from plexagent.http.responses import status_for
 
         expected = {
             errno.ENAMETOOLONG: 400, errno.ELOOP: 400, errno.EINVAL: 400, errno.ENXIO: 400, errno.ENODEV: 400,

@@ -18,7 +18,8 @@ from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import ResponseFailed
 
-from plexagent.service import AgentService, ListenerService
+from plexagent.http.listeners import ListenerService
+from plexagent.service import AgentService
 from plexagent.testing import ControlPlaneSimulator
 from plexagent.testing.fixtures import AgentProcess, json_response, unix_http_client
 from tests.test_daemon import DaemonCase

@@ -21,7 +21,7 @@ from plexagent.agentapi.files import parse_mode
 from plexagent.config import ConfigError, parse_config
 from plexagent.node.routes import parse_if_match
 from plexagent.host.files.paths import PathPolicy
-from plexagent.service import endpoint_description
+from plexagent.http.listeners import endpoint_description
 from plexagent.strictparse import parse_int
 
 

@@ -17,7 +17,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import resource
 
-from plexagent.http import web
+from plexagent.http import site
 from plexagent.testing import docker as td
 from plexagent.testing.rawhttp import RawResponse, exchange
 from tests.test_drills_disk import mount_tmpfs
@@ -222,7 +222,7 @@ class BodyLimits(Listeners):
         self.assertJSON(await self.tcp(request), 413, "request body too large")
 
     async def test_a_client_that_neither_sends_its_body_nor_closes_is_cut_off(self) -> None:
-        self.patch(web.PlexChannel, "linger_timeout", 0.2)
+        self.patch(site.PlexChannel, "linger_timeout", 0.2)
         response = await self.socket(self.head_only(b"PUT", b"/v1/state/report/k", 600_000_000))
         self.assertJSON(response, 413, "request body too large")
 
@@ -251,7 +251,7 @@ class _Broken(resource.Resource):
 
 class UnhandledFailures(unittest.TestCase):
     async def test_a_failure_no_handler_caught_is_a_json_500_logged_once(self) -> None:
-        port = reactor.listenTCP(0, web.PlexSite(_Broken(), 1024), interface="127.0.0.1")
+        port = reactor.listenTCP(0, site.PlexSite(_Broken(), 1024), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         failures: list[dict[str, Any]] = []
 

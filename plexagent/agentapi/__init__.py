@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import attrs
 
-from plexagent.http import auth, web
+from plexagent.http import auth, responses
+from plexagent.http.site import PlexSite, UnreadBody
 from plexagent.config import Config
 
 #: Route modules, in the seed's order. Each has ``register(app, context)``.
@@ -80,11 +81,11 @@ class AgentAPI:
     def __init__(self, context: AgentContext, policy: auth.AgentAPIPolicy, modules: list[str] | None = None) -> None:
         self.context = context
         self.policy = policy
-        self.app = web.json_app()
+        self.app = responses.json_app()
         for name in ROUTE_MODULES if modules is None else modules:
             module = importlib.import_module(name)
             module.register(self.app, context)
-        web.label_routes(self.app)
+        responses.label_routes(self.app)
 
     def content_factory(self, request: Any, method: bytes, path: bytes, length: int | None) -> Any:
         """
@@ -102,15 +103,15 @@ class AgentAPI:
             self.policy.authenticate(request)
         except Exception:
             # Refused anyway by GuardedResource: answered without reading the body.
-            return web.UnreadBody()
+            return UnreadBody()
         factory = self.context.streaming_factory(method, path)
         if factory is None:
             return None
         return factory(request, length)
 
-    def site(self) -> web.PlexSite:
+    def site(self) -> PlexSite:
         guarded = auth.GuardedResource(self.policy, self.app.resource())
-        return web.PlexSite(
+        return PlexSite(
             guarded,
             DEFAULT_BODY_LIMIT,
             content_factory=self.content_factory,

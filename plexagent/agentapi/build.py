@@ -13,8 +13,8 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from plexagent import errors
-from plexagent.http import web
-from plexagent.agentapi.imageload import register_load
+from plexagent.http import responses
+from plexagent.agentapi.images import register_load
 from plexagent.http.streaming import NDJSON, arg, json_object, ndjson, stream_response
 from plexagent.host.docker.specs import optional_str, parse_bool_arg, require_str
 from plexagent.host.files.paths import PathPolicy
@@ -119,7 +119,7 @@ def register(app: Klein, context: Any) -> None:
             )
         await docker.build(lines.append, **kwargs).done
         output = [line["stream"] for line in lines if isinstance(line, dict) and "stream" in line]
-        return web.respond(
+        return responses.respond(
             request,
             {"success": True, "image_id": image_id_of(lines), "tag": kwargs.get("tag"), "logs": "".join(output)},
         )
@@ -137,14 +137,14 @@ def register(app: Klein, context: Any) -> None:
                 raise errors.TooLarge("dockerfile too large", f"the limit is {MAX_DOCKERFILE_BYTES} bytes")
             with open(path, "rb") as f:
                 text = f.read(MAX_DOCKERFILE_BYTES).decode("utf-8", "replace")
-            return web.respond(request, {"exists": True, "generated": False, "path": path, "dockerfile": text})
+            return responses.respond(request, {"exists": True, "generated": False, "path": path, "dockerfile": text})
         generate = body.get("generate", False)
         if not isinstance(generate, bool):
             raise errors.InvalidInput("invalid generate", "generate must be true or false")
         if not generate:
             raise errors.NotFound("dockerfile not found", f"{path} does not exist; send generate: true for a suggestion")
         kind, text = generate_dockerfile(set(os.listdir(context_path)))
-        return web.respond(
+        return responses.respond(
             request, {"exists": False, "generated": True, "kind": kind, "path": path, "dockerfile": text}
         )
 
@@ -156,7 +156,7 @@ def register(app: Klein, context: Any) -> None:
         password = body.get("password")
         if not isinstance(password, str) or not password:
             raise errors.InvalidInput("password is required", "password must be a non-empty string")
-        return web.respond(request, await docker.login(registry, username, password))
+        return responses.respond(request, await docker.login(registry, username, password))
 
     register_load(app, context, "/docker/load")
     register_load(app, context, "/docker/load/stream")

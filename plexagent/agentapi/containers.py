@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.web.iweb import IRequest
 
 from plexagent import __version__, errors
-from plexagent.http import web
+from plexagent.http import responses
 from plexagent.http.streaming import arg, json_object, stream_response
 from plexagent.host.docker.health import assess
 from plexagent.host.docker.specs import parse_bool_arg, parse_command, parse_int_arg, parse_run
@@ -42,26 +42,26 @@ def register(app: Klein, context: Any) -> None:
     @app.route("/ping", methods=["GET", "HEAD"])
     async def ping(request: IRequest) -> bytes:
         alive = await docker.ping()
-        return web.respond(
+        return responses.respond(
             request, {"status": "ok" if alive else "degraded", "version": __version__, "docker": alive}
         )
 
     @app.route("/containers", methods=["GET"])
     async def list_containers(request: IRequest) -> bytes:
-        return web.respond(request, {"containers": await docker.list_containers()})
+        return responses.respond(request, {"containers": await docker.list_containers()})
 
     @app.route("/containers/run", methods=["POST"])
     async def run(request: IRequest) -> bytes:
         # Parsed (and volume paths checked) before Docker is asked anything.
         kwargs = parse_run(json_object(request), paths)
-        return web.respond(request, await docker.run(kwargs), 201)
+        return responses.respond(request, await docker.run(kwargs), 201)
 
     @app.route("/containers/all/health", methods=["GET"])
     async def all_health(request: IRequest) -> bytes:
         infos = await docker.inspect_all()
         documents = await defer.gatherResults([defer.ensureDeferred(assess(reactor, i)) for i in infos])
         health = {doc["name"]: doc for doc in documents}
-        return web.respond(
+        return responses.respond(
             request,
             {
                 "containers": health,
@@ -73,36 +73,36 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/containers/<n>/start", methods=["POST"])
     async def start(request: IRequest, n: str) -> bytes:
-        return web.respond(request, await docker.act(n, "start"))
+        return responses.respond(request, await docker.act(n, "start"))
 
     @app.route("/containers/<n>/stop", methods=["POST"])
     async def stop(request: IRequest, n: str) -> bytes:
         timeout = parse_int_arg(arg(request, "timeout"), "timeout", 10, maximum=MAX_STOP_TIMEOUT)
-        return web.respond(request, await docker.act(n, "stop", timeout=timeout))
+        return responses.respond(request, await docker.act(n, "stop", timeout=timeout))
 
     @app.route("/containers/<n>/restart", methods=["POST"])
     async def restart(request: IRequest, n: str) -> bytes:
         timeout = parse_int_arg(arg(request, "timeout"), "timeout", 10, maximum=MAX_STOP_TIMEOUT)
-        return web.respond(request, await docker.act(n, "restart", timeout=timeout))
+        return responses.respond(request, await docker.act(n, "restart", timeout=timeout))
 
     @app.route("/containers/<n>/remove", methods=["POST", "DELETE"])
     async def remove(request: IRequest, n: str) -> bytes:
         force = parse_bool_arg(arg(request, "force"), "force")
         volumes = parse_bool_arg(arg(request, "volumes"), "volumes")
-        return web.respond(request, await docker.act(n, "remove", force=force, volumes=volumes))
+        return responses.respond(request, await docker.act(n, "remove", force=force, volumes=volumes))
 
     @app.route("/containers/<n>/status", methods=["GET"])
     async def status(request: IRequest, n: str) -> bytes:
-        return web.respond(request, await docker.status(n))
+        return responses.respond(request, await docker.status(n))
 
     @app.route("/containers/<n>/health", methods=["GET"])
     async def health(request: IRequest, n: str) -> bytes:
         info = await docker.inspect(n)
-        return web.respond(request, await assess(reactor, info))
+        return responses.respond(request, await assess(reactor, info))
 
     @app.route("/containers/<n>/inspect", methods=["GET"])
     async def inspect(request: IRequest, n: str) -> bytes:
-        return web.respond(request, await docker.inspect(n))
+        return responses.respond(request, await docker.inspect(n))
 
     @app.route("/containers/<n>/logs", methods=["GET"])
     def logs(request: IRequest, n: str) -> Any:
@@ -112,7 +112,7 @@ def register(app: Klein, context: Any) -> None:
 
         async def whole() -> bytes:
             text = await docker.logs(n, tail)
-            return web.respond(request, {"container": n, "tail": tail, "logs": text})
+            return responses.respond(request, {"container": n, "tail": tail, "logs": text})
 
         return defer.ensureDeferred(whole())
 
@@ -140,4 +140,4 @@ def register(app: Klein, context: Any) -> None:
         for field, value in (("user", user), ("workdir", workdir)):
             if value is not None and not isinstance(value, str):
                 raise errors.InvalidInput(f"invalid {field}", f"{field} must be a string")
-        return web.respond(request, await docker.exec(n, command, user, workdir))
+        return responses.respond(request, await docker.exec(n, command, user, workdir))

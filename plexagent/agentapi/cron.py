@@ -9,7 +9,7 @@ from twisted.web.iweb import IRequest
 
 from plexagent import errors
 from plexagent.host import cron
-from plexagent.http import web
+from plexagent.http import responses
 from plexagent.host.files.paths import PathPolicy
 
 
@@ -19,18 +19,18 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/cron/jobs", methods=["GET"])
     def cron_jobs(request: IRequest) -> bytes:
-        return web.respond(request, {"jobs": scheduler.list()})
+        return responses.respond(request, {"jobs": scheduler.list()})
 
     @app.route("/cron/run-docker", methods=["POST"])
     def cron_run_docker(request: IRequest) -> bytes:
-        fields = cron.parse_job(web.read_json(request), paths)
+        fields = cron.parse_job(responses.read_json(request), paths)
         job = scheduler.add(fields)
-        return web.respond(request, {"success": True, "job_id": job.id, "job": scheduler.document(job)}, 201)
+        return responses.respond(request, {"success": True, "job_id": job.id, "job": scheduler.document(job)}, 201)
 
     @app.route("/cron/remove", methods=["POST", "DELETE"])
     def cron_remove(request: IRequest) -> bytes:
-        body = web.read_json(request)
+        body = responses.read_json(request)
         if not isinstance(body, dict):
             raise errors.InvalidInput("invalid body", "the body must be a JSON object with job_id")
         job = scheduler.remove(body.get("job_id"))
-        return web.respond(request, {"success": True, "job_id": job.id, "removed": True})
+        return responses.respond(request, {"success": True, "job_id": job.id, "removed": True})

@@ -18,7 +18,7 @@ from klein import Klein
 from twisted.internet import threads
 
 from plexagent import errors
-from plexagent.http import web
+from plexagent.http import responses
 from plexagent.host.files.paths import PathPolicy
 
 _OCTAL = re.compile("[0-7]{1,4}")
@@ -67,7 +67,7 @@ def query_arg(request: Any, name: str, required: bool = True) -> str | None:
 
 def read_json_object(request: Any) -> dict[str, Any]:
     """The body as a JSON object (the route's body limit applied before it was read)."""
-    body = web.read_json(request)
+    body = responses.read_json(request)
     if not isinstance(body, dict):
         raise errors.InvalidInput("invalid JSON body", "the body must be a JSON object")
     return body
@@ -109,7 +109,7 @@ def register(app: Klein, context: Any) -> None:
         mode = parse_mode(body.get("mode"), 0o644)
         policy.resolve(path)  # refuse before any thread work
         real, size = await in_thread(policy.write_file, path, data, mode)
-        return web.respond(request, {"success": True, "path": real, "size": size, "mode": f"{mode:04o}"})
+        return responses.respond(request, {"success": True, "path": real, "size": size, "mode": f"{mode:04o}"})
 
     @app.route("/files/read", methods=["GET"])
     async def read(request: Any) -> bytes:
@@ -120,13 +120,13 @@ def register(app: Klein, context: Any) -> None:
         policy.resolve(path)
         real, data = await in_thread(policy.read_file, path, aapi.max_read_bytes)
         if encoding == "base64":
-            return web.respond(request, {"path": real, "content": base64.b64encode(data).decode("ascii"),
+            return responses.respond(request, {"path": real, "content": base64.b64encode(data).decode("ascii"),
                                          "size": len(data), "encoding": "base64"})
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise errors.InvalidInput("file is not valid UTF-8", f"{path}: read it with ?encoding=base64") from None
-        return web.respond(request, {"path": real, "content": text, "size": len(data)})
+        return responses.respond(request, {"path": real, "content": text, "size": len(data)})
 
     @app.route("/files/exists", methods=["GET"])
     async def exists(request: Any) -> bytes:
@@ -134,8 +134,8 @@ def register(app: Klein, context: Any) -> None:
         policy.resolve(path)
         info = await in_thread(policy.stat, path)
         if info is None:
-            return web.respond(request, {"exists": False, "path": path})
-        return web.respond(request, {
+            return responses.respond(request, {"exists": False, "path": path})
+        return responses.respond(request, {
             "exists": True,
             "path": info.path,
             "size": info.size,
@@ -151,7 +151,7 @@ def register(app: Klein, context: Any) -> None:
         mode = parse_mode(body.get("mode"), 0o755)
         policy.resolve(path)
         real, created = await in_thread(policy.make_directory, path, mode)
-        return web.respond(request, {"success": True, "path": real, "created": created, "mode": f"{mode:04o}"},
+        return responses.respond(request, {"success": True, "path": real, "created": created, "mode": f"{mode:04o}"},
                            201 if created else 200)
 
     @app.route("/files/delete", methods=["POST"])
@@ -163,4 +163,4 @@ def register(app: Klein, context: Any) -> None:
             raise errors.InvalidInput("invalid recursive", "recursive must be true or false")
         policy.resolve_entry(path)
         real, kind = await in_thread(policy.delete, path, recursive)
-        return web.respond(request, {"success": True, "path": real, "deleted": kind})
+        return responses.respond(request, {"success": True, "path": real, "deleted": kind})

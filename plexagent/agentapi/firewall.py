@@ -8,7 +8,7 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from plexagent.host import firewall
-from plexagent.http import web
+from plexagent.http import responses
 
 
 def register(app: Klein, context: Any) -> None:
@@ -16,10 +16,10 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/firewall/status", methods=["GET"])
     async def firewall_status(request: IRequest) -> bytes:
-        return web.respond(request, await ufw.status())
+        return responses.respond(request, await ufw.status())
 
     @app.route("/firewall/allow", methods=["POST"])
     async def firewall_allow(request: IRequest) -> bytes:
         # Validated completely before ufw is run.
-        rule = firewall.parse_allow(web.read_json(request))
-        return web.respond(request, await ufw.allow(rule), 201)
+        rule = firewall.parse_allow(responses.read_json(request))
+        return responses.respond(request, await ufw.allow(rule), 201)

@@ -7,7 +7,7 @@ from typing import Any
 
 from klein import Klein
 
-from plexagent.http import web
+from plexagent.http import responses
 from plexagent.agentapi.files import path_policy, read_json_object
 from plexagent.host.gitclone import GitCloner, parse_clone_request
 
@@ -25,4 +25,4 @@ def register(app: Klein, context: Any) -> None:
     @app.route("/git/clone", methods=["POST"])
     async def clone(request: Any) -> bytes:
         request_ = parse_clone_request(read_json_object(request))
-        return web.respond(request, await cloner.clone(request_))
+        return responses.respond(request, await cloner.clone(request_))

@@ -10,8 +10,8 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from plexagent import errors
-from plexagent.http import web
-from plexagent.agentapi.imageload import register_load
+from plexagent.http import responses
+from plexagent.http.bodies import ImageTarSink
 from plexagent.http.streaming import NDJSON, arg, json_object, ndjson, stream_response
 from plexagent.host.docker.specs import optional_str, parse_bool_arg, require_str, split_image
 
@@ -46,7 +46,7 @@ def register(app: Klein, context: Any) -> None:
     async def list_images(request: IRequest) -> bytes:
         raw = arg(request, "prefix")
         prefix = raw.decode("utf-8", "replace") if raw else None
-        return web.respond(request, {"images": await docker.list_images(prefix)})
+        return responses.respond(request, {"images": await docker.list_images(prefix)})
 
     @app.route("/images/pull", methods=["POST"])
     async def pull(request: IRequest) -> Any:
@@ -64,7 +64,7 @@ def register(app: Klein, context: Any) -> None:
         await docker.pull(repository, tag, auth, lines.append).done
         info = await docker.image_info(reference)
         statuses = [line["status"] for line in lines if isinstance(line, dict) and "status" in line]
-        return web.respond(
+        return responses.respond(
             request,
             {"success": True, "image": reference, **info, "status": statuses[-1] if statuses else ""},
         )
@@ -77,11 +77,30 @@ def register(app: Klein, context: Any) -> None:
         source = require_str({"source_image": source}, "source_image")
         target = require_str({"target_image": target}, "target_image")
         repository, target_tag = split_image(target)
-        return web.respond(request, await docker.tag(source, repository, target_tag or "latest"))
+        return responses.respond(request, await docker.tag(source, repository, target_tag or "latest"))
 
     @app.route("/images/cleanup", methods=["POST"])
     async def cleanup(request: IRequest) -> bytes:
         all_unused = parse_bool_arg(arg(request, "all"), "all")
-        return web.respond(request, await docker.cleanup(all_unused))
+        return responses.respond(request, await docker.cleanup(all_unused))
 
     register_load(app, context, "/images/load")
+
+
+def register_load(app: Any, context: Any, path: str) -> None:
+    """Route ``POST path`` as an image load with a streamed body."""
+    docker = context.services["docker"]
+    reactor = context.reactor
+    limit = context.config.agent_api.max_upload_bytes
+
+    context.stream_body(b"POST", path.encode("ascii"),
+                        lambda request, length: ImageTarSink(request, length, docker.load, reactor, limit))
+    context.limit_body(b"POST", path.encode("ascii"), limit)
+
+    async def load(request: Any) -> bytes:
+        sink = request.content
+        if not isinstance(sink, ImageTarSink):
+            raise errors.InvalidInput("the image tar is empty", "send the output of docker save as the body")
+        return responses.respond(request, await sink.finish())
+
+    app.route(path, methods=["POST"], endpoint=f"load:{path}")(load)

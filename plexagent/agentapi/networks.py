@@ -8,7 +8,7 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from plexagent.host import networks
-from plexagent.http import web
+from plexagent.http import responses
 
 
 def register(app: Klein, context: Any) -> None:
@@ -16,9 +16,9 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/networks/create", methods=["POST"])
     async def network_create(request: IRequest) -> bytes:
-        spec = networks.parse_create(web.read_json(request))
-        return web.respond(request, await nets.create(spec), 201)
+        spec = networks.parse_create(responses.read_json(request))
+        return responses.respond(request, await nets.create(spec), 201)
 
     @app.route("/networks/<n>", methods=["GET"])
     async def network_inspect(request: IRequest, n: str) -> bytes:
-        return web.respond(request, await nets.inspect(n))
+        return responses.respond(request, await nets.inspect(n))

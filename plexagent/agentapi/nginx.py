@@ -7,7 +7,7 @@ from typing import Any
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from plexagent.http import web
+from plexagent.http import responses
 
 
 def register(app: Klein, context: Any) -> None:
@@ -15,8 +15,8 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/nginx/test", methods=["GET", "POST"])
     async def nginx_test(request: IRequest) -> bytes:
-        return web.respond(request, await nginx.test())
+        return responses.respond(request, await nginx.test())
 
     @app.route("/nginx/reload", methods=["POST"])
     async def nginx_reload(request: IRequest) -> bytes:
-        return web.respond(request, await nginx.reload())
+        return responses.respond(request, await nginx.reload())

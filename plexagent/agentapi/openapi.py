@@ -6,7 +6,7 @@ from typing import Any
 
 from klein import Klein
 
-from plexagent.http import web
+from plexagent.http import responses
 from plexagent.http.openapi import document_json
 
 
@@ -14,6 +14,6 @@ def register(app: Klein, context: Any) -> None:
     @app.route("/openapi.json", methods=["GET"])
     def openapi(request: Any) -> bytes:
         body = document_json("node-agent-api")
-        request.setHeader(b"content-type", web.JSON_CONTENT_TYPE)
+        request.setHeader(b"content-type", responses.JSON_CONTENT_TYPE)
         request.setHeader(b"content-length", b"%d" % len(body))
         return body

@@ -10,7 +10,7 @@ from typing import Any
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from plexagent.http import web
+from plexagent.http import responses
 
 
 def register(app: Klein, context: Any) -> None:
@@ -18,12 +18,12 @@ def register(app: Klein, context: Any) -> None:
 
     @app.route("/services/<n>/status", methods=["GET"])
     async def service_status(request: IRequest, n: str) -> bytes:
-        return web.respond(request, await control.status(n))
+        return responses.respond(request, await control.status(n))
 
     @app.route("/services/<n>/restart", methods=["POST"])
     async def service_restart(request: Any, n: str) -> bytes:
         if n == control.agent_service:
             control.check(n)
             result = await control.restart(n, answered=request.notifyFinish())
-            return web.respond(request, result, 202)
-        return web.respond(request, await control.restart(n))
+            return responses.respond(request, result, 202)
+        return responses.respond(request, await control.restart(n))

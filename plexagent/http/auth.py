@@ -14,7 +14,7 @@ from twisted.web import resource
 from twisted.web.iweb import IRequest
 
 from plexagent import errors
-from plexagent.http import peercred, web
+from plexagent.http import peercred, responses
 
 
 class ListenerPolicy(Protocol):
@@ -86,9 +86,9 @@ class GuardedResource(resource.Resource):
     def render(self, request: IRequest) -> Any:
         try:
             self.policy.authenticate(request)
-            web.refuse_unservable(request)
+            responses.refuse_unservable(request)
         except errors.PlexError as e:
-            return web.respond_error(request, e)
+            return responses.respond_error(request, e)
         cast(Any, request).plexagent_policy = self.policy
         return self._inner.render(request)
 

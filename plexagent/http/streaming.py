@@ -12,13 +12,13 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from plexagent import errors
-from plexagent.http import web
+from plexagent.http import responses
 
 NDJSON = b"application/x-ndjson"
 
 
 def json_object(request: Any) -> dict[str, Any]:
-    body = web.read_json(request)
+    body = responses.read_json(request)
     if not isinstance(body, dict):
         raise errors.InvalidInput("invalid body", "the body must be a JSON object")
     return body
@@ -68,10 +68,10 @@ def stream_response(
         if isinstance(outcome, Failure):
             error = outcome.value
             if isinstance(error, errors.PlexError):
-                doc = web.error_document(error.message, error.details)
+                doc = responses.error_document(error.message, error.details)
             else:
                 doc = {"error": "internal error"}
-            request.write(web.encode_json(doc) + b"\n")
+            request.write(responses.encode_json(doc) + b"\n")
         elif trailer is not None:
             last = trailer()
             if last is not None:

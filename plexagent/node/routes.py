@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.web.iweb import IRequest
 
 from plexagent import errors, strictparse
-from plexagent.http import web
+from plexagent.http import responses
 from plexagent.node.reports import ReportStore
 from plexagent.node.secrets import DecryptionFailed, SecretBox
 from plexagent.node.state import StateCache
@@ -106,7 +106,7 @@ class SecretReader:
 class NodeAPI:
     """Routes of the Local Node API over the shared domain objects."""
 
-    app = web.json_app()
+    app = responses.json_app()
 
     def __init__(self, cache: StateCache, reports: ReportStore, secrets: SecretReader) -> None:
         self.cache = cache
@@ -121,14 +121,14 @@ class NodeAPI:
         from plexagent.http.openapi import document_json
 
         body = document_json("local-node-api")
-        request.setHeader(b"content-type", web.JSON_CONTENT_TYPE)
+        request.setHeader(b"content-type", responses.JSON_CONTENT_TYPE)
         request.setHeader(b"content-length", b"%d" % len(body))
         return body
 
     @app.route("/v1/state", methods=["GET"])
     def state(self, request: IRequest) -> bytes:
         current = self.cache.current
-        return web.respond(
+        return responses.respond(
             request,
             {
                 "metadata": dict(current.metadata),
@@ -140,29 +140,29 @@ class NodeAPI:
 
     @app.route("/v1/state/metadata", methods=["GET"])
     def metadata(self, request: IRequest) -> bytes:
-        return web.respond(request, dict(self.cache.current.metadata))
+        return responses.respond(request, dict(self.cache.current.metadata))
 
     @app.route("/v1/state/metadata/<path:key>", methods=["GET"])
     def metadata_key(self, request: IRequest, key: str) -> bytes:
         value = self.cache.current.metadata.get(key)
         if value is None:
             raise errors.NotFound("not found")
-        return web.respond(request, {"key": key, "value": value})
+        return responses.respond(request, {"key": key, "value": value})
 
     @app.route("/v1/state/data", methods=["GET"])
     def data(self, request: IRequest) -> bytes:
-        return web.respond(request, self.cache.current.data_summaries())
+        return responses.respond(request, self.cache.current.data_summaries())
 
     @app.route("/v1/state/data/<path:key>", methods=["GET"])
     def data_key(self, request: IRequest, key: str) -> bytes:
         entry = self.cache.current.data.get(key)
         if entry is None:
             raise errors.NotFound("not found")
-        return web.respond(request, entry)
+        return responses.respond(request, entry)
 
     @app.route("/v1/state/secrets", methods=["GET"])
     def secrets_index(self, request: IRequest) -> bytes:
-        return web.respond(request, self.cache.current.secret_summaries())
+        return responses.respond(request, self.cache.current.secret_summaries())
 
     @app.route("/v1/state/secrets/<path:key>", methods=["GET"])
     async def secret(self, request: IRequest, key: str) -> bytes:
@@ -170,22 +170,22 @@ class NodeAPI:
             raise errors.Forbidden(FORBIDDEN_SECRETS)
         value = await self.secrets.read(key)
         request.setHeader(b"cache-control", b"no-store")
-        return web.respond(request, value)
+        return responses.respond(request, value)
 
     @app.route("/v1/state/report", methods=["GET"])
     def report_index(self, request: IRequest) -> bytes:
-        return web.respond(request, self.reports.list())
+        return responses.respond(request, self.reports.list())
 
     @app.route("/v1/state/report/<path:key>", methods=["GET"])
     def report_get(self, request: IRequest, key: str) -> bytes:
-        return web.respond(request, self.reports.get(key))
+        return responses.respond(request, self.reports.get(key))
 
     @app.route("/v1/state/report/<path:key>", methods=["PUT"])
     def report_put(self, request: IRequest, key: str) -> defer.Deferred[bytes]:
-        content_type, payload = parse_report_body(web.read_json(request))
+        content_type, payload = parse_report_body(responses.read_json(request))
         if_match = parse_if_match(request)
         d = self.reports.put(key, content_type, payload, if_match)
-        return d.addCallback(lambda entry: web.respond(request, entry))
+        return d.addCallback(lambda entry: responses.respond(request, entry))
 
     @app.route("/v1/state/report/<path:key>", methods=["DELETE"])
     def report_delete(self, request: IRequest, key: str) -> defer.Deferred[bytes]:

@@ -7,13 +7,14 @@ import os
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from plexagent.http import web
+from plexagent.http import site
 from plexagent.config import AgentAPIConfig, Config, NodeAPIConfig, NodeConfig, SystemConfig
 from plexagent.host.cron import CronScheduler
 from plexagent.host.firewall import Firewall
 from plexagent.metrics import AgentMetrics
 from plexagent.host.nginx import Nginx
-from plexagent.service import ListenerService, makeService
+from plexagent.http.listeners import ListenerService
+from plexagent.service import makeService
 from plexagent.host.services import ServiceControl
 from tests.agentapi.support import WiringDirectory
 
@@ -54,6 +55,6 @@ class OperationsWiringTests(unittest.TestCase):
         self.assertEqual(sorted(s.name for s in listeners),
                          ["agent_api.listen", "node_api.http_listen", "node_api.socket"])
         for listener in listeners:
-            self.assertIsInstance(listener.site, web.PlexSite)
+            self.assertIsInstance(listener.site, site.PlexSite)
             self.assertEqual(listener.site.listener_name, listener.name)
             self.assertIsNotNone(listener.site.observer)

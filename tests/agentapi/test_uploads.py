@@ -14,7 +14,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
 from plexagent.host.files import tarsafe
-from plexagent.agentapi.uploads import MAX_CONCURRENT_EXTRACTIONS, PIPE_HIGH_WATER, BodyPipe, UploadInterrupted
+from plexagent.agentapi.uploads import MAX_CONCURRENT_EXTRACTIONS
+from plexagent.http.bodies import UploadInterrupted
+from plexagent.pipes import PIPE_HIGH_WATER, BodyPipe
 from plexagent.host.files.chunks import ChunkStore
 from tests.agentapi.support import API_KEY, RunningAgentAPI, tree
 from tests.test_tarsafe import archive, member
@@ -407,7 +409,7 @@ class BodyPipeTests(unittest.TestCase):
         self.assertEqual(events, ["pause", "resume"])
 
     def test_abort_fails_the_reader(self) -> None:
-        from plexagent.agentapi.uploads import UploadInterrupted
+        from plexagent.http.bodies import UploadInterrupted
 
         pipe = BodyPipe(FakeReactor(), lambda: None, lambda: None)
         pipe.write(b"abc")

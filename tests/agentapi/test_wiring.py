@@ -12,8 +12,9 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
 from plexagent import service
-from plexagent.http import web
-from plexagent.host.docker.pool import DockerFacade, DockerPool
+from plexagent.http import responses
+from plexagent.host.docker.facade import DockerFacade
+from plexagent.host.docker.pool import DockerPool
 from plexagent.testing import docker as td
 
 #: Every route of issue 5, with its methods.
@@ -70,7 +71,7 @@ class Wiring(unittest.TestCase):
     def test_every_docker_route_of_the_seed_is_registered(self) -> None:
         app = self.top.agent.agent_api.app  # type: ignore[attr-defined]
         routes: dict[str, set[str]] = {}
-        for rule, methods in web.iter_routes(app):
+        for rule, methods in responses.iter_routes(app):
             routes.setdefault(rule, set()).update(methods)
         for rule, methods in DOCKER_ROUTES.items():
             self.assertIn(rule, routes)

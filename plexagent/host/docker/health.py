@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.internet import defer, endpoints, protocol
 
-from plexagent.host.docker.pool import container_status
+from plexagent.host.docker.summaries import container_status
 
 _EXIT_MEANINGS = {
     0: "exited normally",
