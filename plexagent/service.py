@@ -202,7 +202,8 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
 
     agent.agent_services["nginx"] = Nginx(config.nginx, programs, systemd, agent.agent_services["dockerpool"])
 
-    from plexagent.host.cron import CronScheduler, DockerCronRunner
+    from plexagent.host.cron import CronScheduler
+    from plexagent.host.docker.cronrunner import DockerCronRunner
 
     runner = DockerCronRunner(agent.agent_services["dockerpool"], reactor, config.cron.poll_interval,
                               config.cron.run_timeout, agent.agent_services["paths"])
@@ -234,7 +235,7 @@ def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service
     """The path policy, chunked-upload store (with its GC) and git cloner of the agent API."""
     from plexagent.host.files.chunks import ChunkGarbageCollector, ChunkStore
     from plexagent.host.gitclone import GitCloner
-    from plexagent.host.files.tarsafe import StagingJournal
+    from plexagent.host.files.staging import StagingJournal
 
     aapi = config.agent_api
     store = ChunkStore(os.path.join(config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age)

@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from plexagent import errors
 from plexagent.host import cron
 from plexagent.host.files.paths import PathPolicy
+from plexagent.host.docker import cronrunner
 
 # 2026-01-01T00:00:30Z
 START = datetime.datetime(2026, 1, 1, 0, 0, 30, tzinfo=datetime.timezone.utc).timestamp()
@@ -339,9 +340,9 @@ class FakePool:
 
     def call(self, fn, *args, **kwargs):
         self.calls.append(fn.__name__)
-        if fn is cron._start_container:
+        if fn is cronrunner._start_container:
             return defer.succeed("container-1")
-        if fn is cron._container_state:
+        if fn is cronrunner._container_state:
             status = self.states.pop(0) if self.states else "running"
             return defer.succeed({"Status": status, "ExitCode": 4})
         return defer.succeed(None)
@@ -354,7 +355,7 @@ class DockerCronRunnerTests(unittest.TestCase):
 
     def test_the_container_is_polled_on_the_clock_and_removed_after_it_exits(self):
         pool = FakePool(["running", "running", "exited"])
-        d = cron.DockerCronRunner(pool, self.clock, poll_interval=2.0, timeout=60).run(self.job)
+        d = cronrunner.DockerCronRunner(pool, self.clock, poll_interval=2.0, timeout=60).run(self.job)
         self.assertNoResult(d)
         self.clock.advance(2)
         self.assertNoResult(d)
@@ -364,7 +365,7 @@ class DockerCronRunnerTests(unittest.TestCase):
 
     def test_a_run_past_its_timeout_fails_and_its_container_is_removed(self):
         pool = FakePool([])
-        d = cron.DockerCronRunner(pool, self.clock, poll_interval=10.0, timeout=30).run(self.job)
+        d = cronrunner.DockerCronRunner(pool, self.clock, poll_interval=10.0, timeout=30).run(self.job)
         self.clock.pump([10, 10, 10])
         failure = self.failureResultOf(d, errors.Unavailable)
         self.assertEqual(failure.value.message, "cron run timed out")
@@ -372,7 +373,7 @@ class DockerCronRunnerTests(unittest.TestCase):
 
     def test_stopping_ends_the_run_without_removing_the_running_container(self):
         pool = FakePool([])
-        runner = cron.DockerCronRunner(pool, self.clock, poll_interval=2.0, timeout=60)
+        runner = cronrunner.DockerCronRunner(pool, self.clock, poll_interval=2.0, timeout=60)
         d = runner.run(self.job)
         runner.stop()
         failure = self.failureResultOf(d, errors.Unavailable)

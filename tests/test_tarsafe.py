@@ -13,7 +13,8 @@ from twisted.trial import unittest
 
 from plexagent import errors
 from plexagent.host.files.paths import PathPolicy
-from plexagent.host.files.tarsafe import Limits, StagingJournal, extract, symlink_target_stays_inside
+from plexagent.host.files.staging import StagingJournal
+from plexagent.host.files.tarsafe import Limits, extract, symlink_target_stays_inside
 
 
 def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", linkname: str = "", mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes]:

@@ -11,6 +11,7 @@ from typing import Any
 from klein import Klein
 
 from plexagent import errors, metrics
+from plexagent.host import metrics as host_metrics
 from plexagent.http import responses
 from plexagent.http.streaming import arg
 
@@ -40,4 +41,4 @@ def register(app: Klein, context: Any) -> None:
             request.setHeader(b"content-type", metrics.PROMETHEUS_CONTENT_TYPE.encode("ascii"))
             request.setHeader(b"content-length", b"%d" % len(body))
             return body
-        return responses.respond(request, await metrics.snapshot(pool, reactor))
+        return responses.respond(request, await host_metrics.snapshot(pool, reactor))

@@ -28,6 +28,7 @@ from plexagent.host.files import chunks, tarsafe
 from plexagent.http import responses
 from plexagent.agentapi.files import path_policy, query_arg, read_json_object
 from plexagent.fileio import storage_error
+from plexagent.host.files.staging import StagingJournal
 from plexagent.http.bodies import (
     ChunkSink,
     MultipartArchive,
@@ -61,7 +62,7 @@ def register(app: Klein, context: Any) -> None:
 
     journal = context.services.get("staging_journal")
     if journal is None:
-        journal = context.services["staging_journal"] = tarsafe.StagingJournal(
+        journal = context.services["staging_journal"] = StagingJournal(
             os.path.join(context.config.node.data_dir, "extracting")
         )
 

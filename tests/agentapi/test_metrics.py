@@ -10,10 +10,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from plexagent import metrics
 from plexagent.testing.docker import AgentClient, base_image, test_client, unique_name
 from plexagent.testing.fixtures import unix_http_client
 from plexagent.testing.ops import start_agent
+from plexagent.host import metrics as host_metrics
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -137,7 +137,7 @@ class ContainerMetricsTests(unittest.TestCase):
             "networks": {"eth0": {"rx_bytes": 10, "tx_bytes": 20}, "eth1": {"rx_bytes": 1, "tx_bytes": 2}},
             "blkio_stats": {"io_service_bytes_recursive": [{"op": "read", "value": 7}, {"op": "write", "value": 9}]},
         }
-        entry = metrics.container_metrics("app", stats)
+        entry = host_metrics.container_metrics("app", stats)
         self.assertEqual(entry["cpu_percent"], 20.0)
         self.assertEqual(entry["memory"], {"usage": 4000, "limit": 10000, "percent": 40.0})
         self.assertEqual(entry["network"], {"rx_bytes": 11, "tx_bytes": 22})

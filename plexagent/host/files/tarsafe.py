@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import secrets
 import shutil
 import stat
 import tarfile
-import threading
 import zlib
 from typing import Any, Callable
 
@@ -51,14 +49,11 @@ import attrs
 from plexagent import errors
 from plexagent.fileio import (
     PATH_MAX,
-    atomic_write,
-    ensure_private_dir,
-    is_set_aside,
     path_error,
-    set_aside,
     write_all,
 )
 from plexagent.host.files.paths import PathPolicy
+from plexagent.host.files.staging import STAGING_PREFIX, StagingJournal
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _COPY_BUFFER = 1 << 20
@@ -68,9 +63,6 @@ MAX_REPORTED = 1000
 #: of a fixed allowance: a huge pax header is a memory bomb of its own.
 _METADATA_PER_MEMBER = 4096
 _METADATA_ALLOWANCE = 16 << 20
-STAGING_PREFIX = ".plexagent-extract-"
-#: the random part of a staging directory's name (and its journal entry's)
-_TOKEN = re.compile(r"[0-9a-f]{16}")
 
 
 @attrs.frozen
@@ -422,88 +414,6 @@ def _remove_tree(parent_fd: int, name: str) -> None:
     try:
         shutil.rmtree(name, dir_fd=parent_fd)
     except FileNotFoundError:
-        pass
-
-
-class StagingJournal:
-    """
-    Remembers (under ``node.data_dir``) where staging directories are, so
-    that those left by a crash or a kill are removed at the next start.
-    """
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self._active: set[str] = set()
-        self._lock = threading.Lock()
-
-    def record(self, token: str, staging_path: str) -> None:
-        with self._lock:
-            self._active.add(token)
-        try:
-            ensure_private_dir(self.directory)
-            atomic_write(os.path.join(self.directory, token), staging_path.encode("utf-8"))
-        except (OSError, errors.PlexError):
-            with self._lock:
-                self._active.discard(token)
-            raise
-
-    def forget(self, token: str) -> None:
-        try:
-            os.unlink(os.path.join(self.directory, token))
-        except OSError:
-            pass
-        with self._lock:
-            self._active.discard(token)
-
-    def recover(self, policy: PathPolicy) -> list[str]:
-        """
-        Remove staging directories of extractions that are not running; their
-        paths. An entry that cannot be used (unreadable, not naming its own
-        staging directory, outside the allowed paths now) is set aside, not
-        deleted: it may be the only record of a directory left behind.
-        """
-        removed: list[str] = []
-        if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
-            set_aside(self.directory, "not a directory")
-            return removed
-        try:
-            tokens = os.listdir(self.directory)
-        except FileNotFoundError:
-            return removed
-        for token in tokens:
-            entry = os.path.join(self.directory, token)
-            if is_set_aside(token):
-                continue
-            if token.startswith("."):
-                # A temporary file of a record() the crash cut short.
-                _unlink(entry)
-                continue
-            with self._lock:
-                if token in self._active:
-                    continue
-            try:
-                with open(entry, "rb") as f:
-                    path = f.read().decode("utf-8")
-                if not _TOKEN.fullmatch(token) or not os.path.isabs(path) \
-                        or os.path.basename(path) != STAGING_PREFIX + token:
-                    raise ValueError("it does not name the staging directory of its extraction")
-                # Through the policy: never anything outside the roots.
-                policy.delete(path, recursive=True)
-                removed.append(path)
-            except errors.NotFound:
-                pass  # already gone
-            except (OSError, ValueError, errors.PlexError) as e:
-                why = e.message + (f": {e.details}" if e.details else "") if isinstance(e, errors.PlexError) else str(e)
-                set_aside(entry, f"unusable extraction journal entry ({why})")
-                continue
-            _unlink(entry)
-        return removed
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
         pass
 
 
