@@ -23,7 +23,7 @@ from plexagent.service import AgentService
 from plexagent.testing import ControlPlaneSimulator
 from plexagent.testing.fixtures import AgentProcess, json_response, unix_http_client
 from tests.test_daemon import DaemonCase
-from tests.test_tarsafe import archive, member
+from tests.host.files.test_tarsafe import archive, member
 
 BASE = "http://localhost"
 STOPPED_ACCEPTING = r"node_api\.socket stopped accepting connections"

@@ -18,7 +18,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
 from tests.agentapi.support import API_KEY, tree
-from tests.test_tarsafe import archive, member
+from tests.host.files.test_tarsafe import archive, member
 
 WORKTREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LISTENING = re.compile(rb"agent_api\.listen listening on .*?port=(\d+)")

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from tests.agentapi.support import RunningAgentAPI
 from tests.test_drills_disk import mount_tmpfs
-from tests.test_paths import make_deep_tree
+from tests.host.files.test_paths import make_deep_tree
 
 
 class FilesTests(unittest.TestCase):
@@ -288,7 +288,7 @@ class TreeDepthTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.agent.root), [])
 
     async def test_tar_members_past_path_max_are_skipped_and_the_rest_is_deleted_again(self) -> None:
-        from tests.test_tarsafe import archive, member
+        from tests.host.files.test_tarsafe import archive, member
 
         # An extract_path close to PATH_MAX, then 128-deep members below it.
         base = self.agent.root + "/" + "/".join(["e" * 200] * ((3600 - len(self.agent.root)) // 201))

@@ -19,7 +19,7 @@ from plexagent.http.bodies import UploadInterrupted
 from plexagent.pipes import PIPE_HIGH_WATER, BodyPipe
 from plexagent.host.files.chunks import ChunkStore
 from tests.agentapi.support import API_KEY, RunningAgentAPI, tree
-from tests.test_tarsafe import archive, member
+from tests.host.files.test_tarsafe import archive, member
 
 SITE = archive(member("index.html", data=b"<h1>hi</h1>"), member("css/site.css", data=b"body{}"))
 

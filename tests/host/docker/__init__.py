@@ -1,0 +1,1 @@
+"""Tests of the Docker package (plexagent.host.docker)."""

@@ -1,0 +1,1 @@
+"""Tests of the host file operations (plexagent.host.files)."""

@@ -1,0 +1,1 @@
+"""Tests of the Local Node API and its stores (plexagent.node)."""
