@@ -1,8 +1,15 @@
+import re
+
 from setuptools import find_packages, setup
+
+# The version lives in one place: plexagent/__init__.py (read as text, so
+# that installing needs none of the package's dependencies).
+with open("plexagent/__init__.py", encoding="utf-8") as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
 
 setup(
     name="plexagent",
-    version="0.1.0",
+    version=VERSION,
     description="Node agent: the Local Node API and the Node Agent API in one Twisted daemon",
     python_requires=">=3.11",
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
@@ -22,7 +29,6 @@ setup(
         "psutil>=5.9",
         "prometheus_client>=0.19",
         "pyyaml>=6.0",
-        "multipart>=1.0",
     ],
     extras_require={
         "test": [
@@ -31,6 +37,7 @@ setup(
             "mypy-zope>=1.0",
             "openapi-spec-validator>=0.7",
             "schemathesis>=4.0",
+            "ruff>=0.6",
         ],
     },
     entry_points={"console_scripts": ["plexagent = plexagent.cli:main"]},

@@ -31,9 +31,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from plexagent.testing.fixtures import AgentSandbox  # noqa: E402
-
 from common import free_port, rss_mib  # noqa: E402
+
+from plexagent.testing.fixtures import AgentSandbox  # noqa: E402
 
 STATE = {
     "metadata": {"node_id": "edge-us-west-42", "region": "us-west-2", "role": "gateway"},

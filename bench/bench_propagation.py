@@ -192,8 +192,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
 
     print()
     print(f"Propagation: node_state_updated published -> readable on the socket ({args.events} events)")
-    print(f"| p50 | p90 | p99 | max |")
-    print(f"|---|---|---|---|")
+    print("| p50 | p90 | p99 | max |")
+    print("|---|---|---|---|")
     print(f"| {percentile(latencies, 50):.2f} ms | {percentile(latencies, 90):.2f} ms | "
           f"{percentile(latencies, 99):.2f} ms | {max(latencies):.2f} ms |")
     print()

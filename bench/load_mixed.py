@@ -25,13 +25,12 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import treq  # noqa: E402
+from common import free_port, percentile, rss_mib  # noqa: E402
 from twisted.internet import defer, reactor, task  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
 from plexagent.testing import ControlPlaneSimulator  # noqa: E402
 from plexagent.testing.fixtures import AgentProcess, AgentSandbox, unix_http_client  # noqa: E402
-
-from common import free_port, percentile, rss_mib  # noqa: E402
 
 BASE_IMAGE = os.environ.get("PLEXAGENT_TEST_BASE_IMAGE", "plexagent-test/busybox:latest")
 

@@ -12,6 +12,7 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
+from plexagent.config import Config, ConfigError, read_key_file
 from plexagent.http import auth, responses
 from plexagent.http.listeners import (
     ListenerService,
@@ -22,9 +23,8 @@ from plexagent.http.listeners import (
     tls_endpoint_description,
 )
 from plexagent.http.site import PlexSite, RequestLog, chain_observers
-from plexagent.config import Config, ConfigError, read_key_file
-from plexagent.node.routes import NodeAPI, SecretReader
 from plexagent.node.reports import ReportStore
+from plexagent.node.routes import NodeAPI, SecretReader
 from plexagent.node.secrets import SecretBox, parse_node_secret_key
 from plexagent.node.state import StateCache
 
@@ -82,7 +82,7 @@ class _Stores(service.Service):
             self.cache.load()
             self.reports.load()
         except OSError as e:
-            raise StartupError(f"plexagent: node.data_dir: {e.filename}: {e.strerror}")
+            raise StartupError(f"plexagent: node.data_dir: {e.filename}: {e.strerror}") from None
 
     def stopService(self) -> Any:
         super().stopService()
@@ -234,8 +234,8 @@ def observe_listeners(top: service.MultiService, agent: Agent) -> None:
 def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service.MultiService) -> None:
     """The path policy, chunked-upload store (with its GC) and git cloner of the agent API."""
     from plexagent.host.files.chunks import ChunkGarbageCollector, ChunkStore
-    from plexagent.host.gitclone import GitCloner
     from plexagent.host.files.staging import StagingJournal
+    from plexagent.host.gitclone import GitCloner
 
     aapi = config.agent_api
     store = ChunkStore(os.path.join(config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age)

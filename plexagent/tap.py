@@ -21,9 +21,8 @@ class Options(usage.Options):
 
     def opt_version(self) -> None:
         """Display plexagent's version (and the Twisted it runs on) and exit."""
-        from twisted import copyright
-
         from plexagent import __version__
+        from twisted import copyright
 
         print(f"plexagent {__version__} (Twisted {copyright.version})")
         sys.exit(0)

@@ -31,8 +31,9 @@ class VersionAndCheckConfigTests(unittest.TestCase):
         self.assertEqual(run(["version"]), (0, f"plexagent {__version__}\n", ""))
 
     async def test_twistd_plexagent_version_is_plexagents(self) -> None:
-        from twisted import copyright
         from twisted.internet import utils
+
+        from twisted import copyright
 
         out, err, code = await utils.getProcessOutputAndValue(
             sys.executable, ["-c", "from twisted.scripts.twistd import run; run()", "plexagent", "--version"],

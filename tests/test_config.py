@@ -44,7 +44,7 @@ class DefaultsTests(unittest.TestCase):
 
     def test_config_is_immutable(self) -> None:
         c = parse_config({})
-        with self.assertRaises(Exception):
+        with self.assertRaises(Exception):  # noqa: B017 - attrs raises its own FrozenInstanceError
             c.node.data_dir = "/x"  # type: ignore[misc]
 
 
@@ -55,7 +55,10 @@ class ErrorTests(unittest.TestCase):
         self.assertEqual(str(caught.exception), message)
 
     def test_unknown_section(self) -> None:
-        self.assertConfigError({"nodes": {}}, "nodes: unknown section (known: node, control_plane, node_api, agent_api, docker, nginx, system, cron)")
+        self.assertConfigError(
+            {"nodes": {}},
+            "nodes: unknown section (known: node, control_plane, node_api, agent_api, docker, nginx, system, cron)",
+        )
 
     def test_unknown_key(self) -> None:
         self.assertConfigError({"node": {"idd": "x"}}, "node.idd: unknown key")

@@ -10,9 +10,9 @@ import socket
 from twisted.internet import reactor, task, threads
 from twisted.trial import unittest
 
+from plexagent.http.site import PlexChannel
 from plexagent.service import makeService
 from plexagent.testing.fixtures import AgentSandbox, json_response, unix_http_client
-from plexagent.http.site import PlexChannel
 
 BASE = "http://localhost"
 

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.logger import LogLevel, Logger
+from twisted.logger import Logger, LogLevel
 from twisted.trial import unittest
 
 from plexagent.logs import JSONLineObserver, OneLineFailures, describe
@@ -40,7 +40,7 @@ class JSONLineObserverTests(unittest.TestCase):
     def test_failures_carry_their_traceback(self) -> None:
         out = io.StringIO()
         try:
-            1 / 0
+            1 / 0  # noqa: B018 - a real exception to log
         except ZeroDivisionError:
             Logger(observer=JSONLineObserver(out)).failure("boom")
         record = json.loads(out.getvalue())
@@ -118,7 +118,7 @@ class OneLineFailuresTests(unittest.TestCase):
     def test_a_debug_failure_keeps_its_traceback(self) -> None:
         def emit(log: Logger) -> None:
             try:
-                1 / 0
+                1 / 0  # noqa: B018 - a real exception to log
             except ZeroDivisionError:
                 log.failure("detail", level=LogLevel.debug)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from plexagent import errors
 from plexagent.config import ConfigError, parse_config
-from plexagent.node.routes import parse_if_match, parse_report_body
 from plexagent.node.reports import MAX_KEY_LENGTH, validate_key
+from plexagent.node.routes import parse_if_match, parse_report_body
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -13,15 +13,16 @@ import os
 import tarfile
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import task
 from twisted.trial import unittest
 
 from plexagent import errors
+from plexagent.controlplane.events import EnvelopeVerifier, RejectedEnvelope, sign_envelope
 from plexagent.host import cron, firewall
 from plexagent.host.docker import specs
 from plexagent.host.files import tarsafe
-from plexagent.controlplane.events import EnvelopeVerifier, RejectedEnvelope, sign_envelope
 from plexagent.host.files.paths import PathPolicy
 
 json_values = st.recursive(

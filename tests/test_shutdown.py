@@ -22,8 +22,8 @@ from plexagent.http.listeners import ListenerService
 from plexagent.service import AgentService
 from plexagent.testing import ControlPlaneSimulator
 from plexagent.testing.fixtures import AgentProcess, json_response, unix_http_client
-from tests.test_daemon import DaemonCase
 from tests.host.files.test_tarsafe import archive, member
+from tests.test_daemon import DaemonCase
 
 BASE = "http://localhost"
 STOPPED_ACCEPTING = r"node_api\.socket stopped accepting connections"
@@ -262,8 +262,8 @@ class StoresStopTests(unittest.TestCase):
 
     def setUp(self) -> None:
         from plexagent.node.reports import ReportStore
-        from plexagent.service import _Stores
         from plexagent.node.state import StateCache
+        from plexagent.service import _Stores
 
         #: the writes "in a thread": each finishes when the test fires it
         self.writes: list[defer.Deferred[None]] = []

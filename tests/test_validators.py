@@ -14,14 +14,14 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from plexagent import errors
+from plexagent.agentapi.files import parse_mode
+from plexagent.config import ConfigError, parse_config
 from plexagent.host import cron, firewall, gitclone, networks, services
 from plexagent.host.docker import specs
 from plexagent.host.files import chunks
-from plexagent.agentapi.files import parse_mode
-from plexagent.config import ConfigError, parse_config
-from plexagent.node.routes import parse_if_match
 from plexagent.host.files.paths import PathPolicy
 from plexagent.http.listeners import endpoint_description
+from plexagent.node.routes import parse_if_match
 from plexagent.strictparse import parse_int
 
 

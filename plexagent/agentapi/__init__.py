@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 import attrs
 
+from plexagent.config import Config
 from plexagent.http import auth, responses
 from plexagent.http.site import PlexSite, UnreadBody
-from plexagent.config import Config
 
 #: Route modules, in the seed's order. Each has ``register(app, context)``.
 ROUTE_MODULES: list[str] = [

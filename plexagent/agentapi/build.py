@@ -13,11 +13,11 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from plexagent import errors
-from plexagent.http import responses
 from plexagent.agentapi.images import register_load
-from plexagent.http.streaming import NDJSON, arg, json_object, ndjson, stream_response
 from plexagent.host.docker.specs import optional_str, parse_bool_arg, require_str
 from plexagent.host.files.paths import PathPolicy
+from plexagent.http import responses
+from plexagent.http.streaming import NDJSON, arg, json_object, ndjson, stream_response
 
 #: A Dockerfile larger than this is not one we should echo back.
 MAX_DOCKERFILE_BYTES = 1024 * 1024
@@ -34,7 +34,10 @@ def generate_dockerfile(names: set[str]) -> tuple[str, str]:
             f"RUN {install}\nCOPY . .\nEXPOSE 3000\nCMD [\"npm\", \"start\"]\n"
         )
     if "requirements.txt" in names or "pyproject.toml" in names:
-        install = "pip install --no-cache-dir -r requirements.txt" if "requirements.txt" in names else "pip install --no-cache-dir ."
+        install = (
+            "pip install --no-cache-dir -r requirements.txt" if "requirements.txt" in names
+            else "pip install --no-cache-dir ."
+        )
         entry = "app.py" if "app.py" in names else "main.py"
         return "python", (
             "FROM python:3.12-slim\nWORKDIR /app\nCOPY . .\n"

@@ -12,11 +12,11 @@ from twisted.internet import defer
 from twisted.web.iweb import IRequest
 
 from plexagent import __version__, errors
-from plexagent.http import responses
-from plexagent.http.streaming import arg, json_object, stream_response
 from plexagent.host.docker.health import assess
 from plexagent.host.docker.specs import parse_bool_arg, parse_command, parse_int_arg, parse_run
 from plexagent.host.files.paths import PathPolicy
+from plexagent.http import responses
+from plexagent.http.streaming import arg, json_object, stream_response
 
 #: The logs a client gets when it does not say ``tail``.
 DEFAULT_TAIL = 100

@@ -9,8 +9,8 @@ from twisted.web.iweb import IRequest
 
 from plexagent import errors
 from plexagent.host import cron
-from plexagent.http import responses
 from plexagent.host.files.paths import PathPolicy
+from plexagent.http import responses
 
 
 def register(app: Klein, context: Any) -> None:

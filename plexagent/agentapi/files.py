@@ -18,8 +18,8 @@ from klein import Klein
 from twisted.internet import threads
 
 from plexagent import errors
-from plexagent.http import responses
 from plexagent.host.files.paths import PathPolicy
+from plexagent.http import responses
 
 _OCTAL = re.compile("[0-7]{1,4}")
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from klein import Klein
 
-from plexagent.http import responses
 from plexagent.agentapi.files import path_policy, read_json_object
 from plexagent.host.gitclone import GitCloner, parse_clone_request
+from plexagent.http import responses
 
 
 def register(app: Klein, context: Any) -> None:

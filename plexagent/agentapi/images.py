@@ -10,10 +10,10 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from plexagent import errors
+from plexagent.host.docker.specs import optional_str, parse_bool_arg, require_str, split_image
 from plexagent.http import responses
 from plexagent.http.bodies import ImageTarSink
 from plexagent.http.streaming import NDJSON, arg, json_object, ndjson, stream_response
-from plexagent.host.docker.specs import optional_str, parse_bool_arg, require_str, split_image
 
 #: Registry names meaning Docker Hub: an image there needs no prefix.
 DOCKER_HUB = ("", "docker.io", "index.docker.io", "registry-1.docker.io", "https://index.docker.io/v1/")

@@ -24,11 +24,11 @@ from twisted.internet import threads
 from twisted.logger import Logger
 
 from plexagent import errors
-from plexagent.host.files import chunks, tarsafe
-from plexagent.http import responses
 from plexagent.agentapi.files import path_policy, query_arg, read_json_object
 from plexagent.fileio import storage_error
+from plexagent.host.files import chunks, tarsafe
 from plexagent.host.files.staging import StagingJournal
+from plexagent.http import responses
 from plexagent.http.bodies import (
     ChunkSink,
     MultipartArchive,

@@ -16,13 +16,18 @@ from urllib.parse import quote
 import treq
 from OpenSSL import SSL
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
-from twisted.web.client import _HTTP11ClientFactory  # no public way to quiet the pool's factories
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseFailed,
+    _HTTP11ClientFactory,  # no public way to quiet the pool's factories
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer

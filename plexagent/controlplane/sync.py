@@ -33,7 +33,14 @@ from plexagent.controlplane.events import (
 )
 from plexagent.logs import describe
 from plexagent.node.reports import rfc3339
-from plexagent.node.state import InvalidState, NodeState, StateCache, parse_data_entries, parse_metadata, parse_secret_refs
+from plexagent.node.state import (
+    InvalidState,
+    NodeState,
+    StateCache,
+    parse_data_entries,
+    parse_metadata,
+    parse_secret_refs,
+)
 
 log = Logger()
 

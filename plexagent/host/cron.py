@@ -36,8 +36,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from plexagent import errors
-from plexagent.host.docker.specs import parse_command, parse_environment, parse_volumes
 from plexagent.fileio import Unencodable, atomic_write, encode_json, ensure_private_dir, set_aside, set_aside_records
+from plexagent.host.docker.specs import parse_command, parse_environment, parse_volumes
 from plexagent.host.files.paths import PathPolicy
 
 log = Logger()

@@ -35,8 +35,8 @@ import attrs
 from twisted.internet import threads
 
 from plexagent import errors
-from plexagent.host import gitsource, processes
 from plexagent.fileio import ensure_private_dir, path_error, storage_error
+from plexagent.host import gitsource, processes
 from plexagent.host.files.paths import PathPolicy, remove_tree
 from plexagent.host.files.tarsafe import chmod_directory_at
 
@@ -372,7 +372,7 @@ class GitCloner:
             if result.exit_code != 0:
                 text = scrub(result.stderr.decode("utf-8", "replace").replace(origin, req.url), hidden)
                 # git's own words, minus the progress line naming our staging directory.
-                message = "\n".join(l for l in text.splitlines() if not l.startswith("Cloning into")).strip()
+                message = "\n".join(line for line in text.splitlines() if not line.startswith("Cloning into")).strip()
                 raise errors.UpstreamFailed("git clone failed", message[-4000:] or f"git exited with {result.exit_code}")
             repo = os.path.join(staging, "repo")
             await self._in_thread(check_standalone_clone, repo)

@@ -36,8 +36,8 @@ import time
 from urllib.parse import unquote
 
 from plexagent import errors
-from plexagent.host import processes
 from plexagent.fileio import path_error, write_all
+from plexagent.host import processes
 from plexagent.host.files.paths import PathPolicy
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

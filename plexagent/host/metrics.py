@@ -104,7 +104,7 @@ async def snapshot(pool: Any, clock: Any, disk_path: str = "/") -> dict[str, Any
     results = await defer.DeferredList(
         [pool.call(_stats, cid) for cid, _ in running], consumeErrors=True
     )
-    for (cid, name), (ok, value) in zip(running, results):
+    for (_, name), (ok, value) in zip(running, results, strict=True):
         if ok:
             document["containers"][name] = container_metrics(name, value)
         # A container that stopped meanwhile has no stats: leave it out.

@@ -77,7 +77,9 @@ def parse_create(body: Any) -> NetworkSpec:
             raise errors.InvalidInput("invalid ipam_config", f"unknown field ipam_config.{sorted(unknown)[0]}")
         if ipam.get("subnet") is None:
             if ipam.get("gateway") is not None or ipam.get("ip_range", ipam.get("iprange")) is not None:
-                raise errors.InvalidInput("invalid ipam_config.subnet", "ipam_config.subnet is required with a gateway or ip_range")
+                raise errors.InvalidInput(
+                    "invalid ipam_config.subnet", "ipam_config.subnet is required with a gateway or ip_range"
+                )
         else:
             net = _network(ipam["subnet"], "ipam_config.subnet")
             subnet = str(net)

@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from plexagent import errors
-from plexagent.host import processes
 from plexagent.config import NginxConfig
+from plexagent.host import processes
 from plexagent.host.programs import Programs
 from plexagent.host.systemd import Systemd
 

@@ -1,1 +1,4 @@
-"""Shared HTTP plumbing: the site and channel, listener policies, JSON bodies and limits, streamed bodies, OpenAPI documents. Imports no domain module."""
+"""
+Shared HTTP plumbing: the site and channel, listener policies, JSON bodies
+and limits, streamed bodies, OpenAPI documents. Imports no domain module.
+"""

@@ -87,7 +87,9 @@ class MultipartArchive:
                 # Other files are ignored; ordinary fields are kept, bounded.
                 value += event
                 if len(value) > MAX_FORM_FIELD:
-                    raise errors.TooLarge("form field too large", f"fields other than {self._field} are limited to {MAX_FORM_FIELD} bytes")
+                    raise errors.TooLarge(
+                        "form field too large", f"fields other than {self._field} are limited to {MAX_FORM_FIELD} bytes"
+                    )
         raise errors.InvalidInput(f"{self._field} is required", f"send the archive as the multipart file field {self._field}")
 
     def read(self, n: int = -1) -> bytes:

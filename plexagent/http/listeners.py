@@ -16,14 +16,13 @@ import stat
 from typing import Any, Callable
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
-from twisted.internet import tcp, unix
+from twisted.internet import defer, endpoints, tcp, unix
 from twisted.internet.error import AlreadyListened, CannotListenError, ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from plexagent.http.site import PlexSite
 from plexagent.config import ConfigError
+from plexagent.http.site import PlexSite
 
 log = Logger()
 
@@ -203,7 +202,7 @@ def prepare_socket_path(path: str, check_only: bool = False) -> list[str]:
         os.makedirs(directory, mode=0o755, exist_ok=True)
     except OSError as e:
         _remove_dirs([d for d in missing if os.path.isdir(d)])
-        raise StartupError(f"plexagent: node_api.socket: cannot create {directory}: {e.strerror}")
+        raise StartupError(f"plexagent: node_api.socket: cannot create {directory}: {e.strerror}") from None
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -219,7 +218,7 @@ def prepare_socket_path(path: str, check_only: bool = False) -> list[str]:
             if not check_only:
                 os.unlink(path)
             return missing
-        raise StartupError(f"plexagent: node_api.socket: {path}: {e.strerror}")
+        raise StartupError(f"plexagent: node_api.socket: {path}: {e.strerror}") from None
     else:
         raise StartupError(f"plexagent: node_api.socket: another process is listening on {path}")
     finally:

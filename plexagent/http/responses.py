@@ -12,7 +12,8 @@ from typing import Any, Iterable
 from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
+from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import PathConverter, RequestRedirect
 
 from plexagent import errors, strictparse

@@ -21,7 +21,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
-
 from plexagent.http.responses import JSON_CONTENT_TYPE, encode_json, error_document
 
 log = Logger()

@@ -23,7 +23,8 @@ import uuid
 from typing import Any, cast
 
 import docker
-from twisted.internet import defer, endpoints, protocol, reactor as default_reactor
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet import reactor as default_reactor
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 

@@ -14,7 +14,8 @@ import tempfile
 from typing import Any
 
 import treq
-from twisted.internet import defer, endpoints, protocol, reactor as default_reactor, task
+from twisted.internet import defer, endpoints, protocol, task
+from twisted.internet import reactor as default_reactor
 from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -204,7 +205,8 @@ class AgentProcess:
 
     def start(self) -> None:
         self.watcher = _ProcessWatcher()
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "plexagent", "--config", self.config_path]
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                "-n", "--pidfile=", "plexagent", "--config", self.config_path]
         self.transport = self.reactor.spawnProcess(self.watcher, argv[0], argv, env=self.env)
 
     @property

@@ -10,7 +10,8 @@ import json
 from typing import Any
 
 import attrs
-from twisted.internet import defer, protocol, reactor as default_reactor
+from twisted.internet import defer, protocol
+from twisted.internet import reactor as default_reactor
 from twisted.internet.endpoints import connectProtocol
 from twisted.python.failure import Failure
 

@@ -10,9 +10,9 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from plexagent.http import auth
 from plexagent.agentapi import AgentAPI, AgentContext
 from plexagent.config import AgentAPIConfig, Config, NodeConfig
+from plexagent.http import auth
 
 API_KEY = "test-api-key-0123456789"
 FILE_ROUTE_MODULES = ["plexagent.agentapi.files", "plexagent.agentapi.uploads", "plexagent.agentapi.git"]

@@ -17,10 +17,10 @@ from typing import Any
 
 import treq
 from twisted.internet import defer, endpoints, reactor
+from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
-from twisted.trial import unittest
 
 from plexagent.testing import docker as td
 

@@ -11,8 +11,8 @@ from typing import Any
 from twisted.trial import unittest
 
 from tests.agentapi.support import RunningAgentAPI
-from tests.test_drills_disk import mount_tmpfs
 from tests.host.files.test_paths import make_deep_tree
+from tests.test_drills_disk import mount_tmpfs
 
 
 class FilesTests(unittest.TestCase):
@@ -78,7 +78,9 @@ class FilesTests(unittest.TestCase):
 
     async def test_write_base64_content(self) -> None:
         content = base64.b64encode(b"\x00\x01").decode()
-        code, _ = await self.agent.post_json("/files/write", {"path": self.agent.p("b"), "content": content, "encoding": "base64"})
+        code, _ = await self.agent.post_json(
+            "/files/write", {"path": self.agent.p("b"), "content": content, "encoding": "base64"}
+        )
         self.assertEqual(code, 200)
         with open(self.agent.p("b"), "rb") as f:
             self.assertEqual(f.read(), b"\x00\x01")

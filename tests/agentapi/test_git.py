@@ -64,7 +64,7 @@ class GitBackend(twcgi.CGIScript):
         super().__init__(os.path.join(exec_path, "git-http-backend"))
         self.project_root = project_root
 
-    def runProcess(self, env, request, qargs=[]):
+    def runProcess(self, env, request, qargs=[]):  # noqa: B006 - CGIScript.runProcess's own signature
         env["GIT_PROJECT_ROOT"] = self.project_root
         env["GIT_HTTP_EXPORT_ALL"] = "1"
         return super().runProcess(env, request, qargs)
@@ -167,8 +167,8 @@ class FileCloneTests(CloneCase):
 
 class StagingTests(unittest.TestCase):
     def test_staging_older_than_twice_the_timeout_is_removed(self) -> None:
-        from plexagent.host.gitclone import GitCloner
         from plexagent.host.files.paths import PathPolicy
+        from plexagent.host.gitclone import GitCloner
 
         work = os.path.realpath(self.mktemp())
         for name, age in (("old", 700), ("running", 100)):
@@ -187,7 +187,10 @@ class HTTPCloneTests(CloneCase):
         self.addCleanup(self.port.stopListening)
         self.url = f"http://127.0.0.1:{self.port.getHost().port}/repo"
         self.logged: list[str] = []
-        observer = lambda event: self.logged.append(repr(event) + (formatEvent(event) or ""))
+
+        def observer(event: dict) -> None:
+            self.logged.append(repr(event) + (formatEvent(event) or ""))
+
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
 

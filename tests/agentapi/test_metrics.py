@@ -10,10 +10,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from plexagent.host import metrics as host_metrics
 from plexagent.testing.docker import AgentClient, base_image, test_client, unique_name
 from plexagent.testing.fixtures import unix_http_client
 from plexagent.testing.ops import start_agent
-from plexagent.host import metrics as host_metrics
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from twisted.internet import defer
 from twisted.trial import unittest
 

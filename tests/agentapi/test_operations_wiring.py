@@ -7,15 +7,15 @@ import os
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from plexagent.http import site
 from plexagent.config import AgentAPIConfig, Config, NodeAPIConfig, NodeConfig, SystemConfig
 from plexagent.host.cron import CronScheduler
 from plexagent.host.firewall import Firewall
-from plexagent.metrics import AgentMetrics
 from plexagent.host.nginx import Nginx
-from plexagent.http.listeners import ListenerService
-from plexagent.service import makeService
 from plexagent.host.services import ServiceControl
+from plexagent.http import site
+from plexagent.http.listeners import ListenerService
+from plexagent.metrics import AgentMetrics
+from plexagent.service import makeService
 from tests.agentapi.support import WiringDirectory
 
 

@@ -13,11 +13,11 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from plexagent.host.files import tarsafe
 from plexagent.agentapi.uploads import MAX_CONCURRENT_EXTRACTIONS
+from plexagent.host.files import tarsafe
+from plexagent.host.files.chunks import ChunkStore
 from plexagent.http.bodies import UploadInterrupted
 from plexagent.pipes import PIPE_HIGH_WATER, BodyPipe
-from plexagent.host.files.chunks import ChunkStore
 from tests.agentapi.support import API_KEY, RunningAgentAPI, tree
 from tests.host.files.test_tarsafe import archive, member
 

@@ -12,9 +12,9 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
 from plexagent import service
-from plexagent.http import responses
 from plexagent.host.docker.facade import DockerFacade
 from plexagent.host.docker.pool import DockerPool
+from plexagent.http import responses
 from plexagent.testing import docker as td
 
 #: Every route of issue 5, with its methods.

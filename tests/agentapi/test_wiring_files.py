@@ -7,10 +7,10 @@ import os
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from plexagent.host.files.chunks import ChunkGarbageCollector, ChunkStore
 from plexagent.config import AgentAPIConfig, Config, NodeAPIConfig, NodeConfig
-from plexagent.host.gitclone import GitCloner
+from plexagent.host.files.chunks import ChunkGarbageCollector, ChunkStore
 from plexagent.host.files.paths import PathPolicy
+from plexagent.host.gitclone import GitCloner
 from plexagent.service import makeService
 from tests.agentapi.support import WiringDirectory
 

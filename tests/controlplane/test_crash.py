@@ -15,7 +15,6 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.python import procutils
 
 from plexagent.testing.simulator import ControlPlaneSimulator
-
 from tests.controlplane.harness import AgentTestCase, SocketClient, agent_config_document, eventually, short_socket_dir
 
 WORKTREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -11,7 +11,6 @@ from typing import Any
 from twisted.internet import reactor
 
 from plexagent.testing.simulator import ControlPlaneSimulator
-
 from tests.controlplane.harness import AgentTestCase, eventually
 
 

@@ -12,7 +12,6 @@ from twisted.trial import unittest
 from plexagent.controlplane.outbox import ReportOutbox
 from plexagent.controlplane.sync import Backoff
 from plexagent.node.reports import ReportStore
-
 from tests.controlplane.fakes import FakeClient, sync_thread, unavailable
 
 

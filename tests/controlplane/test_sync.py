@@ -12,7 +12,6 @@ from twisted.trial import unittest
 from plexagent.controlplane.events import EnvelopeVerifier
 from plexagent.controlplane.sync import Backoff, EventStream, Heartbeat, StateSync
 from plexagent.node.state import StateCache
-
 from tests.controlplane.fakes import FakeClient, FakeStreamResponse, sync_thread, unavailable
 
 STATE = {

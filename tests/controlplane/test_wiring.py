@@ -12,7 +12,6 @@ from twisted.trial import unittest
 from plexagent.config import ConfigError, parse_config
 from plexagent.service import makeService
 from plexagent.testing.simulator import ControlPlaneSimulator
-
 from tests.controlplane.harness import agent_config_document
 
 

@@ -14,8 +14,8 @@ from twisted.trial import unittest
 
 from plexagent import errors
 from plexagent.host import cron
-from plexagent.host.files.paths import PathPolicy
 from plexagent.host.docker import cronrunner
+from plexagent.host.files.paths import PathPolicy
 
 # 2026-01-01T00:00:30Z
 START = datetime.datetime(2026, 1, 1, 0, 0, 30, tzinfo=datetime.timezone.utc).timestamp()

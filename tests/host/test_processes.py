@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import psutil
-
 from twisted.trial import unittest
 
 from plexagent import errors

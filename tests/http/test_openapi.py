@@ -10,11 +10,11 @@ from openapi_spec_validator import validate
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from plexagent.http import auth
 from plexagent.agentapi import AgentAPI, AgentContext
 from plexagent.config import AgentAPIConfig, Config, NodeConfig
-from plexagent.node.routes import NodeAPI
+from plexagent.http import auth
 from plexagent.http.openapi import document, documented_routes, served_routes
+from plexagent.node.routes import NodeAPI
 from tests.agentapi.support import API_KEY
 
 

@@ -9,10 +9,9 @@ from typing import Any, Callable, Iterable
 
 from twisted.logger import Logger
 
-
 from plexagent.host.docker.images import raise_on_error_line
-from plexagent.host.docker.pool import Stream
-from plexagent.host.docker.pool import DockerPool
+from plexagent.host.docker.pool import DockerPool, Stream
+
 log = Logger()
 
 

@@ -14,11 +14,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from plexagent.host.docker.binds import start_checked
+from plexagent.host.docker.pool import DockerPool, Stream
+from plexagent.host.docker.summaries import container_status, container_summary
 from plexagent.host.files.paths import PathPolicy
 
-from plexagent.host.docker.pool import Stream
-from plexagent.host.docker.summaries import container_status, container_summary
-from plexagent.host.docker.pool import DockerPool
 if TYPE_CHECKING:
     from plexagent.host.docker.watch import ContainerListCache
 log = Logger()

@@ -13,9 +13,9 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from plexagent import errors
+from plexagent.host.cron import CronJob
 from plexagent.host.docker.binds import BIND_LABEL, bind_label, start_checked
 from plexagent.host.files.paths import PathPolicy
-from plexagent.host.cron import CronJob
 
 log = Logger()
 

@@ -5,10 +5,7 @@ one part for what each serves (containers, images, builds, loads).
 
 from __future__ import annotations
 
-
 from twisted.logger import Logger
-
-from plexagent.host.files.paths import PathPolicy
 
 from plexagent.host.docker.builds import BuildOperations
 from plexagent.host.docker.containers import ContainerOperations
@@ -16,6 +13,8 @@ from plexagent.host.docker.images import ImageOperations
 from plexagent.host.docker.loads import LoadOperations
 from plexagent.host.docker.pool import DockerPool
 from plexagent.host.docker.watch import ContainerListCache
+from plexagent.host.files.paths import PathPolicy
+
 log = Logger()
 
 

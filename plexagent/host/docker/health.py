@@ -108,7 +108,7 @@ async def assess(reactor: Any, info: dict[str, Any], now: datetime.datetime | No
             checks += [probe_tcp(reactor, address, int(cport.split("/")[0])) for cport, _, _ in published]
         results = await defer.gatherResults(checks) if checks else []
         inner = results[len(published):] if address is not None else [None] * len(published)
-        for (container_port, host, port), reachable, listening in zip(published, results, inner):
+        for (container_port, host, port), reachable, listening in zip(published, results, inner, strict=False):
             ports.append({
                 "container_port": container_port,
                 "host": host,

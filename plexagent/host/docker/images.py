@@ -13,11 +13,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from plexagent import errors
-
 from plexagent.host.docker.errors import engine_error, explain, scrub, stream_error
-from plexagent.host.docker.pool import Stream
+from plexagent.host.docker.pool import DockerPool, Stream
 from plexagent.host.docker.summaries import image_summary
-from plexagent.host.docker.pool import DockerPool
+
 log = Logger()
 
 

@@ -13,11 +13,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from plexagent import errors
-
 from plexagent.host.docker.errors import explain
+from plexagent.host.docker.pool import DockerPool
 from plexagent.host.docker.summaries import stream_errors
 from plexagent.pipes import TarFeed
-from plexagent.host.docker.pool import DockerPool
+
 log = Logger()
 
 

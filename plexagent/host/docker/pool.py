@@ -19,15 +19,15 @@ import docker
 import docker.errors
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-
 from plexagent.host.docker.errors import is_unavailable, translate
+
 log = Logger()
 
 

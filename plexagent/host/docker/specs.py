@@ -258,7 +258,9 @@ def parse_volumes(value: Any, policy: PathPolicy) -> dict[str, dict[str, str]]:
         if is_path:
             source = policy.resolve(source, field)
         elif not _VOLUME_NAME.fullmatch(source):
-            raise errors.InvalidInput("invalid volumes", f"{field}: {source!r} is neither an absolute host path nor a volume name")
+            raise errors.InvalidInput(
+                "invalid volumes", f"{field}: {source!r} is neither an absolute host path nor a volume name"
+            )
         result[source] = {"bind": bind, "mode": volume_mode(mode, field, is_path)}
     return result
 

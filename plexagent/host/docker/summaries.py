@@ -10,7 +10,6 @@ from typing import Any, Iterable
 
 from twisted.logger import Logger
 
-
 log = Logger()
 
 

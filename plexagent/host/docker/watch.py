@@ -10,8 +10,8 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
-
 from plexagent.host.docker.pool import DockerPool, Stream
+
 log = Logger()
 
 

@@ -11,7 +11,6 @@ import os
 import re
 import threading
 
-
 from plexagent import errors
 from plexagent.fileio import (
     atomic_write,

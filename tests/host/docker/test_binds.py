@@ -15,7 +15,16 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from plexagent import errors
-from plexagent.host.docker.binds import BIND_LABEL, BindGuard, bind_label, check, contain, contain_all, problem, start_checked
+from plexagent.host.docker.binds import (
+    BIND_LABEL,
+    BindGuard,
+    bind_label,
+    check,
+    contain,
+    contain_all,
+    problem,
+    start_checked,
+)
 from plexagent.host.files.paths import PathPolicy
 
 

@@ -11,15 +11,16 @@ import json
 
 import docker.errors
 import requests
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from plexagent import errors
-from plexagent.http.bodies import Base64Field
 from plexagent.host.docker.errors import translate
 from plexagent.host.docker.pool import DockerPool
 from plexagent.host.docker.watch import ContainerListCache
+from plexagent.http.bodies import Base64Field
 from plexagent.pipes import TarFeed
 
 

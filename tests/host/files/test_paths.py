@@ -358,7 +358,8 @@ class ResolveProperty(unittest.TestCase):
     """Whatever the mix of names, dots and symlinks, a resolved path is inside a root."""
 
     def test_resolved_paths_are_always_inside_the_root(self) -> None:
-        from hypothesis import given, settings, strategies as st
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
 
         base = os.path.realpath(self.mktemp())
         root = os.path.join(base, "app")

@@ -17,7 +17,9 @@ from plexagent.host.files.staging import StagingJournal
 from plexagent.host.files.tarsafe import Limits, extract, symlink_target_stays_inside
 
 
-def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", linkname: str = "", mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes]:
+def member(
+    name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", linkname: str = "", mode: int = 0o644
+) -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = mode
