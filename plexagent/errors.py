@@ -1,7 +1,7 @@
 """
 The project's own error types.
 
-Domain modules raise these and know nothing of HTTP; ``plexagent.web`` maps
+Domain modules raise these and know nothing of HTTP; ``plexagent.http.responses`` maps
 each type to one status code. ``message`` is what the client sees as
 ``error``; ``details`` is optional extra context. Neither may ever contain a
 secret value, a token or a credential.

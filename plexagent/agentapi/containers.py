@@ -1,6 +1,6 @@
 """
 Health & Monitoring (``/ping``) and Container Management (``/containers``)
-of the Node Agent API: thin routes over ``dockerpool.DockerFacade``.
+of the Node Agent API: thin routes over ``host.docker.facade.DockerFacade``.
 """
 
 from __future__ import annotations

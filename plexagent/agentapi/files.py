@@ -1,6 +1,6 @@
 """
 File Operations (seed: /files/write, /files/read, /files/exists,
-/files/mkdir, /files/delete): thin routes over ``plexagent.paths``.
+/files/mkdir, /files/delete): thin routes over ``plexagent.host.files.paths``.
 
 Every path goes through the one ``PathPolicy``; the file work runs in a
 thread so the reactor never waits on a disk.

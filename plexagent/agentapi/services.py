@@ -1,6 +1,6 @@
 """
 Service Control of the Node Agent API (``/services/<n>/status|restart``):
-thin routes over ``servicecontrol.ServiceControl``.
+thin routes over ``host.services.ServiceControl``.
 """
 
 from __future__ import annotations

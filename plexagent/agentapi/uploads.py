@@ -4,10 +4,10 @@ File Upload (seed: /upload/tar, /upload/tar/stream, /upload/tar/chunked).
 Request bodies never sit in memory. ``/upload/tar/stream`` and the multipart
 form of ``/upload/tar`` are claimed with ``context.stream_body``: as the body
 arrives it goes through a bounded pipe into a worker thread that extracts it
-(``plexagent.tarsafe``) at the same time; when the pipe is full the
+(``plexagent.host.files.tarsafe``) at the same time; when the pipe is full the
 connection stops being read, so a fast client cannot outrun the disk. Chunks
 of ``/upload/tar/chunked`` are spooled straight into their upload directory
-(``plexagent.chunks``). Only the legacy JSON form (base64 ``data``) is read
+(``plexagent.host.files.chunks``). Only the legacy JSON form (base64 ``data``) is read
 whole, bounded by ``agent_api.max_json_bytes``.
 """
 

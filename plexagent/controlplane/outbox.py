@@ -2,7 +2,7 @@
 The report outbox: sends every acknowledged report change to the control
 plane, at least once.
 
-The report log (``plexagent.reports``) is the durable outbox: every change is
+The report log (``plexagent.node.reports``) is the durable outbox: every change is
 on disk, with a sequence number, before its client is answered. This service
 only keeps one number durable besides it, the last sequence number the
 control plane acknowledged (``<data_dir>/outbox.json``, replaced atomically),

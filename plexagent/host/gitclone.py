@@ -3,14 +3,14 @@
 touch argv, the URL, a log line, an error message or the clone's
 ``.git/config``.
 
-The real ``git`` runs through ``plexagent.processes`` (never blocking the
+The real ``git`` runs through ``plexagent.host.processes`` (never blocking the
 reactor, killed past its timeout) in a private staging directory under
 ``node.data_dir``, where nobody else can swap a path under it. Credentials
 reach git only through its environment, read back by a tiny askpass helper
 that contains no secret itself; credential helpers, the user's and the
 system's git config are switched off so nothing is remembered. Only a
 finished clone is moved into ``target_path``, through directory descriptors
-(``plexagent.paths``), so the path policy holds for the result too.
+(``plexagent.host.files.paths``), so the path policy holds for the result too.
 
 A local source (``file://``) is never read by git in place: it is checked
 and copied into the staging directory by ``plexagent.gitsource``, and git

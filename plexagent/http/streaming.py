@@ -1,6 +1,6 @@
 """
 Helpers the Docker route modules share: the body as a JSON object, and
-streamed (chunked) responses fed by a ``dockerpool.Stream``.
+streamed (chunked) responses fed by a ``host.docker.pool.Stream``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def stream_response(
 ) -> defer.Deferred[bytes]:
     """
     Answer 200 with a chunked body: ``start(on_item)`` opens a
-    ``dockerpool.Stream`` whose items are written as they come (with the
+    ``host.docker.pool.Stream`` whose items are written as they come (with the
     stream registered as the request's producer, so a slow client slows
     the worker). When the client goes away the stream is stopped and its
     worker ends. If the stream fails, a last NDJSON error line is written

@@ -3,7 +3,7 @@ Bind mounts of the containers the agent starts, checked again at every start.
 
 Docker resolves a bind mount's host path each time the container starts,
 following whatever symlink it finds there then. A host path checked when
-the container was created (``dockerspec.parse_volumes``) may since have
+the container was created (``specs.parse_volumes``) may since have
 been replaced by a symlink to anywhere on the host: by a git checkout, an
 extracted archive, or anyone with write access below an allowed root. So:
 

@@ -28,7 +28,7 @@ class DockerCronRunner:
 
     The job's volumes were checked when it was added, but each run binds
     them afresh: every run checks them again against ``paths`` right before
-    the start (``dockerbinds.start_checked``), and is refused if one now
+    the start (``binds.start_checked``), and is refused if one now
     resolves outside the allowed paths.
     """
 

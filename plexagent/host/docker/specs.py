@@ -53,7 +53,7 @@ MIN_DURATION = 0.001
 MAX_DURATION = 365 * 24 * 3600
 MAX_COUNT = 2**31 - 1
 
-#: Labels with this prefix are the agent's own (see ``dockerbinds``).
+#: Labels with this prefix are the agent's own (see ``binds``).
 RESERVED_LABEL_PREFIX = "plexagent."
 
 
