@@ -24,7 +24,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from plexagent import errors
-from plexagent.strictparse import INT_MAX, INT_MIN, MAX_DEPTH, parse_json
+from plexagent.strictparse import INT_MAX, INT_MIN, MAX_DEPTH, MAX_VALUES, parse_json
 
 log = Logger()
 
@@ -225,6 +225,9 @@ def _encodes(text: str) -> bool:
 #: Stored documents wrap what clients sent (a report payload inside its log
 #: record) in a few levels of their own.
 STORED_MAX_DEPTH = MAX_DEPTH + 8
+#: Stored files hold many client documents (state from the control plane,
+#: cron jobs): they are read at start, not while clients wait.
+STORED_MAX_VALUES = 100 * MAX_VALUES
 
 
 def decode_json(data: bytes) -> Any:
@@ -234,7 +237,8 @@ def decode_json(data: bytes) -> Any:
     that does not fit, no lone surrogate. ``ValueError`` says why.
     """
     try:
-        return parse_json(data, max_bytes=len(data), max_depth=STORED_MAX_DEPTH, error="invalid JSON")
+        return parse_json(data, max_bytes=len(data), max_depth=STORED_MAX_DEPTH, max_values=STORED_MAX_VALUES,
+                          error="invalid JSON")
     except errors.InvalidInput as e:
         raise ValueError(e.details or e.message) from None
 
