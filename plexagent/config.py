@@ -61,6 +61,9 @@ class NodeAPIConfig:
     http_listen: str = "127.0.0.1:9100"
     http_token_file: str = "/etc/plexd/api-token"
     max_body_bytes: int = 1048576
+    #: connections the socket (and, separately, the TCP listener) holds at
+    #: once; past it a new one is answered 503 and closed
+    max_connections: int = 4096
     #: report entries the node may hold; past it a new key gets 413
     max_report_entries: int = 10000
     #: bytes the report entries may take as stored (their JSON records);
@@ -80,6 +83,8 @@ class AgentAPIConfig:
     max_upload_bytes: int = 10737418240
     tls_cert: str = ""
     tls_key: str = ""
+    #: connections the listener holds at once; past it a new one is answered 503
+    max_connections: int = 4096
     #: /files/read refuses larger files (413)
     max_read_bytes: int = 10485760
     #: /files/write and the legacy JSON form of /upload/tar accept bodies up to
@@ -299,7 +304,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"node_api.socket_mode: must be an octal mode such as \"0660\", got {mode!r}")
     if not config.node_api.socket:
         raise ConfigError("node_api.socket: must not be empty")
-    for key in ("max_body_bytes", "max_report_entries", "max_report_bytes"):
+    for key in ("max_body_bytes", "max_report_entries", "max_report_bytes", "max_connections"):
         if getattr(config.node_api, key) <= 0:
             raise ConfigError(f"node_api.{key}: must be greater than 0")
     _check_networks("agent_api.allowed_ips", config.agent_api.allowed_ips)
@@ -308,7 +313,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"agent_api.allowed_paths: {root!r} must be an absolute path")
     if config.agent_api.max_upload_bytes <= 0:
         raise ConfigError("agent_api.max_upload_bytes: must be greater than 0")
-    for key in ("max_read_bytes", "max_json_bytes", "max_archive_members", "chunk_max_age", "git_timeout"):
+    for key in ("max_read_bytes", "max_json_bytes", "max_archive_members", "chunk_max_age", "git_timeout",
+                "max_connections"):
         if getattr(config.agent_api, key) <= 0:
             raise ConfigError(f"agent_api.{key}: must be greater than 0")
     if bool(config.agent_api.tls_cert) != bool(config.agent_api.tls_key):

@@ -15,7 +15,7 @@ import time
 from io import BytesIO
 from typing import Any, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -299,9 +299,10 @@ def _raw_json_response(code: int, reason: bytes, error: str, details: str | None
 class PlexChannel(http.HTTPChannel):
     """
     An HTTPChannel that answers malformed and oversized requests with JSON,
-    and gives each request ``header_timeout`` seconds from its first byte to
-    its last header line, so a client trickling headers (slowloris) cannot
-    hold a connection forever.
+    and gives each request ``header_timeout`` seconds from its first byte
+    (the first request: from the connection) to its last header line, so a
+    client trickling headers (slowloris) or sending nothing cannot hold a
+    connection forever.
     """
 
     header_timeout = 10.0
@@ -321,6 +322,19 @@ class PlexChannel(http.HTTPChannel):
     # One timer per connection, re-armed only when it fires: no timer is
     # created or cancelled per request on a busy keep-alive connection.
     _header_timer: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # A connection that sends nothing is waiting for its first request's
+        # headers too: it gets the same header timeout as a slow one, not
+        # the idle timeout of a connection that has been served.
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._headers_due = self.site.reactor.seconds() + self.header_timeout
+        timer = self._header_timer
+        if timer is None or not timer.active():
+            self._header_timer = self.callLater(self.header_timeout, self._check_headers)
 
     def dataReceived(self, data: bytes) -> None:
         if self._headers_due is None and self.line_mode and not self.requests:
@@ -416,6 +430,18 @@ class PlexChannel(http.HTTPChannel):
         return bool(self.requests) or bool(self._buffer)
 
 
+class _TooManyConnections(protocol.Protocol):
+    """Answers a connection past the listener's cap with a 503 and closes it."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(_raw_json_response(
+            503, b"Service Unavailable", "too many connections",
+            "the listener holds as many connections as it may; retry shortly",
+        ))
+        self.transport.loseConnection()
+
+
 def _plex_channel() -> Any:
     # twisted.web wraps every channel in this (private) protocol switcher;
     # Site has no public hook for the channel class.
@@ -452,6 +478,7 @@ class PlexSite(server.Site):
         content_factory: ContentFactory | None = None,
         idle_timeout: float = 60.0,
         body_limits: BodyLimits | None = None,
+        max_connections: int = 4096,
     ) -> None:
         # parsePOSTFormSubmission: twisted.web would parse a urlencoded or
         # multipart POST body into ``args`` (beside the query) before any
@@ -468,8 +495,17 @@ class PlexSite(server.Site):
         #: open connections (the HTTP channels inside twisted.web's wrappers)
         self._channels: set[Any] = set()
         self._all_closed: list[defer.Deferred[None]] = []
+        #: connections open at once; past it a new one is answered 503 and closed
+        self.max_connections = max_connections
+        #: connections refused for being past ``max_connections``
+        self.refused_connections = 0
 
     def buildProtocol(self, addr: Any) -> Any:
+        if len(self._channels) >= self.max_connections:
+            # Every connection holds a descriptor: past the cap the agent
+            # would run out of them for its own files and calls.
+            self.refused_connections += 1
+            return _TooManyConnections()
         channel = super().buildProtocol(addr)
         self._channels.add(getattr(channel, "_channel", channel))
         return channel
