@@ -111,6 +111,8 @@ class ReportOutbox(service.Service):
         self._run_in_thread = run_in_thread
         #: the last sequence number the control plane acknowledged (durable)
         self.synced_seq = 0
+        # From now on the store keeps each delete until the control plane has it.
+        store.synced(0)
         self._call: Any = None
         self._inflight: defer.Deferred[Any] | None = None
         self._subscribed = False
@@ -151,6 +153,7 @@ class ReportOutbox(service.Service):
         if self.synced_seq > self.store.durable_seq:
             # The report log was reset under us: start over.
             self.synced_seq = 0
+        self.store.synced(self.synced_seq)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -195,6 +198,7 @@ class ReportOutbox(service.Service):
         changes = self.store.changes_since(self.synced_seq, self.max_batch)
         if not changes.entries and not changes.deleted:
             self.synced_seq = max(self.synced_seq, changes.upto)
+            self.store.synced(self.synced_seq)
             return
         self.posts += 1
         d = self.client.send_report(changes.entries, changes.deleted)
@@ -211,6 +215,7 @@ class ReportOutbox(service.Service):
         self._inflight = None
         self._bisection = None
         self.synced_seq = upto
+        self.store.synced(upto)
         self.backoff.reset()
         if self.running and self.pending:
             # The rest of a backlog goes at once; changes committed while
