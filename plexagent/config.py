@@ -360,12 +360,15 @@ def read_key_file(key: str, path: str, warn: Any = None) -> str:
     import os
     import stat
 
+    from plexagent.fileio import read_stored
+
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            raw = f.read(65536)
+        st = os.stat(path)
+        raw = read_stored(path, 65536, follow_symlinks=True)
     except OSError as e:
         raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e}") from None
     if warn is not None and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         warn(f"{key}: {path} is readable by group or others; chmod 600 it")
     try:

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from plexagent import errors
 from plexagent.controlplane.client import ControlPlaneError
 from plexagent.controlplane.sync import Backoff, _cancel, _retry_after
-from plexagent.fileio import append_durably, atomic_write, decode_json, encode_json, set_aside
+from plexagent.fileio import append_durably, atomic_write, decode_json, encode_json, read_stored, set_aside
 from plexagent.node.reports import Changes, ReportStore, rfc3339
 
 log = Logger()
@@ -138,8 +138,7 @@ class ReportOutbox(service.Service):
         """Read the synced sequence number (a small file, at start); set it aside if unusable."""
         self.synced_seq = 0
         try:
-            with open(self._path, "rb") as f:
-                doc = decode_json(f.read())
+            doc = decode_json(read_stored(self._path, 4096))
             seq = doc.get("synced_seq") if isinstance(doc, dict) else None
             if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
                 raise ValueError("synced_seq must be a non-negative integer")

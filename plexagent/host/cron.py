@@ -36,7 +36,16 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from plexagent import errors
-from plexagent.fileio import Unencodable, atomic_write, encode_json, ensure_private_dir, set_aside, set_aside_records
+from plexagent.fileio import (
+    Unencodable,
+    atomic_write,
+    decode_json,
+    encode_json,
+    ensure_private_dir,
+    read_stored,
+    set_aside,
+    set_aside_records,
+)
 from plexagent.host.docker.specs import parse_command, parse_environment, parse_volumes
 from plexagent.host.files.paths import PathPolicy
 
@@ -274,8 +283,7 @@ class CronScheduler(service.Service):
         """
         self.jobs = {}
         try:
-            with open(self.path, "rb") as f:
-                document = json.loads(f.read().decode("utf-8"))
+            document = decode_json(read_stored(self.path))
             if not isinstance(document, dict) or document.get("version") != 1:
                 raise ValueError("not a version 1 cron jobs document")
             records = document.get("jobs")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import stat
 from typing import Any, Callable
 
 import attrs
@@ -44,6 +43,7 @@ from plexagent.fileio import (
     encode_json,
     ensure_private_dir,
     fsync_dir,
+    read_stored,
     set_aside,
     set_aside_records,
     storage_error,
@@ -56,6 +56,8 @@ MAX_KEY_LENGTH = 512
 #: Defaults of node_api.max_report_entries and node_api.max_report_bytes.
 DEFAULT_MAX_ENTRIES = 10000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+#: The most the report log may hold when it is read back (it is compacted long before).
+LOG_MAX_BYTES = 16 << 30
 
 
 def validate_key(key: object) -> str:
@@ -237,17 +239,13 @@ class ReportStore:
             set_aside(self._dir, "not a directory")
         ensure_private_dir(self._dir)
         try:
-            st = os.lstat(self._path)
+            data = read_stored(self._path, LOG_MAX_BYTES)
         except FileNotFoundError:
-            st = None
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            if set_aside(self._path, "not a regular file") is None:
-                raise OSError(f"{self._path}: not a regular file and cannot be set aside")
-            st = None
-        data = b""
-        if st is not None:
-            with open(self._path, "rb") as f:
-                data = f.read()
+            data = b""
+        except ValueError as e:
+            if set_aside(self._path, str(e)) is None:
+                raise OSError(f"{self._path}: {e}, and it cannot be set aside") from None
+            data = b""
         lines = data.split(b"\n")
         torn = lines.pop()  # b"" when the log ends with a newline
         good: list[bytes] = []

@@ -40,6 +40,7 @@ from plexagent.fileio import (
     ensure_private_dir,
     fsync_dir,
     is_set_aside,
+    read_stored,
     set_aside,
     storage_error,
     write_all,
@@ -242,8 +243,7 @@ class ChunkStore:
     def _read_meta(self, directory: str) -> dict[str, Any] | None:
         """The upload's metadata; None when it has none or it was set aside for being unloadable."""
         try:
-            with open(os.path.join(directory, _META), "rb") as f:
-                meta = decode_json(f.read())
+            meta = decode_json(read_stored(os.path.join(directory, _META), 65536))
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
             total = meta.get("total_chunks")
