@@ -96,6 +96,8 @@ class AgentAPIConfig:
     max_archive_members: int = 200000
     #: seconds after its last chunk an unfinished chunked upload is removed
     chunk_max_age: float = 86400.0
+    #: chunked uploads held at once (all of them together hold at most max_upload_bytes)
+    max_chunked_uploads: int = 16
     #: seconds a git clone may take before it is killed
     git_timeout: float = 600.0
 
@@ -314,7 +316,7 @@ def _validate(config: Config) -> None:
     if config.agent_api.max_upload_bytes <= 0:
         raise ConfigError("agent_api.max_upload_bytes: must be greater than 0")
     for key in ("max_read_bytes", "max_json_bytes", "max_archive_members", "chunk_max_age", "git_timeout",
-                "max_connections"):
+                "max_connections", "max_chunked_uploads"):
         if getattr(config.agent_api, key) <= 0:
             raise ConfigError(f"agent_api.{key}: must be greater than 0")
     if bool(config.agent_api.tls_cert) != bool(config.agent_api.tls_key):

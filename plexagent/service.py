@@ -271,7 +271,8 @@ def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service
     from plexagent.host.gitclone import GitCloner
 
     aapi = config.agent_api
-    store = ChunkStore(os.path.join(config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age)
+    store = ChunkStore(os.path.join(config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age,
+                       max_uploads=aapi.max_chunked_uploads)
     agent.agent_services["chunks"] = store
     agent.agent_services["git"] = GitCloner(
         agent.agent_services["paths"], os.path.join(config.node.data_dir, "git-staging"), reactor, aapi.git_timeout
