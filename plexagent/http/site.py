@@ -162,6 +162,23 @@ ContentFactory = Callable[[Any, bytes, bytes, "int | None"], Any]
 BodyLimits = Callable[[bytes, bytes], "int | None"]
 
 
+def origin_form(target: bytes) -> bytes:
+    """
+    The path and query of a request target: a server must accept the
+    absolute form (``http://host/path?q``, what a client talking to a proxy
+    sends) and route it by its path (RFC 9112, section 3.2.2).
+    """
+    lowered = target[:8].lower()
+    if not (lowered.startswith(b"http://") or lowered.startswith(b"https://")):
+        return target
+    rest = target.split(b"//", 1)[1]
+    ends = [i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0]
+    if not ends:
+        return b"/"
+    tail = rest[min(ends):]
+    return tail if tail.startswith(b"/") else b"/" + tail
+
+
 class PlexRequest(server.Request):
     """
     A Request whose body is bounded, which its Site can count, and which
@@ -185,7 +202,7 @@ class PlexRequest(server.Request):
         # channel knows the request line, so the route's limit applies now.
         site = self.channel.site
         method = getattr(self.channel, "_command", b"")
-        path = getattr(self.channel, "_path", b"")
+        path = origin_form(getattr(self.channel, "_path", b""))
         limit = self.body_limit = site.body_limit(method, path)
         if site.content_factory is not None:
             # A streaming route's sink bounds its body itself.
@@ -203,6 +220,9 @@ class PlexRequest(server.Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        super().requestReceived(command, origin_form(path), version)
 
     #: when processing began (``time.perf_counter``), for the site's observer
     _plex_started = 0.0
@@ -402,6 +422,11 @@ class PlexChannel(http.HTTPChannel):
             response = _raw_json_response(
                 413, b"Request Entity Too Large", "request headers too large",
                 f"the request line and headers may be {self.totalHeadersSize} bytes in all",
+            )
+        elif self._receivedHeaderCount > self.maxHeaders:
+            response = _raw_json_response(
+                413, b"Request Entity Too Large", "request headers too large",
+                f"a request may have {self.maxHeaders} header lines",
             )
         else:
             response = _raw_json_response(400, b"Bad Request", "malformed HTTP request")

@@ -8,6 +8,7 @@ leave descriptors for the agent's own files.
 
 from __future__ import annotations
 
+import json
 import resource
 from typing import Any
 
@@ -126,3 +127,31 @@ class DescriptorBudgetTests(unittest.TestCase):
         budget_descriptors(top)
         share = (4096 - RESERVED_DESCRIPTORS) // 3
         self.assertEqual([child.site.max_connections for child in top], [share, share, 100])
+
+
+class _Echo(web_resource.Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return json.dumps({"path": request.path.decode(), "args": sorted(k.decode() for k in request.args)}).encode()
+
+
+class RequestFormTests(unittest.TestCase):
+    """Request forms a listener answers as the HTTP standard says, in JSON when refused."""
+
+    def setUp(self) -> None:
+        port = reactor.listenTCP(0, PlexSite(_Echo(), 1024), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+
+    async def test_an_absolute_form_target_is_routed_by_its_path(self) -> None:
+        for target, path in ((b"http://agent.example/ping?x=1", "/ping"), (b"HTTPS://h:9999/a/b", "/a/b"),
+                             (b"http://h", "/"), (b"http://h?q=1", "/")):
+            answer = await exchange(self.endpoint, b"GET " + target + b" HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            self.assertEqual((answer.status, answer.json()["path"]), (200, path), target)
+
+    async def test_more_header_lines_than_allowed_is_413_json(self) -> None:
+        head = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X-A: 1\r\n" * 600 + b"\r\n"
+        answer = await exchange(self.endpoint, head)
+        self.assertEqual((answer.status, answer.json()["error"]), (413, "request headers too large"))
+        self.assertIn("header lines", answer.json()["details"])
