@@ -110,6 +110,49 @@ def remove_image_later(testcase: unittest.TestCase, client: Any, reference: str)
 
 
 
+def image_tar(reference: str, created: str, content: bytes) -> bytes:
+    """
+    A ``docker save`` tar of a one-layer image named ``reference`` whose
+    creation time is ``created`` (RFC 3339) and whose only file, ``/marker``,
+    holds ``content``: ``docker load`` gives an image of exactly that age
+    and size, sharing no layer with any other image.
+    """
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    def tar_of(files: dict[str, bytes]) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w") as archive:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 0
+                archive.addfile(info, io.BytesIO(data))
+        return out.getvalue()
+
+    layer = tar_of({"marker": content})
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux", "created": created,
+        "config": {"Cmd": ["/marker"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created": created, "created_by": "plexagent test image"}],
+    }).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = json.dumps([{"Config": config_name, "RepoTags": [reference], "Layers": ["layer/layer.tar"]}]).encode()
+    return tar_of({"manifest.json": manifest, config_name: config, "layer/layer.tar": layer})
+
+
+def load_image(testcase: unittest.TestCase, client: Any, reference: str, created: str, content: bytes) -> str:
+    """``image_tar`` loaded into the test daemon (removed after the test); its ID."""
+    for _ in client.api.load_image(image_tar(reference, created, content)):
+        pass
+    remove_image_later(testcase, client, reference)
+    return client.api.inspect_image(reference)["Id"]
+
+
 def agent_config(
     workdir: str,
     docker_host_url: str,
