@@ -153,6 +153,22 @@ def load_image(testcase: unittest.TestCase, client: Any, reference: str, created
     return client.api.inspect_image(reference)["Id"]
 
 
+def commit_image(testcase: unittest.TestCase, client: Any, reference: str, cmd: list[str],
+                 changes: tuple[str, ...] | list[str] = ()) -> str:
+    """The base image with ``cmd`` as its CMD (and Dockerfile ``changes``), tagged ``reference``; its ID."""
+    import json
+
+    container = client.api.create_container(base_image(), command=["true"])
+    try:
+        repository, _, tag = reference.rpartition(":")
+        answer = client.api.commit(container["Id"], repository=repository, tag=tag,
+                                   changes=[f"CMD {json.dumps(cmd)}", *changes])
+    finally:
+        client.api.remove_container(container["Id"], force=True)
+    remove_image_later(testcase, client, reference)
+    return answer["Id"]
+
+
 def agent_config(
     workdir: str,
     docker_host_url: str,
@@ -165,6 +181,7 @@ def agent_config(
     require_auth_always: bool = True,
     tls_cert: str = "",
     tls_key: str = "",
+    replace_stable_time: float | None = None,
 ) -> Any:
     """A Config for an agent living in ``workdir`` (no control plane)."""
     key_file = os.path.join(workdir, "api-key")
@@ -188,6 +205,8 @@ def agent_config(
         "agent_api": agent_api,
         "docker": {"host": docker_host_url, "threads": threads},
     }
+    if replace_stable_time is not None:
+        document["docker"]["replace_stable_time"] = replace_stable_time
     return parse_config(document, {})
 
 

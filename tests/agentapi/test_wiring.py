@@ -32,6 +32,8 @@ DOCKER_ROUTES = {
     "/containers/<n>/logs": {"GET"},
     "/containers/<n>/inspect": {"GET"},
     "/containers/<n>/exec": {"POST"},
+    "/containers/<n>/replace": {"POST"},
+    "/containers/<n>/rollback": {"POST"},
     "/images/list": {"GET"},
     "/images/pull": {"POST"},
     "/images/tag": {"POST"},
