@@ -196,8 +196,11 @@ class _ProcessWatcher(protocol.ProcessProtocol):
 class AgentProcess:
     """A real ``twistd -n --pidfile= plexagent --config FILE`` process."""
 
-    def __init__(self, config_path: str, reactor: Any = default_reactor, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: str, reactor: Any = default_reactor, env: dict[str, str] | None = None,
+                 preamble: str = "") -> None:
         self.config_path = config_path
+        #: Python run in the agent's process before twistd (test hooks)
+        self.preamble = preamble
         self.reactor = reactor
         self.env = dict(os.environ if env is None else env)
         self.watcher: _ProcessWatcher | None = None
@@ -205,7 +208,7 @@ class AgentProcess:
 
     def start(self) -> None:
         self.watcher = _ProcessWatcher()
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+        argv = [sys.executable, "-c", self.preamble + "\nfrom twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "plexagent", "--config", self.config_path]
         self.transport = self.reactor.spawnProcess(self.watcher, argv[0], argv, env=self.env)
 
