@@ -188,7 +188,8 @@ class RollbackTests(ReplaceCase):
 
 class RefusalTests(ReplaceCase):
     async def test_a_second_replace_of_the_same_container_while_one_runs_is_409(self) -> None:
-        await self.run_container()
+        # The new container is healthy only once the test says so: the first replace waits till then.
+        await self.run_container(health_check={"test": "test -f /tmp/go", "interval": 0.2, "retries": 100000})
         journal = self.replacer.journal
         begun: defer.Deferred[None] = defer.Deferred()
         real_begin = journal.begin
@@ -198,13 +199,25 @@ class RefusalTests(ReplaceCase):
             begun.callback(None)
 
         journal.begin = begin
+        started: defer.Deferred[Any] = defer.Deferred()
+        real_record = journal.record
+
+        def record(entry: Any, phase: str) -> None:
+            real_record(entry, phase)
+            if phase == "new_started":
+                started.callback(entry)
+
+        journal.record = record
         first = self.api.post(f"/containers/{self.name}/replace", {"image": f"{self.repo}:v2"})
         await begun
         for path, body in (("replace", {"image": f"{self.repo}:v1"}), ("rollback", None)):
             status, doc = await self.api.post(f"/containers/{self.name}/{path}", body)
             self.assertEqual((status, doc["error"]), (409, "a replace is in progress"), path)
+        self.assertEqual(self.replacer.busy, {self.name: "replace"})
+        record = await started
+        self.docker.api.exec_start(self.docker.api.exec_create(record.new_id, ["touch", "/tmp/go"])["Id"])
         status, doc = await first
-        self.assertEqual(status, 200, doc)
+        self.assertEqual((status, doc["health"]), (200, "healthy"), doc)
 
     async def test_bad_fields_are_400_naming_them_and_nothing_changes(self) -> None:
         old = await self.run_container()

@@ -215,11 +215,15 @@ class Replacer(service.Service):
                 {"reason": reason, "logs": logs, "container": record.name, "restored": record.old_id,
                  "image": record.new_image},
             ) from None
-        journal.record(record, "healthy")
-        await self._step(ops.remove, record.old_id, False)
         target = RollbackTarget(body=record.previous_body, image=record.old_image, image_id=record.old_image_id,
                                 container_id=record.new_id, replaced_at=time.time())
-        journal.finish(record, target)
+        try:
+            journal.record(record, "healthy")
+            await self._step(ops.remove, record.old_id, False)
+            journal.finish(record, target)
+        except errors.PlexError as e:
+            # The new container is healthy: what is left is done by the recovery.
+            raise self._interrupted(record, _why(e)) from None
         log.info("container {name}: {kind} to {image} done, {new} is {health}; {old} removed",
                  name=record.name, kind=record.kind, image=record.new_image, new=record.new_id[:12], health=health,
                  old=record.old_id[:12])
@@ -235,10 +239,11 @@ class Replacer(service.Service):
 
     def _interrupted(self, record: ReplaceRecord, reason: str) -> errors.PlexError:
         self._retry_later(record.name)
+        then = "completes it" if record.phase in FORWARD else "rolls it back"
         return errors.Unavailable(
             f"{record.kind} interrupted",
-            f"{reason}; the agent rolls it back as soon as Docker answers again (the old container "
-            "keeps its configuration)",
+            f"{reason}; the agent {then} as soon as Docker and its data directory allow, and the container's "
+            "name is busy until then",
         )
 
     async def _roll_back(self, record: ReplaceRecord, reason: str) -> str:

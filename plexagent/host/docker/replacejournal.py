@@ -204,7 +204,13 @@ class ReplaceJournal:
 
     def finish(self, record: ReplaceRecord, target: RollbackTarget | None) -> None:
         """The replace ended: forget it, and keep ``target`` (when it succeeded) for a rollback."""
+        active, history = dict(self.active), dict(self.history)
         self.active.pop(record.name, None)
         if target is not None:
             self.history[record.name] = target
-        self.save("finished")
+        try:
+            self.save("finished")
+        except errors.PlexError:
+            # Not on disk: as far as anyone can tell it is not finished.
+            self.active, self.history = active, history
+            raise

@@ -57,6 +57,21 @@ class JournalTests(unittest.TestCase):
         again.load()
         self.assertEqual((again.active, again.history), ({}, {"web": target}))
 
+    def test_a_finish_that_cannot_be_written_leaves_the_replace_unfinished(self) -> None:
+        journal = ReplaceJournal(self.data_dir)
+        journal.begin(record())
+        real_save = journal.save
+
+        def save(step: str) -> None:
+            if step == "finished":
+                raise errors.StorageFull("insufficient storage", "container-replace.json: no space left on device")
+            real_save(step)
+
+        journal.save = save  # type: ignore[method-assign]
+        with self.assertRaises(errors.StorageFull):
+            journal.finish(journal.active["web"], RollbackTarget(BODY, "app:1", "sha256:" + "2" * 64, "3" * 64, 2.0))
+        self.assertEqual((list(journal.active), journal.history), (["web"], {}))
+
     def test_a_second_replace_of_a_name_is_409(self) -> None:
         journal = ReplaceJournal(self.data_dir)
         journal.begin(record())
