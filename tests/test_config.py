@@ -217,6 +217,14 @@ class DockerConfigTests(unittest.TestCase):
             parse_config({"docker": {"cleanup": {"enabled": "yes"}}})
         self.assertEqual(str(caught.exception), "docker.cleanup.enabled: must be true or false, got 'yes'")
 
+    def test_the_test_fixtures_write_a_nested_table_as_its_own_toml_table(self) -> None:
+        import tomllib
+
+        from plexagent.testing.fixtures import dump_toml
+
+        document = {"docker": {"threads": 2, "cleanup": {"enabled": True, "interval": 60.0}}}
+        self.assertEqual(tomllib.loads(dump_toml(document)), document)
+
     def test_out_of_range_values_are_refused_naming_the_key(self) -> None:
         for table, key in (({"cleanup": {"threshold_percent": 0}}, "docker.cleanup.threshold_percent"),
                            ({"cleanup": {"threshold_percent": 100.5}}, "docker.cleanup.threshold_percent"),

@@ -37,12 +37,21 @@ def toml_value(value: Any) -> str:
 
 
 def dump_toml(document: dict[str, dict[str, Any]]) -> str:
-    lines = []
-    for section, table in document.items():
-        lines.append(f"[{section}]")
-        for key, value in table.items():
-            lines.append(f"{key} = {toml_value(value)}")
+    """``document`` as TOML; a table inside a section (``docker.cleanup``) is written as its own table."""
+    lines: list[str] = []
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
+        for key, value in values.items():
+            if key not in nested:
+                lines.append(f"{key} = {toml_value(value)}")
         lines.append("")
+        for key, value in nested.items():
+            table(f"{name}.{key}", value)
+
+    for section, values in document.items():
+        table(section, values)
     return "\n".join(lines)
 
 
