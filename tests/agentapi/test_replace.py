@@ -26,6 +26,9 @@ class ReplaceCase(unittest.TestCase):
 
     def setUp(self) -> None:
         self.docker = td.test_client(self)
+        # Last of all (after the agent stopped): whatever a replace cut short left, aside names included.
+        self.addCleanup(lambda: [self.docker.api.remove_container(c["Id"], force=True) for c in (
+            self.docker.api.containers(all=True, filters={"name": self.name}) if hasattr(self, "name") else [])])
         self.agent = td.start_agent(self, replace_stable_time=1.0)
         self.api = td.AgentClient(self.agent)
         self.repo = f"pa-test-rep-{uuid.uuid4().hex[:8]}"

@@ -51,6 +51,9 @@ class ReplaceDrills(unittest.TestCase):
             "crash": td.commit_image(self, self.docker, f"{self.repo}:crash", CRASH),
         }
         self.name = td.unique_name(self, self.docker, "drill")
+        # After the agents are reaped: whatever a failed drill left, aside names included.
+        self.addCleanup(lambda: [self.docker.api.remove_container(c["Id"], force=True)
+                                 for c in self.docker.api.containers(all=True, filters={"name": self.name})])
         self.sandbox = AgentSandbox()
         self.addCleanup(self.sandbox.cleanup)
         self.sandbox.document["agent_api"].update({"enabled": True, "allowed_paths": [self.sandbox.root + "/"]})
