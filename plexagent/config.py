@@ -103,9 +103,26 @@ class AgentAPIConfig:
 
 
 @attrs.frozen
+class DockerCleanupConfig:
+    """``[docker.cleanup]``: the automatic image cleanup, off by default."""
+
+    enabled: bool = False
+    #: percent of the file system holding Docker's data root over which a run starts
+    threshold_percent: float = 85.0
+    #: newest tagged images kept per repository by an automatic run
+    keep_last: int = 3
+    #: seconds between checks of the data root's file system
+    interval: float = 3600.0
+
+
+@attrs.frozen
 class DockerConfig:
     host: str = ""
     threads: int = 10
+    #: seconds a replacement container without a Docker health check must
+    #: keep running, without a restart, to count as healthy
+    replace_stable_time: float = 10.0
+    cleanup: DockerCleanupConfig = DockerCleanupConfig()
 
 
 @attrs.frozen
@@ -205,11 +222,29 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
 
 
 def _field_kinds(cls: type) -> dict[str, Any]:
+    """key -> its kind: a scalar type, ``tuple`` (list of strings) or a section class (a nested table)."""
     kinds = {}
     for field in attrs.fields(cls):
         default = field.default
         kinds[field.name] = tuple if isinstance(default, tuple) else type(default)
     return kinds
+
+
+def _parse_table(path: tuple[str, ...], cls: type, table: Any) -> dict[str, Any]:
+    """The values of one table for ``cls``; a nested table (``[docker.cleanup]``) becomes its section."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{_name(*path)}: must be a table")
+    kinds = _field_kinds(cls)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in kinds:
+            raise ConfigError(f"{_name(*path, key)}: unknown key")
+        kind = kinds[key]
+        if attrs.has(kind):
+            values[key] = kind(**_parse_table((*path, key), kind, value))
+        else:
+            values[key] = _coerce(_name(*path, key), value, kind)
+    return values
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -243,16 +278,7 @@ def parse_config(
     for name, table in document.items():
         if name not in _SECTIONS:
             raise ConfigError(f"{_name(name)}: unknown section (known: {', '.join(_SECTIONS)})")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{_name(name)}: must be a table")
-        cls = _SECTIONS[name]
-        kinds = _field_kinds(cls)
-        values = {}
-        for key, value in table.items():
-            if key not in kinds:
-                raise ConfigError(f"{_name(name, key)}: unknown key")
-            values[key] = _coerce(_name(name, key), value, kinds[key])
-        sections[name] = values
+        sections[name] = _parse_table((name,), _SECTIONS[name], table)
 
     agent = sections.setdefault("agent_api", {})
     if "NODE_AGENT_ALLOWED_IPS" in environ:
@@ -323,6 +349,15 @@ def _validate(config: Config) -> None:
         raise ConfigError("agent_api.tls_cert: tls_cert and tls_key must be set together")
     if config.docker.threads < 1:
         raise ConfigError("docker.threads: must be at least 1")
+    if config.docker.replace_stable_time <= 0:
+        raise ConfigError("docker.replace_stable_time: must be greater than 0")
+    cleanup = config.docker.cleanup
+    if not 0 < cleanup.threshold_percent <= 100:
+        raise ConfigError("docker.cleanup.threshold_percent: must be greater than 0 and at most 100")
+    if cleanup.keep_last < 0:
+        raise ConfigError("docker.cleanup.keep_last: must not be negative")
+    if cleanup.interval <= 0:
+        raise ConfigError("docker.cleanup.interval: must be greater than 0")
     for key, argv in (("nginx.command", config.nginx.command), ("system.systemctl", config.system.systemctl),
                       ("system.ufw", config.system.ufw)):
         if not argv or not all(argv):

@@ -2,8 +2,8 @@
 The agent's own metrics (``AgentMetrics``), in Prometheus text format:
 requests and their latency per route and listener (observed by each
 ``PlexSite`` as requests finish), and, read at scrape time, the report
-outbox depth, the control-plane connection, the Docker pool's queue and
-the cron runs. (The seed's JSON document is ``host.metrics``.)
+outbox depth, the control-plane connection, the Docker pool's queue, the
+cron runs and the automatic image cleanups. (The seed's JSON document is ``host.metrics``.)
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ class _AgentCollector:
             g.add_metric([], float(getattr(pool, "active", 0)))
             yield g
 
+        yield from _cleanup_metrics(services.get("auto_cleanup"))
+
         scheduler = services.get("cron")
         if scheduler is not None:
             c = CounterMetricFamily("plexagent_cron_runs", "Cron job runs, by result.", labels=("result",))
@@ -157,6 +159,22 @@ class _AgentCollector:
             g = GaugeMetricFamily("plexagent_cron_runs_in_progress", "Cron runs going now.")
             g.add_metric([], float(len(scheduler.in_progress)))
             yield g
+
+
+def _cleanup_metrics(cleaner: Any) -> Iterable[Any]:
+    """The automatic image cleanup's counters, when it is enabled."""
+    if cleaner is None:
+        return
+    for name, help_text, value in (
+        ("plexagent_image_cleanup_runs", "Automatic image cleanup runs started (data root over the threshold).",
+         cleaner.runs),
+        ("plexagent_image_cleanup_images_removed", "Images the automatic cleanup deleted.", cleaner.images_removed),
+        ("plexagent_image_cleanup_bytes_reclaimed", "Bytes the automatic cleanup reclaimed.", cleaner.bytes_reclaimed),
+        ("plexagent_image_cleanup_failures", "Automatic image cleanup runs that failed.", cleaner.failures),
+    ):
+        c = CounterMetricFamily(name, help_text)
+        c.add_metric([], float(value))
+        yield c
 
 
 def _threadpool_statistics(pool: Any) -> tuple[int, int]:

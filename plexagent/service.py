@@ -212,9 +212,44 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
     scheduler.setServiceParent(top)
     agent.agent_services["cron"] = scheduler
 
+    add_container_replace(config, reactor, agent, top)
+    add_disk_hygiene(config, reactor, agent, top)
+
     from plexagent.metrics import AgentMetrics
 
     agent.agent_services["metrics"] = AgentMetrics(agent)
+
+
+def add_container_replace(config: Config, reactor: Any, agent: Agent, top: service.MultiService) -> None:
+    """Container replaces and rollbacks, journaled under the data directory and recovered at start."""
+    from plexagent.host.docker.replace import Replacer
+    from plexagent.host.docker.replacejournal import ReplaceJournal
+
+    facade = agent.agent_services["docker"]
+    replacer = Replacer(agent.agent_services["dockerpool"], ReplaceJournal(config.node.data_dir),
+                        agent.agent_services["paths"], reactor, config.docker.replace_stable_time,
+                        on_change=facade.container_list.invalidate)
+    replacer.setServiceParent(top)
+    agent.agent_services["replacer"] = replacer
+
+
+def add_disk_hygiene(config: Config, reactor: Any, agent: Agent, top: service.MultiService) -> None:
+    """Disk usage and image cleanups that keep what cron jobs and rollbacks use; the automatic cleanup when enabled."""
+    from plexagent.host.docker.cleanup import CleanupOptions
+    from plexagent.host.docker.janitor import AutoCleanup, ImageHygiene
+
+    scheduler = agent.agent_services["cron"]
+    hygiene = ImageHygiene(agent.agent_services["dockerpool"], [
+        lambda: {job.image: f"used by cron job {job.id}" for job in scheduler.jobs.values()},
+        agent.agent_services["replacer"].protected,
+    ])
+    agent.agent_services["image_hygiene"] = hygiene
+    auto = config.docker.cleanup
+    if auto.enabled:
+        options = CleanupOptions(keep_last=auto.keep_last, include_build_cache=True)
+        cleaner = AutoCleanup(hygiene, reactor, auto.threshold_percent, auto.interval, options)
+        cleaner.setServiceParent(top)
+        agent.agent_services["auto_cleanup"] = cleaner
 
 
 def observe_listeners(top: service.MultiService, agent: Agent) -> None:

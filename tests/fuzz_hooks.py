@@ -50,6 +50,7 @@ _IMAGE_FIELDS = {
     "/cron/run-docker": ("image",),
     "/images/tag": ("source_image", "target_image", "source", "target"),
     "/images/pull": ("image",),
+    "/containers/{n}/replace": ("image",),
 }
 
 #: Operations that talk to a registry: always the test's own

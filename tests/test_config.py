@@ -185,6 +185,57 @@ class OperationsConfigTests(unittest.TestCase):
             self.assertTrue(str(caught.exception).startswith(key + ":"), str(caught.exception))
 
 
+class DockerConfigTests(unittest.TestCase):
+    """``[docker]`` with its nested ``[docker.cleanup]`` table."""
+
+    def test_cleanup_defaults_are_off_at_85_percent_keeping_3_hourly(self) -> None:
+        cleanup = parse_config({}).docker.cleanup
+        self.assertEqual((cleanup.enabled, cleanup.threshold_percent, cleanup.keep_last, cleanup.interval),
+                         (False, 85.0, 3, 3600.0))
+
+    def test_replace_stable_time_defaults_to_10_seconds(self) -> None:
+        self.assertEqual(parse_config({}).docker.replace_stable_time, 10.0)
+
+    def test_a_nested_table_is_read_beside_its_parent_keys(self) -> None:
+        c = parse_config({"docker": {"threads": 3, "cleanup": {"enabled": True, "threshold_percent": 92.5}}})
+        self.assertEqual((c.docker.threads, c.docker.cleanup.enabled, c.docker.cleanup.threshold_percent),
+                         (3, True, 92.5))
+        self.assertEqual(c.docker.cleanup.keep_last, 3)
+
+    def test_an_unknown_key_of_a_nested_table_is_named_with_its_path(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({"docker": {"cleanup": {"keep": 2}}})
+        self.assertEqual(str(caught.exception), "docker.cleanup.keep: unknown key")
+
+    def test_a_nested_table_given_a_value_is_refused(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({"docker": {"cleanup": True}})
+        self.assertEqual(str(caught.exception), "docker.cleanup: must be a table")
+
+    def test_a_wrong_type_in_a_nested_table_names_the_key(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({"docker": {"cleanup": {"enabled": "yes"}}})
+        self.assertEqual(str(caught.exception), "docker.cleanup.enabled: must be true or false, got 'yes'")
+
+    def test_the_test_fixtures_write_a_nested_table_as_its_own_toml_table(self) -> None:
+        import tomllib
+
+        from plexagent.testing.fixtures import dump_toml
+
+        document = {"docker": {"threads": 2, "cleanup": {"enabled": True, "interval": 60.0}}}
+        self.assertEqual(tomllib.loads(dump_toml(document)), document)
+
+    def test_out_of_range_values_are_refused_naming_the_key(self) -> None:
+        for table, key in (({"cleanup": {"threshold_percent": 0}}, "docker.cleanup.threshold_percent"),
+                           ({"cleanup": {"threshold_percent": 100.5}}, "docker.cleanup.threshold_percent"),
+                           ({"cleanup": {"keep_last": -1}}, "docker.cleanup.keep_last"),
+                           ({"cleanup": {"interval": 0}}, "docker.cleanup.interval"),
+                           ({"replace_stable_time": 0}, "docker.replace_stable_time")):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config({"docker": table})
+            self.assertTrue(str(caught.exception).startswith(key + ":"), str(caught.exception))
+
+
 class ReportQuotaConfigTests(unittest.TestCase):
     def test_defaults(self) -> None:
         c = parse_config({})
@@ -201,12 +252,33 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def accepted_keys() -> list[tuple[str, str, object]]:
-    """(section, key, default) of every key the configuration accepts."""
+    """
+    (section, key, default) of every key the configuration accepts; a
+    nested table's keys have its dotted name as section (``docker.cleanup``).
+    """
     import attrs
 
     from plexagent.config import _SECTIONS
 
-    return [(section, field.name, field.default) for section, cls in _SECTIONS.items() for field in attrs.fields(cls)]
+    found: list[tuple[str, str, object]] = []
+
+    def walk(section: str, cls: type) -> None:
+        for field in attrs.fields(cls):
+            if attrs.has(type(field.default)):
+                walk(f"{section}.{field.name}", type(field.default))
+            else:
+                found.append((section, field.name, field.default))
+
+    for section, cls in _SECTIONS.items():
+        walk(section, cls)
+    return found
+
+
+def at(value: object, dotted: str) -> object:
+    """``value``'s part named by ``dotted`` (``docker.cleanup``), item or attribute, or None."""
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+    return value
 
 
 class ExampleConfigTests(unittest.TestCase):
@@ -219,15 +291,15 @@ class ExampleConfigTests(unittest.TestCase):
             self.document = tomllib.load(f)
 
     def test_every_key_is_listed(self) -> None:
-        missing = [f"{s}.{k}" for s, k, _ in accepted_keys() if k not in self.document.get(s, {})]
+        missing = [f"{s}.{k}" for s, k, _ in accepted_keys() if k not in (at(self.document, s) or {})]
         self.assertEqual(missing, [])
 
     def test_every_key_is_at_its_default(self) -> None:
         parsed = parse_config(self.document, {})  # also: no unknown section or key
         wrong = [
-            f"{s}.{k} = {getattr(getattr(parsed, s), k)!r}, the default is {default!r}"
+            f"{s}.{k} = {getattr(at(parsed, s), k)!r}, the default is {default!r}"
             for s, k, default in accepted_keys()
-            if getattr(getattr(parsed, s), k) != default or type(getattr(getattr(parsed, s), k)) is not type(default)
+            if getattr(at(parsed, s), k) != default or type(getattr(at(parsed, s), k)) is not type(default)
         ]
         self.assertEqual(wrong, [])
         self.assertEqual(parsed, Config())

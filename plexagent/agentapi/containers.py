@@ -1,6 +1,7 @@
 """
 Health & Monitoring (``/ping``) and Container Management (``/containers``)
-of the Node Agent API: thin routes over ``host.docker.facade.DockerFacade``.
+of the Node Agent API: thin routes over ``host.docker.facade.DockerFacade``,
+and ``/containers/<n>/replace|rollback`` over ``host.docker.replace.Replacer``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from twisted.web.iweb import IRequest
 
 from plexagent import __version__, errors
 from plexagent.host.docker.health import assess
+from plexagent.host.docker.recreate import parse_replace, parse_rollback
 from plexagent.host.docker.specs import parse_bool_arg, parse_command, parse_int_arg, parse_run
 from plexagent.host.files.paths import PathPolicy
 from plexagent.http import responses
@@ -141,3 +143,16 @@ def register(app: Klein, context: Any) -> None:
             if value is not None and not isinstance(value, str):
                 raise errors.InvalidInput(f"invalid {field}", f"{field} must be a string")
         return responses.respond(request, await docker.exec(n, command, user, workdir))
+
+    replacer = context.services["replacer"]
+
+    @app.route("/containers/<n>/replace", methods=["POST"])
+    async def replace(request: IRequest, n: str) -> bytes:
+        image, environment, health_timeout, stop_timeout = parse_replace(json_object(request))
+        return responses.respond(request, await replacer.replace(n, image, environment, health_timeout, stop_timeout))
+
+    @app.route("/containers/<n>/rollback", methods=["POST"])
+    async def rollback(request: IRequest, n: str) -> bytes:
+        body = json_object(request) if responses.read_body(request) else {}
+        health_timeout, stop_timeout = parse_rollback(body)
+        return responses.respond(request, await replacer.rollback(n, health_timeout, stop_timeout))

@@ -1,5 +1,6 @@
 """
-Docker Images of the Node Agent API: ``/images/list|pull|tag|load|cleanup``.
+Docker Images of the Node Agent API: ``/images/list|pull|tag|load|cleanup``,
+and Docker's disk usage, ``/system/df`` (``host.docker.janitor``).
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from plexagent import errors
+from plexagent.host.docker.cleanup import CleanupOptions, parse_cleanup_options
 from plexagent.host.docker.specs import optional_str, parse_bool_arg, require_str, split_image
 from plexagent.http import responses
 from plexagent.http.bodies import ImageTarSink
 from plexagent.http.streaming import NDJSON, arg, json_object, ndjson, stream_response
+
+#: The body limit of ``POST /images/cleanup``: a handful of small fields.
+CLEANUP_BODY_LIMIT = 16 * 1024
 
 #: Registry names meaning Docker Hub: an image there needs no prefix.
 DOCKER_HUB = ("", "docker.io", "index.docker.io", "registry-1.docker.io", "https://index.docker.io/v1/")
@@ -79,10 +84,25 @@ def register(app: Klein, context: Any) -> None:
         repository, target_tag = split_image(target)
         return responses.respond(request, await docker.tag(source, repository, target_tag or "latest"))
 
+    hygiene = context.services["image_hygiene"]
+    context.limit_body(b"POST", b"/images/cleanup", CLEANUP_BODY_LIMIT)
+
     @app.route("/images/cleanup", methods=["POST"])
     async def cleanup(request: IRequest) -> bytes:
         all_unused = parse_bool_arg(arg(request, "all"), "all")
-        return responses.respond(request, await docker.cleanup(all_unused))
+        if responses.read_body(request):
+            if arg(request, "all") is not None:
+                raise errors.InvalidInput("all goes without a body",
+                                          "with a body, send \"keep_last\": 0 to remove every unused image")
+            options = parse_cleanup_options(json_object(request))
+        else:
+            # The seed's form: dangling images, or every unused one.
+            options = CleanupOptions(keep_last=0 if all_unused else None)
+        return responses.respond(request, await hygiene.cleanup(options))
+
+    @app.route("/system/df", methods=["GET"])
+    async def disk_usage(request: IRequest) -> bytes:
+        return responses.respond(request, await hygiene.disk_usage())
 
     register_load(app, context, "/images/load")
 

@@ -110,6 +110,65 @@ def remove_image_later(testcase: unittest.TestCase, client: Any, reference: str)
 
 
 
+def image_tar(reference: str, created: str, content: bytes) -> bytes:
+    """
+    A ``docker save`` tar of a one-layer image named ``reference`` whose
+    creation time is ``created`` (RFC 3339) and whose only file, ``/marker``,
+    holds ``content``: ``docker load`` gives an image of exactly that age
+    and size, sharing no layer with any other image.
+    """
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    def tar_of(files: dict[str, bytes]) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w") as archive:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 0
+                archive.addfile(info, io.BytesIO(data))
+        return out.getvalue()
+
+    layer = tar_of({"marker": content})
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux", "created": created,
+        "config": {"Cmd": ["/marker"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created": created, "created_by": "plexagent test image"}],
+    }).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = json.dumps([{"Config": config_name, "RepoTags": [reference], "Layers": ["layer/layer.tar"]}]).encode()
+    return tar_of({"manifest.json": manifest, config_name: config, "layer/layer.tar": layer})
+
+
+def load_image(testcase: unittest.TestCase, client: Any, reference: str, created: str, content: bytes) -> str:
+    """``image_tar`` loaded into the test daemon (removed after the test); its ID."""
+    for _ in client.api.load_image(image_tar(reference, created, content)):
+        pass
+    remove_image_later(testcase, client, reference)
+    return client.api.inspect_image(reference)["Id"]
+
+
+def commit_image(testcase: unittest.TestCase, client: Any, reference: str, cmd: list[str],
+                 changes: tuple[str, ...] | list[str] = ()) -> str:
+    """The base image with ``cmd`` as its CMD (and Dockerfile ``changes``), tagged ``reference``; its ID."""
+    import json
+
+    container = client.api.create_container(base_image(), command=["true"])
+    try:
+        repository, _, tag = reference.rpartition(":")
+        answer = client.api.commit(container["Id"], repository=repository, tag=tag,
+                                   changes=[f"CMD {json.dumps(cmd)}", *changes])
+    finally:
+        client.api.remove_container(container["Id"], force=True)
+    remove_image_later(testcase, client, reference)
+    return answer["Id"]
+
+
 def agent_config(
     workdir: str,
     docker_host_url: str,
@@ -122,6 +181,7 @@ def agent_config(
     require_auth_always: bool = True,
     tls_cert: str = "",
     tls_key: str = "",
+    replace_stable_time: float | None = None,
 ) -> Any:
     """A Config for an agent living in ``workdir`` (no control plane)."""
     key_file = os.path.join(workdir, "api-key")
@@ -145,6 +205,8 @@ def agent_config(
         "agent_api": agent_api,
         "docker": {"host": docker_host_url, "threads": threads},
     }
+    if replace_stable_time is not None:
+        document["docker"]["replace_stable_time"] = replace_stable_time
     return parse_config(document, {})
 
 

@@ -37,12 +37,21 @@ def toml_value(value: Any) -> str:
 
 
 def dump_toml(document: dict[str, dict[str, Any]]) -> str:
-    lines = []
-    for section, table in document.items():
-        lines.append(f"[{section}]")
-        for key, value in table.items():
-            lines.append(f"{key} = {toml_value(value)}")
+    """``document`` as TOML; a table inside a section (``docker.cleanup``) is written as its own table."""
+    lines: list[str] = []
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
+        for key, value in values.items():
+            if key not in nested:
+                lines.append(f"{key} = {toml_value(value)}")
         lines.append("")
+        for key, value in nested.items():
+            table(f"{name}.{key}", value)
+
+    for section, values in document.items():
+        table(section, values)
     return "\n".join(lines)
 
 
@@ -196,8 +205,11 @@ class _ProcessWatcher(protocol.ProcessProtocol):
 class AgentProcess:
     """A real ``twistd -n --pidfile= plexagent --config FILE`` process."""
 
-    def __init__(self, config_path: str, reactor: Any = default_reactor, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: str, reactor: Any = default_reactor, env: dict[str, str] | None = None,
+                 preamble: str = "") -> None:
         self.config_path = config_path
+        #: Python run in the agent's process before twistd (test hooks)
+        self.preamble = preamble
         self.reactor = reactor
         self.env = dict(os.environ if env is None else env)
         self.watcher: _ProcessWatcher | None = None
@@ -205,7 +217,7 @@ class AgentProcess:
 
     def start(self) -> None:
         self.watcher = _ProcessWatcher()
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+        argv = [sys.executable, "-c", self.preamble + "\nfrom twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "plexagent", "--config", self.config_path]
         self.transport = self.reactor.spawnProcess(self.watcher, argv[0], argv, env=self.env)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.trial import unittest
 
 from plexagent import service
@@ -32,11 +32,14 @@ DOCKER_ROUTES = {
     "/containers/<n>/logs": {"GET"},
     "/containers/<n>/inspect": {"GET"},
     "/containers/<n>/exec": {"POST"},
+    "/containers/<n>/replace": {"POST"},
+    "/containers/<n>/rollback": {"POST"},
     "/images/list": {"GET"},
     "/images/pull": {"POST"},
     "/images/tag": {"POST"},
     "/images/load": {"POST"},
     "/images/cleanup": {"POST"},
+    "/system/df": {"GET"},
     "/docker/build": {"POST"},
     "/docker/dockerfile": {"POST"},
     "/docker/login": {"POST"},
@@ -76,3 +79,38 @@ class Wiring(unittest.TestCase):
         for rule, methods in DOCKER_ROUTES.items():
             self.assertIn(rule, routes)
             self.assertTrue(methods <= routes[rule], (rule, routes[rule]))
+
+
+class DiskHygieneWiring(unittest.TestCase):
+    def make(self, **cleanup: object) -> service.AgentService:
+        import attrs
+
+        workdir = tempfile.mkdtemp(prefix="pa-wiring-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        config = td.agent_config(workdir, "unix:///run/example/docker.sock", "key")
+        config = attrs.evolve(config, docker=attrs.evolve(
+            config.docker, cleanup=attrs.evolve(config.docker.cleanup, **cleanup)))
+        return service.makeService(config, MemoryReactorClock())
+
+    def test_the_automatic_cleanup_is_off_by_default(self) -> None:
+        top = self.make()
+        self.assertNotIn("image-cleanup", [s.name for s in top])
+        self.assertNotIn("auto_cleanup", top.agent.agent_services)  # type: ignore[attr-defined]
+
+    def test_enabled_it_runs_with_the_configured_threshold_interval_and_keep_last(self) -> None:
+        from plexagent.host.docker.janitor import AutoCleanup
+
+        top = self.make(enabled=True, threshold_percent=70.0, keep_last=5, interval=120.0)
+        cleaner = top.getServiceNamed("image-cleanup")
+        self.assertIsInstance(cleaner, AutoCleanup)
+        self.assertEqual((cleaner.threshold_percent, cleaner.interval, cleaner.options.keep_last,
+                          cleaner.options.include_build_cache), (70.0, 120.0, 5, True))
+        self.assertIs(cleaner.hygiene, top.agent.agent_services["image_hygiene"])  # type: ignore[attr-defined]
+
+    def test_cleanups_keep_the_images_of_cron_jobs(self) -> None:
+        top = self.make()
+        services = top.agent.agent_services  # type: ignore[attr-defined]
+        services["cron"].add({"schedule": "0 2 * * *", "image": "app:cron", "command": None,
+                              "environment": {}, "volumes": {}, "networks": []})
+        [job_id] = services["cron"].jobs
+        self.assertEqual(services["image_hygiene"].protected(), {"app:cron": f"used by cron job {job_id}"})

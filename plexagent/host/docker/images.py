@@ -1,6 +1,6 @@
 """
-Images: the facade's part that lists, tags, cleans up and inspects them,
-logs in to registries and pulls.
+Images: the facade's part that lists, tags and inspects them, logs in to
+registries and pulls. (Cleanups: ``janitor.ImageHygiene``.)
 """
 
 from __future__ import annotations
@@ -38,20 +38,6 @@ class _ImageOps:
         return {"success": True, "source_image": source, "target_image": target, "id": info["Id"]}
 
     @staticmethod
-    def cleanup(client: Any, all_unused: bool) -> dict[str, Any]:
-        result = client.api.prune_images(filters={"dangling": not all_unused})
-        deleted = result.get("ImagesDeleted") or []
-        removed = [d.get("Deleted") for d in deleted if d.get("Deleted")]
-        untagged = [d.get("Untagged") for d in deleted if d.get("Untagged")]
-        return {
-            "success": True,
-            "removed": len(removed),
-            "images_deleted": removed,
-            "untagged": untagged,
-            "space_reclaimed": result.get("SpaceReclaimed", 0),
-        }
-
-    @staticmethod
     def image_info(client: Any, reference: str) -> dict[str, Any]:
         info = client.api.inspect_image(reference)
         return {"id": info["Id"], "tags": info.get("RepoTags") or [], "size": info.get("Size", 0)}
@@ -69,7 +55,7 @@ class _ImageOps:
 
 
 class ImageOperations:
-    """The facade's image operations (list, tag, clean up, inspect, log in, pull)."""
+    """The facade's image operations (list, tag, inspect, log in, pull)."""
 
     pool: DockerPool
 
@@ -78,9 +64,6 @@ class ImageOperations:
 
     def tag(self, source: str, repository: str, tag: str | None) -> defer.Deferred[dict[str, Any]]:
         return self.pool.call(_ImageOps.tag, source, repository, tag, what="image")
-
-    def cleanup(self, all_unused: bool) -> defer.Deferred[dict[str, Any]]:
-        return self.pool.call(_ImageOps.cleanup, all_unused, what="image")
 
     def image_info(self, reference: str) -> defer.Deferred[dict[str, Any]]:
         return self.pool.call(_ImageOps.image_info, reference, what="image")
