@@ -140,6 +140,12 @@ class CronConfig:
 
 
 @attrs.frozen
+class MetricsConfig:
+    #: seconds between rounds of container stats samples (GET /metrics answers from the latest)
+    stats_interval: float = 10.0
+
+
+@attrs.frozen
 class Config:
     """The whole, immutable configuration of one agent."""
 
@@ -151,6 +157,7 @@ class Config:
     nginx: NginxConfig = NginxConfig()
     system: SystemConfig = SystemConfig()
     cron: CronConfig = CronConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def standalone(self) -> bool:
@@ -166,6 +173,7 @@ _SECTIONS: dict[str, type] = {
     "nginx": NginxConfig,
     "system": SystemConfig,
     "cron": CronConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -321,7 +329,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be a non-empty list of non-empty strings")
     for key, value in (("nginx.timeout", config.nginx.timeout), ("system.program_timeout", config.system.program_timeout),
                        ("cron.run_timeout", config.cron.run_timeout),
-                       ("cron.poll_interval", config.cron.poll_interval)):
+                       ("cron.poll_interval", config.cron.poll_interval),
+                       ("metrics.stats_interval", config.metrics.stats_interval)):
         if value <= 0:
             raise ConfigError(f"{key}: must be greater than 0")
     if config.system.self_restart_delay < 0:

@@ -57,7 +57,8 @@ class ErrorTests(unittest.TestCase):
     def test_unknown_section(self) -> None:
         self.assertConfigError(
             {"nodes": {}},
-            "nodes: unknown section (known: node, control_plane, node_api, agent_api, docker, nginx, system, cron)",
+            "nodes: unknown section (known: node, control_plane, node_api, agent_api, docker, nginx, system, cron, "
+            "metrics)",
         )
 
     def test_unknown_key(self) -> None:
@@ -183,6 +184,16 @@ class OperationsConfigTests(unittest.TestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse_config(doc)
             self.assertTrue(str(caught.exception).startswith(key + ":"), str(caught.exception))
+
+
+class MetricsConfigTests(unittest.TestCase):
+    def test_stats_interval_defaults_to_ten_seconds(self) -> None:
+        self.assertEqual(parse_config({}).metrics.stats_interval, 10.0)
+
+    def test_stats_interval_must_be_positive(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({"metrics": {"stats_interval": 0}})
+        self.assertEqual(str(caught.exception), "metrics.stats_interval: must be greater than 0")
 
 
 class ReportQuotaConfigTests(unittest.TestCase):
