@@ -312,6 +312,8 @@ class ContainerStatsSampler(service.Service):
                     current.entry = container_entry(current.name, previous, sample)
 
         def failed(failure: Any) -> None:
+            if not self.running:
+                return  # stopping: the pool may be closing its client under the call
             if failure.check(errors.NotFound):
                 self._containers.pop(container_id, None)  # gone between the list and the call
             elif not failure.check(errors.PlexError):
