@@ -378,3 +378,17 @@ def read_key_file(key: str, path: str, warn: Any = None) -> str:
     if not text:
         raise ConfigError(f"{key}: {path} is empty")
     return text
+
+
+def read_key_lines(key: str, path: str, warn: Any = None) -> tuple[str, ...]:
+    """
+    Read a key file holding one key or more, one a line: surrounding
+    whitespace and blank lines are ignored, and so are lines starting with
+    ``#`` (comments: a key cannot start with ``#``). Errors as
+    ``read_key_file``'s; a file with no key is one.
+    """
+    text = read_key_file(key, path, warn)
+    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise ConfigError(f"{key}: {path} holds no key (only comments)")
+    return keys

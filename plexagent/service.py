@@ -12,7 +12,8 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
-from plexagent.config import Config, ConfigError, read_key_file
+from plexagent.config import Config, ConfigError, read_key_file, read_key_lines
+from plexagent.credentials import CredentialReloader
 from plexagent.http import auth, responses
 from plexagent.http.listeners import (
     ListenerService,
@@ -22,6 +23,7 @@ from plexagent.http.listeners import (
     server_endpoint,
     tls_endpoint_description,
 )
+from plexagent.http.operator import OperatorRoutes, SocketRoot
 from plexagent.http.site import PlexSite, RequestLog, chain_observers
 from plexagent.node.reports import ReportStore
 from plexagent.node.routes import NodeAPI, SecretReader
@@ -106,6 +108,8 @@ class Agent:
         #: domain objects the agent API's route modules use, by name
         self.agent_services: dict[str, Any] = {}
         self.agent_api: Any = None
+        #: re-reads the key files (SIGHUP, POST /plexagent/reload)
+        self.reloader = CredentialReloader(reactor)
 
 
 def _warn(message: str) -> None:
@@ -163,8 +167,10 @@ def build_agent_api(config: Config, reactor: Any, agent: "Agent") -> "ListenerSe
     from plexagent.agentapi import AgentAPI, AgentContext
 
     aapi = config.agent_api
-    api_key = read_key_file("agent_api.api_key_file", aapi.api_key_file, _warn)
-    policy = auth.AgentAPIPolicy(aapi.allowed_ips, api_key, aapi.require_auth_always)
+    api_keys = read_key_lines("agent_api.api_key_file", aapi.api_key_file, _warn)
+    policy = auth.AgentAPIPolicy(aapi.allowed_ips, api_keys, aapi.require_auth_always)
+    agent.reloader.add("agent_api.api_key_file",
+                       lambda: read_key_lines("agent_api.api_key_file", aapi.api_key_file, _warn), policy.set_api_keys)
     context = AgentContext(config=config, reactor=reactor)
     context.services.update(agent.agent_services)
     api = AgentAPI(context, policy)
@@ -320,8 +326,12 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         log.info("secrets group {group} does not exist: only root may read secret values on the socket",
                  group=napi.secrets_group)
 
+    operator = OperatorRoutes(agent.reloader.reload)
+    responses.label_routes(operator.app)
+    # The agent's own routes (/plexagent/...) are on the socket only, never on TCP.
     unix_site = PlexSite(
-        auth.GuardedResource(auth.PeerCredentialPolicy(secrets_gid), resource), napi.max_body_bytes
+        auth.GuardedResource(auth.PeerCredentialPolicy(secrets_gid), SocketRoot(resource, operator.resource())),
+        napi.max_body_bytes,
     )
     socket_path = napi.socket
 
@@ -357,9 +367,11 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
 
     if napi.http_enabled:
         http_token = read_key_file("node_api.http_token_file", napi.http_token_file, _warn)
-        tcp_site = PlexSite(
-            auth.GuardedResource(auth.BearerTokenPolicy(http_token), resource), napi.max_body_bytes
-        )
+        bearer = auth.BearerTokenPolicy(http_token)
+        agent.reloader.add("node_api.http_token_file",
+                           lambda: read_key_file("node_api.http_token_file", napi.http_token_file, _warn),
+                           bearer.set_token)
+        tcp_site = PlexSite(auth.GuardedResource(bearer, resource), napi.max_body_bytes)
         ListenerService(
             "node_api.http_listen",
             server_endpoint(reactor, "node_api.http_listen", napi.http_listen),

@@ -25,7 +25,7 @@ def agent_api(testcase: unittest.TestCase) -> AgentAPI:
     # Registering routes only looks the domain objects up; none is called here.
     services: dict = collections.defaultdict(mock.Mock)
     context = AgentContext(config=config, reactor=reactor, services=services)
-    return AgentAPI(context, auth.AgentAPIPolicy((), API_KEY, True))
+    return AgentAPI(context, auth.AgentAPIPolicy((), (API_KEY,), True))
 
 
 class LocalNodeAPIDocumentTests(unittest.TestCase):
