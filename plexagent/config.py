@@ -80,6 +80,10 @@ class AgentAPIConfig:
     max_upload_bytes: int = 10737418240
     tls_cert: str = ""
     tls_key: str = ""
+    #: PEM CA certificates; when set, a client must present a certificate one of them signed
+    tls_client_ca: str = ""
+    #: with tls_client_ca: false lets a client with a verified certificate in without X-API-Key
+    require_api_key_with_client_cert: bool = True
     #: /files/read refuses larger files (413)
     max_read_bytes: int = 10485760
     #: /files/write and the legacy JSON form of /upload/tar accept bodies up to
@@ -321,6 +325,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"agent_api.{key}: must be greater than 0")
     if bool(config.agent_api.tls_cert) != bool(config.agent_api.tls_key):
         raise ConfigError("agent_api.tls_cert: tls_cert and tls_key must be set together")
+    if config.agent_api.tls_client_ca and not config.agent_api.tls_cert:
+        raise ConfigError("agent_api.tls_client_ca: needs agent_api.tls_cert and agent_api.tls_key (mutual TLS is TLS)")
     if config.docker.threads < 1:
         raise ConfigError("docker.threads: must be at least 1")
     for key, argv in (("nginx.command", config.nginx.command), ("system.systemctl", config.system.systemctl),

@@ -21,7 +21,6 @@ from plexagent.http.listeners import (
     group_id,
     prepare_socket_path,
     server_endpoint,
-    tls_endpoint_description,
 )
 from plexagent.http.operator import OperatorRoutes, SocketRoot
 from plexagent.http.site import PlexSite, RequestLog, chain_observers
@@ -108,7 +107,7 @@ class Agent:
         #: domain objects the agent API's route modules use, by name
         self.agent_services: dict[str, Any] = {}
         self.agent_api: Any = None
-        #: re-reads the key files (SIGHUP, POST /plexagent/reload)
+        #: re-reads key files and the TLS certificate (SIGHUP, POST /plexagent/reload)
         self.reloader = CredentialReloader(reactor)
 
 
@@ -168,7 +167,8 @@ def build_agent_api(config: Config, reactor: Any, agent: "Agent") -> "ListenerSe
 
     aapi = config.agent_api
     api_keys = read_key_lines("agent_api.api_key_file", aapi.api_key_file, _warn)
-    policy = auth.AgentAPIPolicy(aapi.allowed_ips, api_keys, aapi.require_auth_always)
+    policy = auth.AgentAPIPolicy(aapi.allowed_ips, api_keys, aapi.require_auth_always,
+                                 client_cert_suffices=bool(aapi.tls_client_ca) and not aapi.require_api_key_with_client_cert)
     agent.reloader.add("agent_api.api_key_file",
                        lambda: read_key_lines("agent_api.api_key_file", aapi.api_key_file, _warn), policy.set_api_keys)
     context = AgentContext(config=config, reactor=reactor)
@@ -176,12 +176,14 @@ def build_agent_api(config: Config, reactor: Any, agent: "Agent") -> "ListenerSe
     api = AgentAPI(context, policy)
     agent.agent_api = api
     if aapi.tls_cert:
-        for key, path in (("agent_api.tls_cert", aapi.tls_cert), ("agent_api.tls_key", aapi.tls_key)):
-            if not os.access(path, os.R_OK):
-                raise ConfigError(f"{key}: cannot read {path}")
-        endpoint = server_endpoint(
-            reactor, "agent_api.listen", tls_endpoint_description(aapi.listen, aapi.tls_cert, aapi.tls_key)
-        )
+        from plexagent.http import tls
+
+        def options() -> Any:
+            return tls.server_options(aapi.tls_cert, aapi.tls_key, aapi.tls_client_ca)
+
+        creator = tls.SwappableServerTLS(options())
+        agent.reloader.add("agent_api.tls_cert", options, creator.swap)
+        endpoint = tls.tls_server_endpoint(reactor, aapi.listen, creator)
     else:
         endpoint = server_endpoint(reactor, "agent_api.listen", aapi.listen)
     return ListenerService("agent_api.listen", endpoint, api.site(), reactor, config.node.shutdown_timeout)

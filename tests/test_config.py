@@ -86,6 +86,11 @@ class ErrorTests(unittest.TestCase):
         self.assertConfigError({"node_api": {"socket_mode": "rw"}},
                                'node_api.socket_mode: must be an octal mode such as "0660", got \'rw\'')
 
+    def test_a_client_ca_needs_tls(self) -> None:
+        self.assertConfigError({"agent_api": {"tls_client_ca": "/ca.pem"}},
+                               "agent_api.tls_client_ca: needs agent_api.tls_cert and agent_api.tls_key "
+                               "(mutual TLS is TLS)")
+
     def test_tls_needs_both_files(self) -> None:
         self.assertConfigError({"agent_api": {"tls_cert": "/c.pem"}},
                                "agent_api.tls_cert: tls_cert and tls_key must be set together")

@@ -105,6 +105,18 @@ class GuardedResource(resource.Resource):
         return self._inner.render(request)
 
 
+def peer_has_certificate(request: IRequest) -> bool:
+    """Whether the request came over TLS with a client certificate (one the handshake verified)."""
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    get = getattr(transport, "getPeerCertificate", None)
+    if get is None:
+        return False
+    try:
+        return get() is not None
+    except Exception:  # noqa: BLE001 - no TLS session (yet): no certificate
+        return False
+
+
 def parse_networks(entries: "tuple[str, ...] | list[str]") -> "list[Any]":
     import ipaddress
 
@@ -131,15 +143,20 @@ class AgentAPIPolicy:
     TCP peer address, never a header) -> 403; then ``X-API-Key``, which must
     be one of ``api_keys`` (compared with each, in constant time) -> 401.
     ``GET /ping`` needs no key. With ``require_auth_always`` off, RFC 1918
-    peers skip the key (the seed's VPC bypass).
+    peers skip the key (the seed's VPC bypass). With
+    ``client_cert_suffices`` (mutual TLS and
+    ``require_api_key_with_client_cert = false``), a client whose
+    certificate the TLS handshake verified needs no key either.
     """
 
     PUBLIC = frozenset({(b"GET", b"/ping"), (b"HEAD", b"/ping")})
 
-    def __init__(self, allowed_ips: "tuple[str, ...]", api_keys: "tuple[str, ...]", require_auth_always: bool = True) -> None:
+    def __init__(self, allowed_ips: "tuple[str, ...]", api_keys: "tuple[str, ...]", require_auth_always: bool = True,
+                 client_cert_suffices: bool = False) -> None:
         self._networks = parse_networks(allowed_ips)
         self.set_api_keys(api_keys)
         self._always = require_auth_always
+        self._client_cert_suffices = client_cert_suffices
 
     def set_api_keys(self, api_keys: "tuple[str, ...]") -> None:
         """Accept exactly ``api_keys`` from now on (a reload)."""
@@ -180,6 +197,8 @@ class AgentAPIPolicy:
             address = self.peer_ip(request)
             if address is not None and _is_rfc1918(address):
                 return
+        if self._client_cert_suffices and peer_has_certificate(request):
+            return
         given = request.getHeader(b"x-api-key")
         if given is None or not matches_any(given.strip(), self._keys):
             raise errors.Unauthorized("unauthorized")
