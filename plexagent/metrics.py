@@ -2,8 +2,8 @@
 The agent's own metrics (``AgentMetrics``), in Prometheus text format:
 requests and their latency per route and listener (observed by each
 ``PlexSite`` as requests finish), and, read at scrape time, the report
-outbox depth, the control-plane connection, the Docker pool's queue and
-the cron runs. (The seed's JSON document is ``host.metrics``.)
+outbox depth, the control-plane connection, the Docker pool's queue,
+the container stats sampler's rounds and the cron runs. (The seed's JSON document is ``host.metrics``.)
 """
 
 from __future__ import annotations
@@ -140,6 +140,17 @@ class _AgentCollector:
             g = GaugeMetricFamily("plexagent_docker_pool_active_calls", "Docker calls running or queued.")
             g.add_metric([], float(getattr(pool, "active", 0)))
             yield g
+
+        sampler = services.get("container_stats")
+        if sampler is not None:
+            c = CounterMetricFamily("plexagent_container_stats_rounds", "Rounds of container stats samples ended.")
+            c.add_metric([], float(sampler.rounds))
+            yield c
+            if sampler.last_round_seconds is not None:
+                g = GaugeMetricFamily("plexagent_container_stats_round_duration_seconds",
+                                      "How long the latest round of container stats samples took.")
+                g.add_metric([], float(sampler.last_round_seconds))
+                yield g
 
         scheduler = services.get("cron")
         if scheduler is not None:

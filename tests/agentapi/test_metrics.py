@@ -121,12 +121,15 @@ class MetricsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_prometheus_text_has_pool_cron_and_control_plane_state(self):
+        yield self.sampler.next_round()
         _, found = yield self.scrape(params={"format": "prometheus"})
         self.assertEqual(found[("plexagent_docker_pool_queue_length", ())], 0)
         self.assertIn(("plexagent_docker_pool_busy_threads", ()), found)
         self.assertEqual(found[("plexagent_cron_runs_total", (("result", "succeeded"),))], 0)
         self.assertEqual(found[("plexagent_cron_runs_total", (("result", "skipped"),))], 0)
         self.assertEqual(found[("plexagent_cron_jobs", ())], 0)
+        self.assertGreaterEqual(found[("plexagent_container_stats_rounds_total", ())], 1)
+        self.assertIn(("plexagent_container_stats_round_duration_seconds", ()), found)
         self.assertEqual(found[("plexagent_control_plane_configured", ())], 0)
         self.assertEqual(found[("plexagent_control_plane_connected", ())], 0)
         # Standalone: no outbox, no outbox metric.

@@ -151,7 +151,9 @@ class ContainerStatsSampler(service.Service):
         self.sampled_at: float | None = None
         #: why Docker could not be listed in the latest round ("" when it could)
         self.docker_error = ""
+        #: rounds ended, and how long the latest took (seconds)
         self.rounds = 0
+        self.last_round_seconds: float | None = None
         self._waiting: list[defer.Deferred[None]] = []
         #: whether Docker has answered (or refused) a first listing
         self.listed = False
@@ -247,6 +249,7 @@ class ContainerStatsSampler(service.Service):
         if not self.running or not self.pool.running or self._round is not None:
             return
         waiting, self._waiting = self._waiting, []
+        started = self.clock.seconds()
         self._round = defer.ensureDeferred(self._sample_all())
 
         def ended(result: Any) -> None:
@@ -254,6 +257,7 @@ class ContainerStatsSampler(service.Service):
             if isinstance(result, Failure):
                 log.failure("sampling container stats failed", result)
             self.rounds += 1
+            self.last_round_seconds = self.clock.seconds() - started
             for d in waiting:
                 d.callback(None)
             if self.running and self._timer is None:

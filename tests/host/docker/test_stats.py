@@ -224,6 +224,13 @@ class Sampler(unittest.TestCase):
         self.clock.advance(0)
         self.assertEqual(len(self.pool.api.stats_calls), 3)
 
+    def test_rounds_are_counted_and_the_latest_timed(self) -> None:
+        self.pool.hold = True
+        self.start()
+        self.clock.advance(3)
+        self.pool.release()  # the list; no container
+        self.assertEqual((self.sampler.rounds, self.sampler.last_round_seconds), (1, 3.0))
+
     def test_next_round_fires_when_a_round_has_ended(self) -> None:
         self.start()
         d = self.sampler.next_round()
