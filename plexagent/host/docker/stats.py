@@ -48,9 +48,12 @@ def _one_shot(client: Any, container_id: str, times: int = 1) -> list[dict[str, 
     from docker.utils import version_lt
 
     api = client.api
-    if version_lt(api._version, "1.41"):  # no one_shot: a plain call, two collections
-        return [api.stats(container_id, stream=False) for _ in range(times)]
-    return [api.stats(container_id, stream=False, one_shot=True) for _ in range(times)]
+    one_shot = {} if version_lt(api._version, "1.41") else {"one_shot": True}  # else a plain call: two collections
+    try:
+        return [api.stats(container_id, stream=False, **one_shot) for _ in range(times)]
+    except ValueError:
+        # Docker answers an empty body for a container that stopped meanwhile.
+        raise errors.NotFound("the container stopped while it was sampled") from None
 
 
 def _cpu_times(stats: dict[str, Any]) -> tuple[int, int, int]:

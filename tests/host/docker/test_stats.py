@@ -38,6 +38,8 @@ class FakeAPI:
         self.system = 0
         self.stats_calls: list[str] = []
         self.down = False
+        #: containers Docker answers an empty body for (stopping)
+        self.stopping: set[str] = set()
 
     def containers(self) -> list[dict[str, Any]]:
         if self.down:
@@ -48,6 +50,8 @@ class FakeAPI:
         assert not stream and one_shot
         if container_id not in self.running:
             raise errors.NotFound("container not found")
+        if container_id in self.stopping:
+            raise ValueError("Expecting value: line 1 column 1 (char 0)")  # Docker's empty answer
         self.stats_calls.append(container_id)
         self.used[container_id] = self.used.get(container_id, 0) + self.step
         self.system += 10_000_000
@@ -184,6 +188,13 @@ class Sampler(unittest.TestCase):
         self.pool.release()  # its samples: not found
         view = self.sampler.view()
         self.assertEqual((view["containers"], view["pending"]), ({}, []))
+
+    def test_a_container_docker_answers_nothing_for_is_left_out_quietly(self) -> None:
+        self.pool.api.running = {"a": "web", "b": "db"}
+        self.pool.api.stopping = {"a"}
+        self.start()  # a failure logged would fail this test
+        view = self.sampler.view()
+        self.assertEqual((list(view["containers"]), view["pending"]), (["db"], []))
 
     def test_docker_unavailable_is_said_and_the_samples_are_dropped(self) -> None:
         self.pool.api.running = {"a": "web"}
