@@ -151,6 +151,19 @@ class Hangup(unittest.TestCase):
         await d
         self.assertEqual(seen, [signal.SIGHUP])
 
+    async def test_plexagent_reload_with_a_pid_sends_sighup(self) -> None:
+        import io
+
+        from plexagent import cli
+
+        self.hangup.startService()
+        self.addCleanup(self.hangup.stopService)
+        d = self.reloader.next_reload()
+        out = io.StringIO()
+        self.assertEqual(cli.main(["reload", "--pid", str(os.getpid())], io.StringIO(), out, io.StringIO()), 0)
+        await d
+        self.assertIn("sent SIGHUP", out.getvalue())
+
     def test_stopping_puts_the_previous_handler_back(self) -> None:
         def previous(signum: int, frame: Any) -> None:
             pass
