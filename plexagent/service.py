@@ -226,8 +226,7 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
     pool = agent.agent_services["dockerpool"]
     # Always sampling: at 50 containers it costs well under 1% of a core
     # (docs/benchmarks.md), and every GET /metrics answers at once.
-    sampler = sampler_for(pool, reactor, config.metrics.stats_interval, config.docker.threads,
-                          agent.agent_services["docker"].container_list)
+    sampler = sampler_for(pool, reactor, config.metrics.stats_interval, agent.agent_services["docker"].container_list)
     sampler.setServiceParent(top)
     agent.agent_services["container_stats"] = sampler
     agent.agent_services["metrics"] = AgentMetrics(agent)

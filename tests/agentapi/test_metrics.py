@@ -87,9 +87,9 @@ class MetricsTests(unittest.TestCase):
         yield self.sampler.next_round()
         calls = []
         pool = self.agent.pool
-        real_call, real_background = pool.call, pool.background_call
-        self.patch(pool, "call", lambda *a, **k: calls.append(a) or real_call(*a, **k))
-        self.patch(pool, "background_call", lambda *a, **k: calls.append(a) or real_background(*a, **k))
+        for method in ("call", "background_call", "sampling_call"):
+            real = getattr(pool, method)
+            self.patch(pool, method, lambda *a, real=real, **k: calls.append(a) or real(*a, **k))
         self.sampler.stopService()  # no round meanwhile
         code, body = yield self.client.get("/metrics")
         self.assertEqual(code, 200)

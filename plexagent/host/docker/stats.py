@@ -13,10 +13,11 @@ Docker's event stream reports) is sampled twice in a row, so that it has a
 CPU% about a second later instead of a round later; a container that dies
 is forgotten at once.
 
-The calls run on the Docker pool (``background_call``), at most
-``concurrency`` at a time, so that requests keep the rest of the pool.
-Docker answers a one-shot call at its next collection tick (every second),
-so a round of N containers takes about N / ``concurrency`` seconds.
+The calls run on the Docker pool's stats threads (``sampling_call``: half
+of ``docker.threads``, at least one), at most ``concurrency`` at a time,
+so that requests keep every thread of the pool proper. Docker answers a
+one-shot call at its next collection tick (every second), so a round of
+N containers takes about N / ``concurrency`` seconds.
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ class ContainerStatsSampler(service.Service):
 
     async def _sample_all(self) -> None:
         try:
-            running = await self.pool.background_call(_running_containers)
+            running = await self.pool.sampling_call(_running_containers)
         except errors.PlexError as e:
             self.docker_error = e.details or e.message
             self._containers.clear()
@@ -330,7 +331,7 @@ class ContainerStatsSampler(service.Service):
             for d in self._sampling.pop(container_id, []):
                 d.callback(None)
 
-        d = self._semaphore.run(self.pool.background_call, _one_shot, container_id, times)
+        d = self._semaphore.run(self.pool.sampling_call, _one_shot, container_id, times)
         d.addCallbacks(got, failed)
         d.addBoth(done)
         return sampled
@@ -361,6 +362,6 @@ class ContainerStatsSampler(service.Service):
             self._timer = self.clock.callLater(0, self._start_round)
 
 
-def sampler_for(pool: DockerPool, clock: Any, interval: float, threads: int, watch: Any = None) -> ContainerStatsSampler:
-    """The sampler for a pool of ``threads`` threads: it takes at most half of them."""
-    return ContainerStatsSampler(pool, clock, interval, max(1, threads // 2), watch)
+def sampler_for(pool: DockerPool, clock: Any, interval: float, watch: Any = None) -> ContainerStatsSampler:
+    """The sampler on ``pool``, as many calls at once as the pool has stats threads."""
+    return ContainerStatsSampler(pool, clock, interval, pool.sampling_threads, watch)

@@ -69,7 +69,7 @@ class FakePool:
         self.hold = False
         self.held: list[tuple[defer.Deferred[Any], Any, tuple[Any, ...]]] = []
 
-    def background_call(self, fn: Any, *args: Any) -> defer.Deferred[Any]:
+    def sampling_call(self, fn: Any, *args: Any) -> defer.Deferred[Any]:
         if self.hold:
             d: defer.Deferred[Any] = defer.Deferred()
             self.held.append((d, fn, args))
