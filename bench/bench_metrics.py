@@ -67,12 +67,22 @@ def cpu_percent_over(pid: int, window: float) -> float:
     return (cpu_seconds(process) - before) / (time.monotonic() - started) * 100.0
 
 
+def stats_or_none(client: docker.DockerClient, container_id: str, one_shot: bool) -> dict | None:
+    """One stats call; None for a container that stopped meanwhile (other tests share the engine)."""
+    try:
+        if one_shot:
+            return client.api.stats(container_id, stream=False, one_shot=True)
+        return client.api.stats(container_id, stream=False)
+    except (docker.errors.APIError, ValueError):
+        return None
+
+
 def old_per_request_path(client: docker.DockerClient, threads: int) -> dict:
     """What GET /metrics did before the sampler, per request: list, then a stats call per container."""
     running = [(c["Id"], c["Names"][0].lstrip("/")) for c in client.api.containers()]
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(lambda item: client.api.stats(item[0], stream=False), running))
-    return {name: stats for (_, name), stats in zip(running, results, strict=True)}
+        results = list(pool.map(lambda item: stats_or_none(client, item[0], one_shot=False), running))
+    return {name: stats for (_, name), stats in zip(running, results, strict=True) if stats is not None}
 
 
 def sample_one_shot(docker_host: str, window: float, interval: float, threads: int) -> None:
@@ -82,7 +92,7 @@ def sample_one_shot(docker_host: str, window: float, interval: float, threads: i
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         while time.monotonic() < end:
             ids = [c["Id"] for c in client.api.containers()]
-            list(pool.map(lambda cid: client.api.stats(cid, stream=False, one_shot=True), ids))
+            list(pool.map(lambda cid: stats_or_none(client, cid, one_shot=True), ids))
             time.sleep(max(0.0, min(end - time.monotonic(), interval)))
 
 
@@ -93,10 +103,13 @@ def sample_streams(docker_host: str, window: float) -> None:
     stop = threading.Event()
 
     def follow(cid: str) -> None:
-        for sample in client.api.stats(cid, stream=True, decode=True):
-            latest[cid] = sample
-            if stop.is_set():
-                return
+        try:
+            for sample in client.api.stats(cid, stream=True, decode=True):
+                latest[cid] = sample
+                if stop.is_set():
+                    return
+        except (docker.errors.APIError, ValueError):
+            return  # the container stopped (other tests share the engine)
 
     for c in client.api.containers():
         threading.Thread(target=follow, args=(c["Id"],), daemon=True).start()
@@ -210,7 +223,7 @@ def main() -> None:
                 container.remove(force=True)
             except docker.errors.APIError:
                 pass
-    print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
