@@ -84,10 +84,11 @@ class Client:
 
     def _request(self, path: str, key: str | None) -> tuple[int, bytes, bytes]:
         self.connection.request("GET", path, headers={"X-API-Key": key} if key else {})
-        response = self.connection.getresponse()
-        body = response.read()
+        # Before the answer: a refused request's answer closes the connection.
         sock: Any = self.connection.sock
-        return response.status, body, sock.getpeercert(binary_form=True)
+        server_cert = sock.getpeercert(binary_form=True)
+        response = self.connection.getresponse()
+        return response.status, response.read(), server_cert
 
     def get(self, path: str, key: str | None = None) -> Any:
         """Deferred (status, body, the server's certificate DER), on a thread."""
