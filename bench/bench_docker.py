@@ -70,7 +70,7 @@ def vm_rss_kib(pid: int) -> int:
 class Agent:
     """``twistd -n plexagent`` with a temporary config, on loopback."""
 
-    def __init__(self, docker_host: str, workdir: str) -> None:
+    def __init__(self, docker_host: str, workdir: str, extra_config: str = "") -> None:
         self.workdir = workdir
         self.port = free_port()
         token = "bench-" + uuid.uuid4().hex
@@ -85,7 +85,7 @@ class Agent:
                 f'[node]\ndata_dir = "{workdir}/data"\n'
                 f'[node_api]\nsocket = "{workdir}/api.sock"\n'
                 f'[agent_api]\nlisten = "127.0.0.1:{self.port}"\napi_key_file = "{key_file}"\n'
-                f'[docker]\nhost = "{docker_host}"\n'
+                f'[docker]\nhost = "{docker_host}"\n' + extra_config
             )
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.log = open(os.path.join(workdir, "agent.log"), "wb")

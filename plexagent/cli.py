@@ -10,6 +10,10 @@ Local Node API socket.
 Each helper is a subcommand: add one with a ``_register_*`` function that
 adds its parser and sets ``func``.
 
+``plexagent reload [--socket PATH | --pid PID]`` has the agent re-read its
+key files and TLS certificate: as root through the socket (``POST
+/plexagent/reload``, which answers what was re-read), or by SIGHUP.
+
 ``plexagent derive-key [--token-file PATH]`` prints the Node Agent API key,
 ``hex(HMAC-SHA256(key=token, msg="node-agent:"))``, for a provisioning
 token read from the file or from standard input.
@@ -229,6 +233,42 @@ def _register_socket_commands(commands: Any) -> None:
         parser.add_argument("--socket", default="/var/run/plexd/api.sock", help="the agent's Unix socket")
 
 
+def _reload(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> int:
+    import os
+    import signal
+
+    if args.pid is not None:
+        try:
+            os.kill(args.pid, signal.SIGHUP)
+        except OSError as e:
+            print(f"plexagent reload: cannot signal process {args.pid}: {e.strerror}", file=stderr)
+            return 1
+        print(f"sent SIGHUP to {args.pid}; the agent logs what it re-read", file=stdout)
+        return 0
+    result = _call_socket(args, stderr, "POST", "/plexagent/reload")
+    if result is None:
+        return 1
+    status, body = result
+    code = _print_response(status, body, stdout, stderr)
+    if code == 0:
+        from plexagent import strictparse
+
+        # Something that could not be re-read (and kept its value in use) is a failure to script on.
+        return 1 if strictparse.parse_json(body).get("failed") else 0
+    return code
+
+
+def _register_reload(commands: Any) -> None:
+    parser = commands.add_parser(
+        "reload", help="have the agent re-read its key files and TLS certificate (as SIGHUP does)",
+        description="Through the socket (as root): POST /plexagent/reload, printing what was re-read and what "
+        "could not be (which keeps its value in use; exit status 1). With --pid: send SIGHUP to that process.",
+    )
+    parser.add_argument("--socket", default="/var/run/plexd/api.sock", help="the agent's Unix socket")
+    parser.add_argument("--pid", type=int, help="send SIGHUP to this process instead of using the socket")
+    parser.set_defaults(func=_reload)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plexagent", description="plexagent operator helpers")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -237,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_check_config(commands)
     _register_derive_key(commands)
     _register_socket_commands(commands)
+    _register_reload(commands)
     return parser
 
 

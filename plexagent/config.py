@@ -83,6 +83,10 @@ class AgentAPIConfig:
     max_upload_bytes: int = 10737418240
     tls_cert: str = ""
     tls_key: str = ""
+    #: PEM CA certificates; when set, a client must present a certificate one of them signed
+    tls_client_ca: str = ""
+    #: with tls_client_ca: false lets a client with a verified certificate in without X-API-Key
+    require_api_key_with_client_cert: bool = True
     #: connections the listener holds at once; past it a new one is answered 503
     max_connections: int = 4096
     #: /files/read refuses larger files (413)
@@ -164,6 +168,12 @@ class CronConfig:
 
 
 @attrs.frozen
+class MetricsConfig:
+    #: seconds between rounds of container stats samples (GET /metrics answers from the latest)
+    stats_interval: float = 10.0
+
+
+@attrs.frozen
 class Config:
     """The whole, immutable configuration of one agent."""
 
@@ -175,6 +185,7 @@ class Config:
     nginx: NginxConfig = NginxConfig()
     system: SystemConfig = SystemConfig()
     cron: CronConfig = CronConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def standalone(self) -> bool:
@@ -190,6 +201,7 @@ _SECTIONS: dict[str, type] = {
     "nginx": NginxConfig,
     "system": SystemConfig,
     "cron": CronConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -347,6 +359,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"agent_api.{key}: must be greater than 0")
     if bool(config.agent_api.tls_cert) != bool(config.agent_api.tls_key):
         raise ConfigError("agent_api.tls_cert: tls_cert and tls_key must be set together")
+    if config.agent_api.tls_client_ca and not config.agent_api.tls_cert:
+        raise ConfigError("agent_api.tls_client_ca: needs agent_api.tls_cert and agent_api.tls_key (mutual TLS is TLS)")
     if config.docker.threads < 1:
         raise ConfigError("docker.threads: must be at least 1")
     if config.docker.replace_stable_time <= 0:
@@ -364,7 +378,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be a non-empty list of non-empty strings")
     for key, value in (("nginx.timeout", config.nginx.timeout), ("system.program_timeout", config.system.program_timeout),
                        ("cron.run_timeout", config.cron.run_timeout),
-                       ("cron.poll_interval", config.cron.poll_interval)):
+                       ("cron.poll_interval", config.cron.poll_interval),
+                       ("metrics.stats_interval", config.metrics.stats_interval)):
         if value <= 0:
             raise ConfigError(f"{key}: must be greater than 0")
     if config.system.self_restart_delay < 0:
@@ -415,3 +430,17 @@ def read_key_file(key: str, path: str, warn: Any = None) -> str:
     if not text:
         raise ConfigError(f"{key}: {path} is empty")
     return text
+
+
+def read_key_lines(key: str, path: str, warn: Any = None) -> tuple[str, ...]:
+    """
+    Read a key file holding one key or more, one a line: surrounding
+    whitespace and blank lines are ignored, and so are lines starting with
+    ``#`` (comments: a key cannot start with ``#``). Errors as
+    ``read_key_file``'s; a file with no key is one.
+    """
+    text = read_key_file(key, path, warn)
+    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise ConfigError(f"{key}: {path} holds no key (only comments)")
+    return keys

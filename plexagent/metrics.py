@@ -3,7 +3,8 @@ The agent's own metrics (``AgentMetrics``), in Prometheus text format:
 requests and their latency per route and listener (observed by each
 ``PlexSite`` as requests finish), and, read at scrape time, the report
 outbox depth, the control-plane connection, the Docker pool's queue, the
-cron runs and the automatic image cleanups. (The seed's JSON document is ``host.metrics``.)
+container stats sampler's rounds, the cron runs and the automatic image
+cleanups. (The seed's JSON document is ``host.metrics``.)
 """
 
 from __future__ import annotations
@@ -142,6 +143,16 @@ class _AgentCollector:
             yield g
 
         yield from _cleanup_metrics(services.get("auto_cleanup"))
+        sampler = services.get("container_stats")
+        if sampler is not None:
+            c = CounterMetricFamily("plexagent_container_stats_rounds", "Rounds of container stats samples ended.")
+            c.add_metric([], float(sampler.rounds))
+            yield c
+            if sampler.last_round_seconds is not None:
+                g = GaugeMetricFamily("plexagent_container_stats_round_duration_seconds",
+                                      "How long the latest round of container stats samples took.")
+                g.add_metric([], float(sampler.last_round_seconds))
+                yield g
 
         scheduler = services.get("cron")
         if scheduler is not None:

@@ -12,7 +12,8 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
-from plexagent.config import Config, ConfigError, read_key_file
+from plexagent.config import Config, ConfigError, read_key_file, read_key_lines
+from plexagent.credentials import CredentialReloader
 from plexagent.http import auth, responses
 from plexagent.http.listeners import (
     ListenerService,
@@ -20,8 +21,8 @@ from plexagent.http.listeners import (
     group_id,
     prepare_socket_path,
     server_endpoint,
-    tls_endpoint_description,
 )
+from plexagent.http.operator import OperatorRoutes, SocketRoot
 from plexagent.http.site import PlexSite, RequestLog, chain_observers
 from plexagent.node.reports import ReportStore
 from plexagent.node.routes import NodeAPI, SecretReader
@@ -106,6 +107,8 @@ class Agent:
         #: domain objects the agent API's route modules use, by name
         self.agent_services: dict[str, Any] = {}
         self.agent_api: Any = None
+        #: re-reads key files and the TLS certificate (SIGHUP, POST /plexagent/reload)
+        self.reloader = CredentialReloader(reactor)
 
 
 def _warn(message: str) -> None:
@@ -163,19 +166,24 @@ def build_agent_api(config: Config, reactor: Any, agent: "Agent") -> "ListenerSe
     from plexagent.agentapi import AgentAPI, AgentContext
 
     aapi = config.agent_api
-    api_key = read_key_file("agent_api.api_key_file", aapi.api_key_file, _warn)
-    policy = auth.AgentAPIPolicy(aapi.allowed_ips, api_key, aapi.require_auth_always)
+    api_keys = read_key_lines("agent_api.api_key_file", aapi.api_key_file, _warn)
+    policy = auth.AgentAPIPolicy(aapi.allowed_ips, api_keys, aapi.require_auth_always,
+                                 client_cert_suffices=bool(aapi.tls_client_ca) and not aapi.require_api_key_with_client_cert)
+    agent.reloader.add("agent_api.api_key_file",
+                       lambda: read_key_lines("agent_api.api_key_file", aapi.api_key_file, _warn), policy.set_api_keys)
     context = AgentContext(config=config, reactor=reactor)
     context.services.update(agent.agent_services)
     api = AgentAPI(context, policy)
     agent.agent_api = api
     if aapi.tls_cert:
-        for key, path in (("agent_api.tls_cert", aapi.tls_cert), ("agent_api.tls_key", aapi.tls_key)):
-            if not os.access(path, os.R_OK):
-                raise ConfigError(f"{key}: cannot read {path}")
-        endpoint = server_endpoint(
-            reactor, "agent_api.listen", tls_endpoint_description(aapi.listen, aapi.tls_cert, aapi.tls_key)
-        )
+        from plexagent.http import tls
+
+        def options() -> Any:
+            return tls.server_options(aapi.tls_cert, aapi.tls_key, aapi.tls_client_ca)
+
+        creator = tls.SwappableServerTLS(options())
+        agent.reloader.add("agent_api.tls_cert", options, creator.swap)
+        endpoint = tls.tls_server_endpoint(reactor, aapi.listen, creator)
     else:
         endpoint = server_endpoint(reactor, "agent_api.listen", aapi.listen)
     return ListenerService("agent_api.listen", endpoint, api.site(), reactor, config.node.shutdown_timeout)
@@ -215,8 +223,15 @@ def add_operations(config: Config, reactor: Any, agent: Agent, top: service.Mult
     add_container_replace(config, reactor, agent, top)
     add_disk_hygiene(config, reactor, agent, top)
 
+    from plexagent.host.docker.stats import sampler_for
     from plexagent.metrics import AgentMetrics
 
+    pool = agent.agent_services["dockerpool"]
+    # Always sampling: at 50 containers it costs well under 1% of a core
+    # (docs/benchmarks.md), and every GET /metrics answers at once.
+    sampler = sampler_for(pool, reactor, config.metrics.stats_interval, agent.agent_services["docker"].container_list)
+    sampler.setServiceParent(top)
+    agent.agent_services["container_stats"] = sampler
     agent.agent_services["metrics"] = AgentMetrics(agent)
 
 
@@ -381,9 +396,12 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         log.info("secrets group {group} does not exist: only root may read secret values on the socket",
                  group=napi.secrets_group)
 
+    operator = OperatorRoutes(agent.reloader.reload)
+    responses.label_routes(operator.app)
+    # The agent's own routes (/plexagent/...) are on the socket only, never on TCP.
     unix_site = PlexSite(
-        auth.GuardedResource(auth.PeerCredentialPolicy(secrets_gid), resource), napi.max_body_bytes,
-        max_connections=napi.max_connections,
+        auth.GuardedResource(auth.PeerCredentialPolicy(secrets_gid), SocketRoot(resource, operator.resource())),
+        napi.max_body_bytes, max_connections=napi.max_connections,
     )
     socket_path = napi.socket
 
@@ -419,10 +437,12 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
 
     if napi.http_enabled:
         http_token = read_key_file("node_api.http_token_file", napi.http_token_file, _warn)
-        tcp_site = PlexSite(
-            auth.GuardedResource(auth.BearerTokenPolicy(http_token), resource), napi.max_body_bytes,
-            max_connections=napi.max_connections,
-        )
+        bearer = auth.BearerTokenPolicy(http_token)
+        agent.reloader.add("node_api.http_token_file",
+                           lambda: read_key_file("node_api.http_token_file", napi.http_token_file, _warn),
+                           bearer.set_token)
+        tcp_site = PlexSite(auth.GuardedResource(bearer, resource), napi.max_body_bytes,
+                            max_connections=napi.max_connections)
         ListenerService(
             "node_api.http_listen",
             server_endpoint(reactor, "node_api.http_listen", napi.http_listen),

@@ -79,6 +79,9 @@ def makeService(options: Options, reactor: Any = None, environ: Any = None) -> A
         print(f"plexagent: configuration error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     agent_service.GracefulTermination(reactor).setServiceParent(top)
+    from plexagent.credentials import HangupReload
+
+    HangupReload(reactor, top.agent.reloader).setServiceParent(top)  # type: ignore[attr-defined]
     twistd_options = getattr(options, "parent", None)  # twistd's ServerOptions, when run by twistd
     if twistd_options is None or twistd_options.get("logger"):
         return top

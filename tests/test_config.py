@@ -57,7 +57,8 @@ class ErrorTests(unittest.TestCase):
     def test_unknown_section(self) -> None:
         self.assertConfigError(
             {"nodes": {}},
-            "nodes: unknown section (known: node, control_plane, node_api, agent_api, docker, nginx, system, cron)",
+            "nodes: unknown section (known: node, control_plane, node_api, agent_api, docker, nginx, system, cron, "
+            "metrics)",
         )
 
     def test_unknown_key(self) -> None:
@@ -84,6 +85,11 @@ class ErrorTests(unittest.TestCase):
     def test_bad_socket_mode(self) -> None:
         self.assertConfigError({"node_api": {"socket_mode": "rw"}},
                                'node_api.socket_mode: must be an octal mode such as "0660", got \'rw\'')
+
+    def test_a_client_ca_needs_tls(self) -> None:
+        self.assertConfigError({"agent_api": {"tls_client_ca": "/ca.pem"}},
+                               "agent_api.tls_client_ca: needs agent_api.tls_cert and agent_api.tls_key "
+                               "(mutual TLS is TLS)")
 
     def test_tls_needs_both_files(self) -> None:
         self.assertConfigError({"agent_api": {"tls_cert": "/c.pem"}},
@@ -234,6 +240,16 @@ class DockerConfigTests(unittest.TestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse_config({"docker": table})
             self.assertTrue(str(caught.exception).startswith(key + ":"), str(caught.exception))
+
+
+class MetricsConfigTests(unittest.TestCase):
+    def test_stats_interval_defaults_to_ten_seconds(self) -> None:
+        self.assertEqual(parse_config({}).metrics.stats_interval, 10.0)
+
+    def test_stats_interval_must_be_positive(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({"metrics": {"stats_interval": 0}})
+        self.assertEqual(str(caught.exception), "metrics.stats_interval: must be greater than 0")
 
 
 class ReportQuotaConfigTests(unittest.TestCase):

@@ -120,6 +120,27 @@ class LifecycleTests(DaemonCase):
         self.assertEqual(code, 200)
 
 
+class ReloadTests(DaemonCase):
+    async def test_sighup_re_reads_the_token_while_the_daemon_keeps_serving(self) -> None:
+        import treq
+
+        from plexagent.testing.fixtures import write_secret_file
+
+        self.sandbox.enable_http()
+        proc = self.spawn()
+        listening = await proc.wait_for_output(r"node_api\.http_listen listening on .*port=(\d+)")
+        url = f"http://127.0.0.1:{int(listening.group(1))}/v1/state/metadata"
+        write_secret_file(self.sandbox.document["node_api"]["http_token_file"], "rotated-token")
+        reloaded = proc.wait_for_output(r"reload: re-read node_api\.http_token_file")
+        proc.transport.signalProcess("HUP")
+        await reloaded
+        response = await treq.get(url, headers={"Authorization": "Bearer rotated-token"}, persistent=False)
+        await response.content()
+        self.assertEqual(response.code, 200)
+        proc.kill(signal.SIGTERM)
+        self.assertEqual(await proc.wait(), 0)
+
+
 class CrashTests(DaemonCase):
     async def test_acknowledged_reports_survive_sigkill(self) -> None:
         proc = self.spawn()

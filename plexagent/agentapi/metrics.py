@@ -1,6 +1,6 @@
 """
 ``GET /metrics`` of the Node Agent API: the seed's JSON (containers and
-system), or the agent's own metrics in Prometheus text format with
+system, from the container stats sampled in the background), or the agent's own metrics in Prometheus text format with
 ``Accept: text/plain`` or ``?format=prometheus``.
 """
 
@@ -14,6 +14,9 @@ from plexagent import errors, metrics
 from plexagent.host import metrics as host_metrics
 from plexagent.http import responses
 from plexagent.http.streaming import arg
+
+#: seconds a request waits for Docker's first container listing after the agent starts
+FIRST_LISTING_WAIT = 2.0
 
 
 def wants_prometheus(request: Any) -> bool:
@@ -30,7 +33,7 @@ def wants_prometheus(request: Any) -> bool:
 
 
 def register(app: Klein, context: Any) -> None:
-    pool = context.services["dockerpool"]
+    sampler = context.services["container_stats"]
     agent_metrics = context.services["metrics"]
     reactor = context.reactor
 
@@ -41,4 +44,8 @@ def register(app: Klein, context: Any) -> None:
             request.setHeader(b"content-type", metrics.PROMETHEUS_CONTENT_TYPE.encode("ascii"))
             request.setHeader(b"content-length", b"%d" % len(body))
             return body
-        return responses.respond(request, await host_metrics.snapshot(pool, reactor))
+        # From the sampler's latest samples: no Docker call while the client
+        # waits. Only a request in the agent's first moments waits (briefly)
+        # for Docker's first listing, so that it can say which containers run.
+        await sampler.first_listing(FIRST_LISTING_WAIT)
+        return responses.respond(request, host_metrics.snapshot(sampler, reactor))

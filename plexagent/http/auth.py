@@ -29,6 +29,14 @@ def constant_time_equal(given: bytes, expected: bytes) -> bool:
     return hmac.compare_digest(given, expected)
 
 
+def matches_any(given: bytes, keys: "tuple[bytes, ...]") -> bool:
+    """Whether ``given`` is one of ``keys``: compared with every one, each in constant time."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given, key)
+    return found
+
+
 class PeerCredentialPolicy:
     """
     The Local Node API's Unix socket: access is governed by the socket's file
@@ -58,6 +66,10 @@ class BearerTokenPolicy:
     """The Local Node API's TCP listener: ``Authorization: Bearer <token>``."""
 
     def __init__(self, token: str) -> None:
+        self._token = token.encode("utf-8")
+
+    def set_token(self, token: str) -> None:
+        """Accept ``token`` from now on (a reload), instead of the one before."""
         self._token = token.encode("utf-8")
 
     def authenticate(self, request: IRequest) -> None:
@@ -99,6 +111,18 @@ class GuardedResource(resource.Resource):
         return self._inner.render(request)
 
 
+def peer_has_certificate(request: IRequest) -> bool:
+    """Whether the request came over TLS with a client certificate (one the handshake verified)."""
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    get = getattr(transport, "getPeerCertificate", None)
+    if get is None:
+        return False
+    try:
+        return get() is not None
+    except Exception:  # noqa: BLE001 - no TLS session (yet): no certificate
+        return False
+
+
 def parse_networks(entries: "tuple[str, ...] | list[str]") -> "list[Any]":
     import ipaddress
 
@@ -122,18 +146,27 @@ def _is_rfc1918(address: Any) -> bool:
 class AgentAPIPolicy:
     """
     The Node Agent API's layers, in the seed's order: the IP allowlist (the
-    TCP peer address, never a header) -> 403; then ``X-API-Key`` compared in
-    constant time -> 401. ``GET /ping`` needs no key. With
-    ``require_auth_always`` off, RFC 1918 peers skip the key (the seed's VPC
-    bypass).
+    TCP peer address, never a header) -> 403; then ``X-API-Key``, which must
+    be one of ``api_keys`` (compared with each, in constant time) -> 401.
+    ``GET /ping`` needs no key. With ``require_auth_always`` off, RFC 1918
+    peers skip the key (the seed's VPC bypass). With
+    ``client_cert_suffices`` (mutual TLS and
+    ``require_api_key_with_client_cert = false``), a client whose
+    certificate the TLS handshake verified needs no key either.
     """
 
     PUBLIC = frozenset({(b"GET", b"/ping"), (b"HEAD", b"/ping")})
 
-    def __init__(self, allowed_ips: "tuple[str, ...]", api_key: str, require_auth_always: bool = True) -> None:
+    def __init__(self, allowed_ips: "tuple[str, ...]", api_keys: "tuple[str, ...]", require_auth_always: bool = True,
+                 client_cert_suffices: bool = False) -> None:
         self._networks = parse_networks(allowed_ips)
-        self._key = api_key.encode("utf-8")
+        self.set_api_keys(api_keys)
         self._always = require_auth_always
+        self._client_cert_suffices = client_cert_suffices
+
+    def set_api_keys(self, api_keys: "tuple[str, ...]") -> None:
+        """Accept exactly ``api_keys`` from now on (a reload)."""
+        self._keys = tuple(key.encode("utf-8") for key in api_keys)
 
     def peer_ip(self, request: IRequest) -> Any:
         import ipaddress
@@ -170,8 +203,10 @@ class AgentAPIPolicy:
             address = self.peer_ip(request)
             if address is not None and _is_rfc1918(address):
                 return
+        if self._client_cert_suffices and peer_has_certificate(request):
+            return
         given = request.getHeader(b"x-api-key")
-        if given is None or not constant_time_equal(given.strip(), self._key):
+        if given is None or not matches_any(given.strip(), self._keys):
             raise errors.Unauthorized("unauthorized")
 
     def may_read_secrets(self, request: IRequest) -> bool:

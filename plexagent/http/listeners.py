@@ -307,20 +307,3 @@ def group_id(name: str) -> int | None:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         return None
-
-
-def tls_endpoint_description(listen: str, cert: str, key: str) -> str:
-    """The ``ssl:`` description for a HOST:PORT listener with a PEM pair."""
-    description = endpoint_description(listen)
-    if not description.startswith(("tcp:", "tcp6:")):
-        raise ConfigError("agent_api.listen: with tls_cert and tls_key, listen must be HOST:PORT")
-
-    def esc(value: str) -> str:
-        return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
-
-    head, rest = description.split(":", 1)
-    if head == "tcp6":
-        raise ConfigError("agent_api.listen: TLS on an IPv6 HOST:PORT needs an ssl: endpoint description")
-    return f"ssl:{rest}:certKey={esc(cert)}:privateKey={esc(key)}"
-
-

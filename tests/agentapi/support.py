@@ -41,7 +41,7 @@ class RunningAgentAPI:
         self.context = AgentContext(config=self.config, reactor=reactor)
         # Only the file routes: the other sections need domain objects
         # (Docker pool, cron, ...) that makeService builds.
-        self.api = AgentAPI(self.context, auth.AgentAPIPolicy((), API_KEY, True), modules=FILE_ROUTE_MODULES)
+        self.api = AgentAPI(self.context, auth.AgentAPIPolicy((), (API_KEY,), True), modules=FILE_ROUTE_MODULES)
         self.port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
         pool = HTTPConnectionPool(reactor, persistent=True)

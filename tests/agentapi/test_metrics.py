@@ -10,7 +10,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from plexagent.host import metrics as host_metrics
 from plexagent.testing.docker import AgentClient, base_image, test_client, unique_name
 from plexagent.testing.fixtures import unix_http_client
 from plexagent.testing.ops import start_agent
@@ -33,8 +32,9 @@ class FakeOutbox:
 class MetricsTests(unittest.TestCase):
     def setUp(self) -> None:
         self.docker = test_client(self)
-        self.agent = start_agent(self)
+        self.agent = start_agent(self, extra={"metrics": {"stats_interval": 0.2}})
         self.client = AgentClient(self.agent)
+        self.sampler = self.agent.top.agent.agent_services["container_stats"]
 
     @defer.inlineCallbacks
     def scrape(self, **kwargs):
@@ -47,6 +47,7 @@ class MetricsTests(unittest.TestCase):
     def test_json_has_per_container_stats_and_system_figures(self):
         name = unique_name(self, self.docker, "metrics")
         self.docker.containers.run(base_image(), ["sh", "-c", "while true; do :; done"], name=name, detach=True)
+        yield self.sampler.next_round()
         code, body = yield self.client.get("/metrics")
         self.assertEqual(code, 200)
         self.assertIs(body["docker"], True)
@@ -57,10 +58,43 @@ class MetricsTests(unittest.TestCase):
         self.assertGreater(entry["cpu_percent"], 0)
         self.assertEqual(set(entry["network"]), {"rx_bytes", "tx_bytes"})
         self.assertEqual(set(entry["block_io"]), {"read_bytes", "write_bytes"})
+        self.assertNotIn(name, body["containers_pending"])
+        self.assertEqual(body["stats_interval"], 0.2)
+        self.assertRegex(body["sampled_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
         system = body["system"]
         self.assertGreater(system["memory"]["total"], 0)
         self.assertGreater(system["disk"]["total"], 0)
         self.assertEqual(set(system["load"]), {"1m", "5m", "15m"})
+
+    @defer.inlineCallbacks
+    def test_a_stopped_container_is_no_longer_reported(self):
+        name = unique_name(self, self.docker, "metrics")
+        container = self.docker.containers.run(base_image(), ["sleep", "600"], name=name, detach=True)
+        yield self.sampler.next_round()
+        code, body = yield self.client.get("/metrics")
+        self.assertIn(name, body["containers"])
+        container.kill()
+        yield self.sampler.next_round()
+        code, body = yield self.client.get("/metrics")
+        self.assertEqual(code, 200)
+        self.assertNotIn(name, body["containers"])
+        self.assertNotIn(name, body["containers_pending"])
+
+    @defer.inlineCallbacks
+    def test_the_answer_makes_no_docker_call(self):
+        name = unique_name(self, self.docker, "metrics")
+        self.docker.containers.run(base_image(), ["sleep", "600"], name=name, detach=True)
+        yield self.sampler.next_round()
+        calls = []
+        pool = self.agent.pool
+        for method in ("call", "background_call", "sampling_call"):
+            real = getattr(pool, method)
+            self.patch(pool, method, lambda *a, real=real, **k: calls.append(a) or real(*a, **k))
+        self.sampler.stopService()  # no round meanwhile
+        code, body = yield self.client.get("/metrics")
+        self.assertEqual(code, 200)
+        self.assertIn(name, body["containers"])
+        self.assertEqual(calls, [])
 
     @defer.inlineCallbacks
     def test_prometheus_text_counts_requests_per_route_and_listener(self):
@@ -87,12 +121,15 @@ class MetricsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_prometheus_text_has_pool_cron_and_control_plane_state(self):
+        yield self.sampler.next_round()
         _, found = yield self.scrape(params={"format": "prometheus"})
         self.assertEqual(found[("plexagent_docker_pool_queue_length", ())], 0)
         self.assertIn(("plexagent_docker_pool_busy_threads", ()), found)
         self.assertEqual(found[("plexagent_cron_runs_total", (("result", "succeeded"),))], 0)
         self.assertEqual(found[("plexagent_cron_runs_total", (("result", "skipped"),))], 0)
         self.assertEqual(found[("plexagent_cron_jobs", ())], 0)
+        self.assertGreaterEqual(found[("plexagent_container_stats_rounds_total", ())], 1)
+        self.assertIn(("plexagent_container_stats_round_duration_seconds", ()), found)
         self.assertEqual(found[("plexagent_control_plane_configured", ())], 0)
         self.assertEqual(found[("plexagent_control_plane_connected", ())], 0)
         # Standalone: no outbox, no outbox metric.
@@ -125,20 +162,3 @@ class MetricsTests(unittest.TestCase):
     def test_unknown_format_is_400(self):
         code, body = yield self.client.get("/metrics", params={"format": "xml"})
         self.assertEqual((code, body["error"]), (400, "invalid format"))
-
-
-class ContainerMetricsTests(unittest.TestCase):
-    def test_cgroup_v2_stats_document(self):
-        stats = {
-            "id": "abc",
-            "cpu_stats": {"cpu_usage": {"total_usage": 2_000_000}, "system_cpu_usage": 20_000_000, "online_cpus": 2},
-            "precpu_stats": {"cpu_usage": {"total_usage": 1_000_000}, "system_cpu_usage": 10_000_000},
-            "memory_stats": {"usage": 5000, "limit": 10000, "stats": {"inactive_file": 1000}},
-            "networks": {"eth0": {"rx_bytes": 10, "tx_bytes": 20}, "eth1": {"rx_bytes": 1, "tx_bytes": 2}},
-            "blkio_stats": {"io_service_bytes_recursive": [{"op": "read", "value": 7}, {"op": "write", "value": 9}]},
-        }
-        entry = host_metrics.container_metrics("app", stats)
-        self.assertEqual(entry["cpu_percent"], 20.0)
-        self.assertEqual(entry["memory"], {"usage": 4000, "limit": 10000, "percent": 40.0})
-        self.assertEqual(entry["network"], {"rx_bytes": 11, "tx_bytes": 22})
-        self.assertEqual(entry["block_io"], {"read_bytes": 7, "write_bytes": 9})

@@ -176,7 +176,7 @@ class VPCBypass(unittest.TestCase):
     def policy(self, always: bool, allowed: tuple[str, ...] = ()) -> Any:
         from plexagent.http.auth import AgentAPIPolicy
 
-        return AgentAPIPolicy(allowed, "the-key", require_auth_always=always)
+        return AgentAPIPolicy(allowed, ("the-key",), require_auth_always=always)
 
     def test_off_by_default_private_peers_need_the_key(self) -> None:
         from plexagent import errors

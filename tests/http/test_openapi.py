@@ -25,7 +25,7 @@ def agent_api(testcase: unittest.TestCase) -> AgentAPI:
     # Registering routes only looks the domain objects up; none is called here.
     services: dict = collections.defaultdict(mock.Mock)
     context = AgentContext(config=config, reactor=reactor, services=services)
-    return AgentAPI(context, auth.AgentAPIPolicy((), API_KEY, True))
+    return AgentAPI(context, auth.AgentAPIPolicy((), (API_KEY,), True))
 
 
 class LocalNodeAPIDocumentTests(unittest.TestCase):
@@ -55,13 +55,15 @@ class NodeAgentAPIDocumentTests(unittest.TestCase):
 
     def test_every_keyed_operation_documents_401_and_ping_is_public(self) -> None:
         doc = document("node-agent-api")
-        self.assertEqual(doc["security"], [{"apiKey": []}])
+        self.assertEqual(doc["security"], [{"apiKey": []}, {"clientCertificate": [], "apiKey": []},
+                                           {"clientCertificate": []}])
         for path, item in doc["paths"].items():
             for method, operation in item.items():
                 if method not in ("get", "post", "put", "delete", "patch"):
                     continue
                 if (method, path) == ("get", "/ping"):
-                    self.assertEqual(operation["security"], [{}])
+                    # No key; the client certificate when mutual TLS is on (the handshake asks for it).
+                    self.assertEqual(operation["security"], [{}, {"clientCertificate": []}])
                     continue
                 self.assertNotIn("security", operation, f"{method} {path}")
                 self.assertIn("401", operation["responses"], f"{method} {path}")

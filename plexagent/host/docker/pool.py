@@ -95,7 +95,10 @@ class DockerPool(service.Service):
     ``fn(client, ...)`` on it, returning a Deferred.
 
     A second, one-thread pool answers ``ping`` so that the health check
-    stays prompt while every worker is busy with slow builds.
+    stays prompt while every worker is busy with slow builds; a third, of
+    half the threads (at least one), runs the background stats samples
+    (``sampling_call``), so that sampling never takes a thread a request
+    is waiting for.
     """
 
     def __init__(
@@ -111,6 +114,9 @@ class DockerPool(service.Service):
         self.threadpool = ThreadPool(minthreads=0, maxthreads=threads, name="plexagent-docker")
         self._probe_pool = ThreadPool(minthreads=0, maxthreads=1, name="plexagent-docker-ping")
         self._background_pool = ThreadPool(minthreads=0, maxthreads=1, name="plexagent-docker-events")
+        #: how many stats samples may run at once (``sampling_call``)
+        self.sampling_threads = max(1, threads // 2)
+        self._sampling_pool = ThreadPool(minthreads=0, maxthreads=self.sampling_threads, name="plexagent-docker-stats")
         self._client_factory = client_factory or default_client_factory(host)
         self._client: Any = None
         self._probe_client: Any = None
@@ -129,6 +135,7 @@ class DockerPool(service.Service):
         self.threadpool.start()
         self._probe_pool.start()
         self._background_pool.start()
+        self._sampling_pool.start()
         # If the reactor stops without stopService (a crash), do not leave
         # non-daemon threads holding the process.
         self._reactor_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pools)
@@ -158,7 +165,7 @@ class DockerPool(service.Service):
 
     def _stop_pools(self) -> None:
         with self._stop_lock:
-            for pool in (self.threadpool, self._probe_pool, self._background_pool):
+            for pool in (self.threadpool, self._probe_pool, self._background_pool, self._sampling_pool):
                 if pool.started:
                     pool.stop()
         with self._lock:
@@ -222,6 +229,14 @@ class DockerPool(service.Service):
         background checks, which no request waits for.
         """
         return self._submit(self.threadpool, False, fn, what, (), args, kwargs)
+
+    def sampling_call(self, fn: Callable[..., Any], *args: Any, what: str = "container") -> defer.Deferred[Any]:
+        """
+        Like ``background_call``, on the stats pool (``sampling_threads``
+        threads): the container stats sampler's calls, which wait up to a
+        second each for Docker's next collection.
+        """
+        return self._submit(self._sampling_pool, False, fn, what, (), args, {})
 
     def _submit(
         self, pool: ThreadPool, counted: bool, fn: Callable[..., Any], what: str, secrets: tuple[str, ...],

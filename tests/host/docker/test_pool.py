@@ -193,6 +193,26 @@ class Lifecycle(unittest.TestCase):
         self.assertEqual(name[0], "client")
         self.assertIn("plexagent-docker", name[1])
 
+    async def test_stats_samples_never_take_a_thread_a_request_waits_for(self) -> None:
+        import threading
+
+        from twisted.internet import reactor
+
+        pool = DockerPool(reactor, "", threads=2, client_factory=lambda: "client")
+        self.assertEqual(pool.sampling_threads, 1)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        # Samples waiting for Docker's collection hold every stats thread...
+        held = [pool.sampling_call(lambda client: release.wait(30)) for _ in range(3)]
+        # ...and both of the pool's threads still answer requests.
+        names = await defer.gatherResults([pool.call(lambda client: threading.current_thread().name)
+                                           for _ in range(2)])
+        self.assertTrue(all("plexagent-docker" in name and "stats" not in name for name in names), names)
+        release.set()
+        self.assertEqual(await defer.gatherResults(held), [True, True, True])
+
     @defer.inlineCallbacks
     def test_a_connection_error_drops_the_client_so_the_next_call_reconnects(self):  # type: ignore[no-untyped-def]
         from twisted.internet import reactor
