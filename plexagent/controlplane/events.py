@@ -1,6 +1,7 @@
 """
-The control-plane event stream: an incremental Server-Sent Events parser and
-verification of the signed envelopes it carries (docs/control-plane.md).
+The control-plane event stream: an incremental Server-Sent Events parser
+(plexd's semantics) and verification of the envelopes it carries
+(docs/control-plane.md).
 
 Both are plain objects with no I/O: the parser is fed bytes as they arrive
 and returns complete events; the verifier takes an injected clock.
@@ -13,7 +14,6 @@ import binascii
 import collections
 import datetime
 import json
-import re
 from typing import Any
 
 import attrs
@@ -25,139 +25,116 @@ from twisted.internet.interfaces import IReactorTime
 #: is remembered (seconds).
 FRESHNESS_WINDOW = 300.0
 
-_LINE_END = re.compile(rb"\r\n|\r|\n")
+#: The longest line plexd's parser takes (bufio.Scanner's 64 KiB buffer holds
+#: the line and its LF; a CR before the LF counts).
+MAX_LINE = 65535
+#: The most event data the parser collects for one event (more is dropped).
+MAX_EVENT_DATA = 1 << 20
 
 
 @attrs.frozen
 class ServerSentEvent:
-    """One dispatched SSE event."""
+    """One dispatched SSE event, as bytes (what it means is the envelope's business)."""
 
-    data: str
-    event: str = "message"
-    id: str = ""
+    data: bytes
+    type: bytes = b"message"
+    id: bytes = b""
+    #: its data grew past the parser's limit and was not kept
+    too_large: bool = False
 
 
 class SSEParser:
     """
-    Incremental Server-Sent Events parser (the WHATWG event-stream format).
+    An incremental Server-Sent Events parser that reads a stream exactly as
+    plexd's does (its own parser, not the WHATWG one):
 
-    ``feed(bytes)`` returns the events completed by those bytes. Lines may end
-    in CRLF, LF or CR, and may be split anywhere across calls (a CR at the end
-    of one chunk and an LF at the start of the next are one line end).
-
-    Memory is bounded: a line longer than ``max_line`` bytes is discarded up
-    to its end, and an event whose data grows past ``max_event`` bytes (or
-    that lost a line that way) is dropped when it would be dispatched. The
-    stream goes on either way.
+    - lines end at LF only; one CR before the LF is dropped (a lone CR is
+      data); a line longer than ``MAX_LINE`` bytes ends the stream
+      (``overflow``): nothing after it is read;
+    - ``:`` lines are comments; a field is the text before the first colon,
+      one space after the colon is dropped; names are case-sensitive;
+    - ``event`` sets the type, ``data`` appends a line (``data`` without a
+      colon appends an empty one), ``id`` sets the block's id; ``retry`` and
+      unknown fields are ignored;
+    - a blank line dispatches the block if it has data: its type (default
+      ``message``), its data lines joined with LF, its id; a non-empty id
+      becomes ``last_event_id``. An id in a block without data is forgotten,
+      an empty id never clears ``last_event_id``; a BOM is not stripped; a
+      block cut off by the end of the stream is dropped.
     """
 
-    def __init__(self, max_line: int = 1024 * 1024, max_event: int = 4 * 1024 * 1024) -> None:
-        self.max_line = max_line
-        self.max_event = max_event
-        #: the last event id seen (sent back as Last-Event-ID on reconnect)
-        self.last_event_id = ""
-        #: the reconnection time the server asked for, in milliseconds
-        self.retry: int | None = None
-        #: events dropped for exceeding a limit (for logs and tests)
-        self.dropped = 0
+    def __init__(self, max_data: int = MAX_EVENT_DATA) -> None:
+        self.max_data = max_data
+        self.last_event_id = b""
+        #: a line was too long: the stream must end
+        self.overflow = False
         self._buffer = b""
-        self._skip_lf = False
-        self._discarding_line = False
-        self._first_line = True
-        self._data: list[str] = []
-        self._data_size = 0
-        self._event_type = ""
-        self._poisoned = False
+        self._type = b""
+        self._data: list[bytes] = []
+        self._size = 0
+        self._too_large = False
+        self._id = b""
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         """Consume ``chunk``; return the events it completed, in order."""
         events: list[ServerSentEvent] = []
-        if not chunk:
+        if self.overflow:
             return events
-        if self._skip_lf:
-            self._skip_lf = False
-            if chunk[:1] == b"\n":
-                chunk = chunk[1:]
-        if self._discarding_line:
-            m = _LINE_END.search(chunk)
-            if m is None:
-                return events
-            self._discarding_line = False
-            self._after_line_end(chunk, m)
-            chunk = chunk[m.end():]
-            if self._skip_lf and chunk[:1] == b"\n":
-                self._skip_lf = False
-                chunk = chunk[1:]
-            # The overlong line was a field of the current event: lose it.
-            self._poisoned = True
         buffer = self._buffer + chunk if self._buffer else chunk
         start = 0
-        for m in _LINE_END.finditer(buffer):
-            if m.start() < start:  # the LF of a CRLF already consumed
-                continue
-            line = buffer[start:m.start()]
-            if len(line) > self.max_line:
-                self._poisoned = True
-            else:
-                self._process_line(line, events)
-            start = m.end()
-            if m.group() == b"\r" and start == len(buffer):
-                # A CR ending the chunk: an LF opening the next is its pair.
-                self._skip_lf = True
-        rest = buffer[start:]
-        if len(rest) > self.max_line:
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = buffer[start:end]
+            start = end + 1
+            if len(line) > MAX_LINE:
+                self.overflow = True
+                self._buffer = b""
+                return events
+            self._line(line[:-1] if line.endswith(b"\r") else line, events)
+        self._buffer = buffer[start:]
+        if len(self._buffer) > MAX_LINE:
+            self.overflow = True
             self._buffer = b""
-            self._discarding_line = True
-        else:
-            self._buffer = rest
         return events
 
-    def _after_line_end(self, chunk: bytes, m: re.Match[bytes]) -> None:
-        if m.group() == b"\r" and m.end() == len(chunk):
-            self._skip_lf = True
-
-    def _process_line(self, raw: bytes, events: list[ServerSentEvent]) -> None:
-        if self._first_line:
-            self._first_line = False
-            if raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-        if not raw:
-            self._dispatch(events)
+    def _line(self, line: bytes, events: list[ServerSentEvent]) -> None:
+        if not line:
+            if self._data or self._too_large:
+                events.append(ServerSentEvent(b"" if self._too_large else b"\n".join(self._data),
+                                              self._type or b"message", self._id, self._too_large))
+                if self._id:
+                    self.last_event_id = self._id
+            self._type, self._data, self._size, self._too_large, self._id = b"", [], 0, False, b""
             return
-        if raw[:1] == b":":
-            return  # a comment: keep-alive
-        line = raw.decode("utf-8", "replace")
-        name, colon, value = line.partition(":")
-        if colon and value.startswith(" "):
+        if line[:1] == b":":
+            return
+        field, _, value = line.partition(b":")
+        if value[:1] == b" ":
             value = value[1:]
-        if name == "data":
-            self._data_size += len(value) + 1
-            if self._data_size > self.max_event:
-                self._poisoned = True
-                self._data.clear()
-            elif not self._poisoned:
+        if field == b"data":
+            self._size += len(value) + 1
+            if self._size > self.max_data:
+                self._too_large = True
+                self._data = []
+            elif not self._too_large:
                 self._data.append(value)
-        elif name == "event":
-            self._event_type = value
-        elif name == "id":
-            if "\x00" not in value:
-                self.last_event_id = value
-        elif name == "retry":
-            if value.isascii() and value.isdigit():
-                self.retry = int(value)
-        # Any other field name is ignored, as the format requires.
+        elif field == b"event":
+            self._type = value
+        elif field == b"id":
+            self._id = value
 
-    def _dispatch(self, events: list[ServerSentEvent]) -> None:
-        data, self._data = self._data, []
-        event_type, self._event_type = self._event_type, ""
-        poisoned, self._poisoned = self._poisoned, False
-        size, self._data_size = self._data_size, 0
-        if poisoned:
-            self.dropped += 1
-            return
-        if not size:
-            return
-        events.append(ServerSentEvent(data="\n".join(data), event=event_type or "message", id=self.last_event_id))
+
+def header_safe_id(raw: bytes) -> str:
+    """``raw`` as a Last-Event-ID header value, or "" when a header cannot carry it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    if any(c < " " or c == "\x7f" for c in text):
+        return ""
+    return text
 
 
 # -- envelopes -----------------------------------------------------------

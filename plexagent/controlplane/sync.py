@@ -25,11 +25,13 @@ from twisted.python.failure import Failure
 from plexagent import __version__
 from plexagent.controlplane.client import ControlPlaneClient, ControlPlaneError
 from plexagent.controlplane.events import (
+    MAX_LINE,
     Envelope,
     EnvelopeVerifier,
     RejectedEnvelope,
     ServerSentEvent,
     SSEParser,
+    header_safe_id,
 )
 from plexagent.logs import describe
 from plexagent.node.reports import rfc3339
@@ -264,12 +266,17 @@ class EventStream:
     """
     The subscription to ``GET /v1/nodes/{id}/events``: parses the SSE body,
     verifies each envelope and hands it to ``apply``. Reconnects after any
-    drop or failure, with ``Last-Event-ID``, after the ``retry:`` delay the
-    server set (or backoff with jitter for repeated failures, honouring
-    Retry-After). A stream silent for ``idle_timeout`` seconds (not even a
-    keep-alive comment) is taken as dead and reconnected.
-    ``on_reconnect`` is called on every successful connection but the first.
+    drop or failure with ``Last-Event-ID``: at once after a useful
+    connection (one that delivered an event or lived ``USEFUL_AFTER``
+    seconds), otherwise with backoff and jitter, honouring Retry-After. A
+    stream silent for ``idle_timeout`` seconds (not even a keep-alive
+    comment), or sending a line longer than plexd's parser takes, is
+    closed and reconnected with backoff. ``on_reconnect`` is called on every
+    successful connection but the first.
     """
+
+    #: A connection that lived this long without an event still counts as useful.
+    USEFUL_AFTER = 30.0
 
     def __init__(
         self,
@@ -292,8 +299,7 @@ class EventStream:
         self._parser_factory = parser_factory
         self.started = False
         self.connected = False
-        self.last_event_id = ""
-        self.retry_ms: int | None = None
+        self.last_event_id = b""
         self.connections = 0
         self.rejected = 0
         self._protocol: _StreamProtocol | None = None
@@ -302,6 +308,10 @@ class EventStream:
         self._reconnect_call: Any = None
         self._watchdog: Any = None
         self._stopped: defer.Deferred[None] | None = None
+        self._connected_at = 0.0
+        self._useful = False
+        #: the connection was closed for going silent or an over-long line: a failure
+        self._broken = False
 
     def start(self) -> None:
         if self.started:
@@ -325,7 +335,7 @@ class EventStream:
 
     def _connect(self) -> None:
         self._reconnect_call = None
-        d = self.client.open_events(self.last_event_id)
+        d = self.client.open_events(header_safe_id(self.last_event_id))
         self._connecting = d
         d.addCallbacks(self._opened, self._open_failed)
 
@@ -338,6 +348,9 @@ class EventStream:
             return
         self.connections += 1
         self.connected = True
+        self._connected_at = self.clock.seconds()
+        self._useful = False
+        self._broken = False
         self._parser = self._parser_factory()
         self._parser.last_event_id = self.last_event_id
         self._protocol = _StreamProtocol(self)
@@ -362,6 +375,7 @@ class EventStream:
 
     def _silent(self) -> None:
         log.warn("event stream silent for {seconds}s: reconnecting", seconds=self.idle_timeout)
+        self._broken = True
         if self._protocol is not None:
             self._protocol.close()
 
@@ -371,16 +385,21 @@ class EventStream:
         self._arm_watchdog()
         for event in self._parser.feed(data):
             self._handle(event)
-        if self._parser.retry is not None:
-            self.retry_ms = self._parser.retry
+        if self._parser.overflow:
+            log.warn("event stream sent a line longer than {limit} bytes: reconnecting", limit=MAX_LINE)
+            self._broken = True
+            protocol.close()
 
     def _handle(self, event: ServerSentEvent) -> None:
         # A complete event proves the stream works: failures start over.
         self.backoff.reset()
+        self._useful = True
         if event.id:
             self.last_event_id = event.id
         try:
-            envelope = self.verifier.verify(event.data)
+            if event.too_large:
+                raise RejectedEnvelope("event data too large")
+            envelope = self.verifier.verify(event.data.decode("utf-8", "replace"))
         except RejectedEnvelope as e:
             self.rejected += 1
             log.warn("dropping event {id}: {reason}", id=event.id, reason=str(e))
@@ -403,18 +422,13 @@ class EventStream:
         if not self.started:
             return
         log.info("event stream closed: {reason}", reason=describe(reason))
-        # The server's retry: sets the delay after a healthy stream (one that
-        # delivered an event since the last failure); repeated failures
-        # back off with jitter on top, so a server that accepts and drops
-        # at once is not hammered at the retry: interval.
-        healthy = self.backoff.attempt == 0
-        jittered = self.backoff.next_delay()
-        if self.retry_ms is not None:
-            retry = self.retry_ms / 1000.0
-            delay = retry if healthy else max(retry, jittered)
+        useful = self._useful or self.clock.seconds() - self._connected_at >= self.USEFUL_AFTER
+        if useful and not self._broken:
+            # plexd reconnects at once after a clean end: events may be waiting.
+            self.backoff.reset()
+            self._reconnect_later(0)
         else:
-            delay = jittered
-        self._reconnect_later(delay)
+            self._reconnect_later(self.backoff.next_delay())
 
     def _reconnect_later(self, delay: float) -> None:
         if not self.started:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.trial import unittest
 
 from plexagent.controlplane import gojson
+from plexagent.controlplane.events import SSEParser
 from plexagent.controlplane.gojson import GoTime
 from plexagent.controlplane.keys import KeySet
 from plexagent.controlplane.plexd_events import PlexdEventCodec, decode_envelope, sign_plexd_event, signed_bytes
@@ -134,3 +136,36 @@ class EventVectorTests(unittest.TestCase):
             envelope = decode_envelope(wire(case))
             self.assertEqual(signed_bytes(envelope.event_type, envelope.event_id, envelope.issued_at,
                                           envelope.nonce, envelope.payload_raw), case["signed_bytes"].encode())
+
+
+SSE = load("plexd-sse.json")["cases"]
+_ABBREVIATED = re.compile(r"(.{20})\.\.\.\((\d+) bytes\)", re.S)
+
+
+def same_data(got: bytes, want: str) -> bool:
+    """Data over 200 bytes is abbreviated in the vectors as its first 20 characters and its length."""
+    m = _ABBREVIATED.fullmatch(want)
+    if m is None:
+        return got.decode("utf-8", "replace") == want
+    return got[:20].decode("utf-8", "replace") == m.group(1) and len(got) == int(m.group(2))
+
+
+class SSEVectorTests(unittest.TestCase):
+    def test_there_are_28_cases(self) -> None:
+        self.assertEqual(len(SSE), 28)
+
+    def test_every_stream_yields_what_plexd_s_parser_yields_however_it_is_cut(self) -> None:
+        wrong = []
+        for case in SSE:
+            stream = base64.b64decode(case["stream_b64"])
+            for step in (max(len(stream), 1), 1, 7, 4096):
+                parser = SSEParser()
+                events = []
+                for i in range(0, len(stream), step):
+                    events += parser.feed(stream[i:i + step])
+                ok = len(events) == len(case["events"]) and all(
+                    e.type.decode() == w["type"] and e.id.decode() == w["id"] and same_data(e.data, w["data"])
+                    for e, w in zip(events, case["events"], strict=False))
+                if not ok or parser.last_event_id.decode() != case["last_event_id"]:
+                    wrong.append(f"{case['name']} (chunks of {step})")
+        self.assertEqual(wrong, [])

@@ -232,13 +232,38 @@ class EventStreamTests(SyncHarness):
         self.connect()
         self.assertEqual(len(self.client.fetches), 2)
 
-    def test_retry_field_sets_the_reconnect_delay(self) -> None:
+    def test_a_clean_end_after_an_event_reconnects_at_once_ignoring_retry(self) -> None:
         self.client.fetches[0].callback(STATE)
         response = self.connect()
         response.write(b"retry: 5000\n\n")
         response.write(frame("node_rebooted", {}))
         response.lose()
-        self.clock.advance(4.9)
+        self.clock.advance(0)
+        self.assertEqual(len(self.client.streams), 2)
+
+    def test_a_connection_that_lived_30_seconds_counts_as_useful(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        response = self.connect()
+        self.clock.advance(30)
+        response.lose()
+        self.clock.advance(0)
+        self.assertEqual(len(self.client.streams), 2)
+
+    def test_a_connection_ending_before_any_event_backs_off(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        self.connect().lose()
+        self.clock.advance(0.9)
+        self.assertEqual(len(self.client.streams), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.streams), 2)
+
+    def test_an_over_long_line_closes_the_stream_and_backs_off(self) -> None:
+        self.client.fetches[0].callback(STATE)
+        response = self.connect()
+        response.write(frame("node_rebooted", {}))
+        response.write(b"data: " + b"x" * 70000)
+        self.assertIsNone(response.protocol)
+        self.clock.advance(0.9)
         self.assertEqual(len(self.client.streams), 1)
         self.clock.advance(0.1)
         self.assertEqual(len(self.client.streams), 2)
