@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from plexagent.controlplane.client import ControlPlaneError
+from plexagent.controlplane.protocol import Call, ControlPlaneError, ErrorKind
 
 
 def sync_thread(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
@@ -83,4 +83,5 @@ class FakeClient:
 
 
 def unavailable(status: int = 503, retry_after: float | None = None) -> Failure:
-    return Failure(ControlPlaneError(f"control plane answered {status}", status=status, retry_after=retry_after))
+    return Failure(ControlPlaneError(Call.STATE, ErrorKind.TRANSIENT, f"control plane answered {status}",
+                                     status=status, retry_after=retry_after))
