@@ -34,9 +34,14 @@ class NodeConfig:
     access_log: bool = False
 
 
+#: The wire protocols control_plane.protocol may name.
+PROTOCOLS = ("plexd", "plexsphere")
+
+
 @attrs.frozen
 class ControlPlaneConfig:
     url: str = ""
+    protocol: str = "plexd"
     token_file: str = "/etc/plexagent/node-token"
     ca_file: str = ""
     signing_public_key: str = ""
@@ -275,6 +280,8 @@ def _check_networks(key: str, entries: tuple[str, ...]) -> None:
 
 def _validate(config: Config) -> None:
     cp = config.control_plane
+    if cp.protocol not in PROTOCOLS:
+        raise ConfigError(f'control_plane.protocol: must be "plexd" or "plexsphere", got {cp.protocol!r}')
     if cp.url:
         if not (cp.url.startswith("http://") or cp.url.startswith("https://")):
             raise ConfigError(f"control_plane.url: must start with http:// or https://, got {cp.url!r}")

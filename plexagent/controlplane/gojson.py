@@ -138,10 +138,16 @@ def compact(raw: bytes) -> bytes:
     U+2028/9 escaped; order, duplicates, number spellings and existing
     escapes (even invalid UTF-8) kept as they are.
     """
-    out = b"".join(t for t in _TOKENS.findall(raw) if t[0] not in b" \t\r\n")
-    # Outside strings these bytes cannot occur in valid JSON: replacing them
-    # everywhere escapes exactly the ones inside strings.
-    return (out.replace(b"<", b"\\u003c").replace(b">", b"\\u003e").replace(b"&", b"\\u0026")
+    return escape_html(b"".join(t for t in _TOKENS.findall(raw) if t[0] not in b" \t\r\n"))
+
+
+def escape_html(raw: bytes) -> bytes:
+    """
+    Compact JSON with ``< > &`` and U+2028/9 escaped as Go escapes them in
+    strings. Outside strings these bytes cannot occur in valid JSON:
+    replacing them everywhere escapes exactly the ones inside strings.
+    """
+    return (raw.replace(b"<", b"\\u003c").replace(b">", b"\\u003e").replace(b"&", b"\\u0026")
             .replace(b"\xe2\x80\xa8", b"\\u2028").replace(b"\xe2\x80\xa9", b"\\u2029"))
 
 

@@ -23,7 +23,10 @@ from plexagent import errors
 from plexagent.node.state import NodeState
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
     from plexagent.config import Config
+    from plexagent.controlplane.client import Transport
     from plexagent.controlplane.identity import NodeKeyPair
     from plexagent.controlplane.keys import KeySet
     from plexagent.node.reports import Changes
@@ -214,8 +217,21 @@ class AuthFailurePolicy(enum.Enum):
 
 # -- the interfaces -----------------------------------------------------------
 
-#: Keeps a report change the control plane refused: (op, key, entry or None, status).
-SetAside = Callable[[str, str, "Mapping[str, Any] | None", int], Deferred[None]]
+@attrs.frozen
+class RefusedChange:
+    """One report change the control plane refused for its content."""
+
+    #: "put" or "delete"
+    op: str
+    key: str
+    #: the entry written (a put), else None
+    entry: Mapping[str, Any] | None
+    status: int | None
+    code: str = ""
+
+
+#: Keeps a refused change (on disk, counted); fires once it is kept.
+SetAside = Callable[[RefusedChange], Deferred[None]]
 
 
 class Enroller(Protocol):
@@ -229,7 +245,8 @@ class Enroller(Protocol):
 class NodeSession(Protocol):
     """The calls of one enrolled node (its id and bearer bound in)."""
 
-    node_id: str
+    @property
+    def node_id(self) -> str: ...
 
     def fetch_state(self) -> Deferred[FetchedState]: ...
 
@@ -249,7 +266,8 @@ class NodeSession(Protocol):
 
 
 class EventCodec(Protocol):
-    max_event_bytes: int
+    @property
+    def max_event_bytes(self) -> int: ...
 
     def decode(self, data: bytes) -> Envelope:
         """The envelope in an event's data; Dropped if it cannot be one."""
@@ -276,10 +294,19 @@ class LocalRules(Protocol):
 
 
 class ControlPlaneProtocol(Protocol):
-    name: str
-    auth_failure_policy: AuthFailurePolicy
-    event_codec: EventCodec
-    local_rules: LocalRules
+    """One wire protocol, built once per agent (``build_protocol``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def auth_failure_policy(self) -> AuthFailurePolicy: ...
+
+    @property
+    def event_codec(self) -> EventCodec: ...
+
+    @property
+    def local_rules(self) -> LocalRules: ...
 
     def enroller(self) -> Enroller: ...
 
@@ -290,3 +317,18 @@ class ControlPlaneProtocol(Protocol):
     def identity_from_document(self, doc: Mapping[str, Any]) -> Identity: ...
 
     def configured_identity(self, config: "Config", bearer: str, nsk_text: str) -> Identity: ...
+def build_protocol(config: "Config", transport: "Transport", clock: "IReactorTime") -> ControlPlaneProtocol:
+    """The protocol ``control_plane.protocol`` names: the one place a name becomes code."""
+    from plexagent.config import ConfigError
+
+    name = config.control_plane.protocol
+    factory = _registry().get(name)
+    if factory is None:
+        raise ConfigError(f'control_plane.protocol: "{name}" is not available in this version of plexagent')
+    return factory(config, transport, clock)
+
+
+def _registry() -> dict[str, Callable[..., ControlPlaneProtocol]]:
+    from plexagent.controlplane.plexd import PlexdProtocol
+
+    return {"plexd": PlexdProtocol}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
+from twisted.web import resource
 from twisted.web.client import ResponseDone
 
 from plexagent.controlplane.protocol import Call, ControlPlaneError, ErrorKind
@@ -85,3 +86,22 @@ class FakeClient:
 def unavailable(status: int = 503, retry_after: float | None = None) -> Failure:
     return Failure(ControlPlaneError(Call.STATE, ErrorKind.TRANSIENT, f"control plane answered {status}",
                                      status=status, retry_after=retry_after))
+
+
+class Recorder(resource.Resource):
+    """Records each request (method, path, headers, body) and answers with ``answer(request)``."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[dict[str, Any]] = []
+        self.answer: Callable[[Any], Any] = lambda request: b"{}"
+
+    def render(self, request: Any) -> Any:
+        self.requests.append({
+            "method": request.method, "path": request.uri,
+            "headers": {k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()},
+            "body": request.content.read(),
+        })
+        return self.answer(request)

@@ -7,34 +7,16 @@ escaping, as plexd's client sends and reads them.
 from __future__ import annotations
 
 import gzip
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.trial import unittest
-from twisted.web import resource, server
+from twisted.web import server
 
 from plexagent.controlplane.client import Transport, parse_retry_after, path_escape
 from plexagent.controlplane.protocol import Call, ControlPlaneError, ErrorKind
+from tests.controlplane.fakes import Recorder
 from tests.controlplane.harness import eventually
-
-
-class Recorder(resource.Resource):
-    """Records each request (method, path, headers, body) and answers with ``answer(request)``."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[dict[str, Any]] = []
-        self.answer: Callable[[Any], Any] = lambda request: b"{}"
-
-    def render(self, request: Any) -> Any:
-        self.requests.append({
-            "method": request.method, "path": request.uri,
-            "headers": {k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()},
-            "body": request.content.read(),
-        })
-        return self.answer(request)
 
 
 class TransportTests(unittest.TestCase):
