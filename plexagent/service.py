@@ -287,6 +287,9 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     if cp.url:
         from plexagent.controlplane.client import ControlPlaneClient
 
+        if not cp.token_file:
+            raise ConfigError("control_plane.token_file: required in this version (enrollment with a bootstrap "
+                              "token is not wired yet)")
         token = read_key_file("control_plane.token_file", cp.token_file, _warn)
         nsk_text = read_key_file("node.secret_key_file", config.node.secret_key_file, _warn)
         agent.box = SecretBox(parse_node_secret_key(nsk_text))
