@@ -34,7 +34,7 @@ from twisted.internet import defer, protocol, task
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
-from plexagent.testing.simulator import ControlPlaneSimulator  # noqa: E402
+from plexagent.testing.legacy_simulator import ControlPlaneSimulator  # noqa: E402
 from tests.controlplane.harness import SocketClient, agent_config_document  # noqa: E402
 from tests.controlplane.test_crash import toml  # noqa: E402
 

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from plexagent.config import parse_config
 from plexagent.service import makeService
-from plexagent.testing.simulator import ControlPlaneSimulator
+from plexagent.testing.legacy_simulator import ControlPlaneSimulator
 
 
 @implementer(IAgentEndpointFactory)

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet import reactor
 
-from plexagent.testing.simulator import ControlPlaneSimulator
+from plexagent.testing.legacy_simulator import ControlPlaneSimulator
 from tests.controlplane.harness import AgentTestCase, eventually
 
 

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from plexagent.config import ConfigError, parse_config
 from plexagent.service import makeService
-from plexagent.testing.simulator import ControlPlaneSimulator
+from plexagent.testing.legacy_simulator import ControlPlaneSimulator
 from tests.controlplane.harness import agent_config_document
 
 
