@@ -28,13 +28,12 @@ import tempfile
 import time
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, protocol, task
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
-from plexagent.testing.legacy_simulator import ControlPlaneSimulator  # noqa: E402
+from plexagent.testing.simulator import ControlPlaneSimulator  # noqa: E402
 from tests.controlplane.harness import SocketClient, agent_config_document  # noqa: E402
 from tests.controlplane.test_crash import toml  # noqa: E402
 
@@ -152,7 +151,7 @@ async def put_throughput(reactor: Any, agent: AgentProcess, seconds: float, writ
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:
     root = tempfile.mkdtemp(prefix="plexagent-bench-")
-    sim = ControlPlaneSimulator.example(signing_key=Ed25519PrivateKey.generate())
+    sim = ControlPlaneSimulator.example()
     await sim.start(reactor)
     try:
         latencies = await propagation(reactor, sim, root, args.events)

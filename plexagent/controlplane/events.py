@@ -1,29 +1,30 @@
 """
-The control-plane event stream: an incremental Server-Sent Events parser
-(plexd's semantics) and verification of the envelopes it carries
-(docs/control-plane.md).
-
-Both are plain objects with no I/O: the parser is fed bytes as they arrive
-and returns complete events; the verifier takes an injected clock.
+The control-plane event stream (docs/control-plane-sync.md): an
+incremental Server-Sent Events parser with plexd's semantics, and
+``EventStream``, the subscription that feeds each event to the protocol's
+codec (decode, verify against the signing keys in force, interpret) and
+runs what it asks for. An event that cannot be verified is dropped and
+counted by reason, never applied.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import collections
-import datetime
-import json
-from typing import Any
+from typing import Any, Callable
 
 import attrs
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-#: How far ``issued_at`` may be from the agent's clock, and how long a nonce
-#: is remembered (seconds).
-FRESHNESS_WINDOW = 300.0
+from plexagent.controlplane.backoff import Backoff, cancel_call
+from plexagent.controlplane.keys import KeyRing
+from plexagent.controlplane.protocol import Call, ControlPlaneError, Dropped, DropReason, Effect, ErrorKind
+from plexagent.logs import describe
+
+log = Logger()
 
 #: The longest line plexd's parser takes (bufio.Scanner's 64 KiB buffer holds
 #: the line and its LF; a CR before the LF counts).
@@ -137,175 +138,213 @@ def header_safe_id(raw: bytes) -> str:
     return text
 
 
-# -- envelopes -----------------------------------------------------------
+class _StreamProtocol(Protocol):
+    """Receives the event-stream body and hands it to its EventStream."""
+
+    def __init__(self, stream: "EventStream") -> None:
+        self._stream = stream
+
+    def dataReceived(self, data: bytes) -> None:
+        self._stream._received(self, data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stream._lost(self, reason)
+
+    def close(self) -> None:
+        """Drop the connection the body arrives on."""
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
-class RejectedEnvelope(Exception):
-    """An envelope that must be dropped; the message says why (no secrets)."""
-
-
-@attrs.frozen
-class Envelope:
-    """A verified (or, without a signing key, well-formed) event envelope."""
-
-    event_type: str
-    event_id: str
-    issued_at: str
-    nonce: str
-    payload: dict[str, Any]
-
-
-def canonical_json(payload: Any) -> str:
-    """Keys sorted, no insignificant whitespace, non-ASCII written as UTF-8."""
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def signed_message(event_type: str, event_id: str, issued_at: str, nonce: str, payload: Any) -> bytes:
-    """The exact bytes an envelope's signature covers."""
-    return (
-        "plexagent-event-v1\n"
-        + event_type + "\n"
-        + event_id + "\n"
-        + issued_at + "\n"
-        + nonce + "\n"
-        + canonical_json(payload)
-    ).encode("utf-8")
-
-
-def parse_rfc3339(text: str) -> float:
-    """Seconds since the epoch of an RFC 3339 timestamp with an offset."""
-    try:
-        moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise RejectedEnvelope("issued_at is not an RFC 3339 timestamp") from None
-    if moment.tzinfo is None:
-        raise RejectedEnvelope("issued_at has no UTC offset")
-    return moment.timestamp()
-
-
-def parse_public_key(text: str) -> Ed25519PublicKey:
-    """A raw 32-byte Ed25519 public key from standard base64; ValueError if not."""
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not standard base64") from None
-    if len(raw) != 32:
-        raise ValueError(f"decodes to {len(raw)} bytes, not 32")
-    return Ed25519PublicKey.from_public_bytes(raw)
-
-
-class NonceMemory:
+class EventStream:
     """
-    The nonces seen within the last ``window`` seconds, at most ``capacity``
-    of them: when full, the oldest is forgotten first (its envelope's
-    ``issued_at`` is the oldest too, so it is the first to turn stale).
+    The subscription to the node's event stream. Each event is decoded,
+    verified against the signing keys in force (``ring``) and interpreted by
+    the protocol's ``codec``; the effect goes to ``run`` (which raises
+    Dropped for a state the cache cannot take). Reconnects with
+    ``Last-Event-ID``: at once after a useful connection (one that delivered
+    an event or lived ``USEFUL_AFTER`` seconds), else with backoff and
+    jitter, never sooner than a Retry-After. A stream silent for
+    ``idle_timeout`` seconds, or sending a line longer than plexd's parser
+    takes, is closed and retried with backoff. ``on_reconnect`` is called on
+    every successful connection but the first (events may have been
+    missed); ``on_auth_failure`` when the credentials are refused.
     """
 
-    def __init__(self, clock: IReactorTime, window: float = FRESHNESS_WINDOW, capacity: int = 65536) -> None:
-        self._clock = clock
-        self.window = window
-        self.capacity = capacity
-        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def _expire(self, now: float) -> None:
-        while self._seen:
-            nonce, expires = next(iter(self._seen.items()))
-            if expires > now:
-                break
-            del self._seen[nonce]
-
-    def seen(self, nonce: str) -> bool:
-        """True if ``nonce`` was remembered within the window; else remember it."""
-        now = self._clock.seconds()
-        self._expire(now)
-        if nonce in self._seen:
-            return True
-        while len(self._seen) >= self.capacity:
-            self._seen.popitem(last=False)
-        self._seen[nonce] = now + self.window
-        return False
-
-
-class EnvelopeVerifier:
-    """
-    Parses envelopes and, with a public key, verifies them: the Ed25519
-    signature over ``signed_message``, ``issued_at`` within ``window`` of the
-    clock, and a nonce not seen within ``window``.
-    """
+    #: A connection that lived this long without an event still counts as useful.
+    USEFUL_AFTER = 30.0
 
     def __init__(
         self,
-        public_key: Ed25519PublicKey | None,
+        session: Any,
+        codec: Any,
+        ring: KeyRing,
         clock: IReactorTime,
-        window: float = FRESHNESS_WINDOW,
-        nonce_capacity: int = 65536,
+        run: Callable[[Effect, str], None],
+        on_reconnect: Callable[[], None] = lambda: None,
+        on_auth_failure: Callable[[Call], None] = lambda call: None,
+        idle_timeout: float = 90.0,
+        backoff: Backoff | None = None,
     ) -> None:
-        self._key = public_key
-        self._clock = clock
-        self.window = window
-        self.nonces = NonceMemory(clock, window, nonce_capacity)
+        self.session = session
+        self.codec = codec
+        self.ring = ring
+        self.clock = clock
+        self._run = run
+        self._on_reconnect = on_reconnect
+        self._on_auth_failure = on_auth_failure
+        self.idle_timeout = idle_timeout
+        self.backoff = backoff or Backoff()
+        self.started = False
+        self.connected = False
+        self.last_event_id = b""
+        self.connections = 0
+        #: events dropped, by reason
+        self.dropped: collections.Counter[DropReason] = collections.Counter()
+        #: events applied, by event type
+        self.applied: collections.Counter[str] = collections.Counter()
+        #: when the last event was applied (clock seconds)
+        self.last_event_at: float | None = None
+        self._protocol: _StreamProtocol | None = None
+        self._parser: SSEParser | None = None
+        self._connecting: defer.Deferred[Any] | None = None
+        self._reconnect_call: Any = None
+        self._watchdog: Any = None
+        self._stopped: defer.Deferred[None] | None = None
+        self._connected_at = 0.0
+        self._useful = False
+        #: the connection was closed for going silent or an over-long line: a failure
+        self._broken = False
 
-    @property
-    def verifying(self) -> bool:
-        return self._key is not None
+    def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        self._connect()
 
-    def verify(self, data: str) -> Envelope:
-        """The envelope in ``data``; ``RejectedEnvelope`` if it must be dropped."""
+    def stop(self) -> defer.Deferred[None]:
+        """Stop reconnecting and close the stream; fires once it is closed."""
+        self.started = False
+        cancel_call(self._reconnect_call)
+        cancel_call(self._watchdog)
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._protocol is not None:
+            stopped: defer.Deferred[None] = defer.Deferred()
+            self._stopped = stopped
+            self._protocol.close()
+            return stopped
+        return defer.succeed(None)
+
+    def _connect(self) -> None:
+        self._reconnect_call = None
+        d = self.session.open_events(header_safe_id(self.last_event_id))
+        self._connecting = d
+        d.addCallbacks(self._opened, self._open_failed)
+
+    def _opened(self, response: Any) -> None:
+        self._connecting = None
+        if not self.started:
+            orphan = _StreamProtocol(self)
+            response.deliverBody(orphan)
+            orphan.close()
+            return
+        self.connections += 1
+        self.connected = True
+        self._connected_at = self.clock.seconds()
+        self._useful = False
+        self._broken = False
+        self._parser = SSEParser()
+        self._protocol = _StreamProtocol(self)
+        self._arm_watchdog()
+        response.deliverBody(self._protocol)
+        log.info("event stream connected")
+        if self.connections > 1:
+            self._on_reconnect()
+
+    def _open_failed(self, failure: Any) -> None:
+        self._connecting = None
+        if not self.started or failure.check(defer.CancelledError):
+            return
+        retry_after = None
+        if failure.check(ControlPlaneError):
+            retry_after = failure.value.retry_after
+            if failure.value.kind is ErrorKind.AUTH:
+                self._on_auth_failure(Call.EVENTS)
+        log.warn("event stream unavailable: {error}", error=failure.getErrorMessage())
+        self._reconnect_later(self.backoff.next_delay(retry_after))
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.reset(self.idle_timeout)
+        else:
+            self._watchdog = self.clock.callLater(self.idle_timeout, self._silent)
+
+    def _silent(self) -> None:
+        log.warn("event stream silent for {seconds}s: reconnecting", seconds=self.idle_timeout)
+        self._broken = True
+        if self._protocol is not None:
+            self._protocol.close()
+
+    def _received(self, protocol: _StreamProtocol, data: bytes) -> None:
+        if protocol is not self._protocol or self._parser is None:
+            return
+        self._arm_watchdog()
+        for event in self._parser.feed(data):
+            self._handle(event)
+        if self._parser.overflow:
+            log.warn("event stream sent a line longer than {limit} bytes: reconnecting", limit=MAX_LINE)
+            self._broken = True
+            protocol.close()
+
+    def now_ns(self) -> int:
+        return round(self.clock.seconds() * 1e9)
+
+    def _handle(self, event: ServerSentEvent) -> None:
+        # A complete event proves the stream works: failures start over.
+        self.backoff.reset()
+        self._useful = True
+        if event.id:
+            self.last_event_id = event.id
+        envelope = None
         try:
-            doc = json.loads(data)
-        except ValueError:
-            raise RejectedEnvelope("envelope is not JSON") from None
-        if not isinstance(doc, dict):
-            raise RejectedEnvelope("envelope is not a JSON object")
-        fields = {}
-        for name in ("event_type", "event_id", "issued_at", "nonce"):
-            value = doc.get(name)
-            if not isinstance(value, str):
-                raise RejectedEnvelope(f"envelope field {name} is missing or not a string")
-            fields[name] = value
-        payload = doc.get("payload")
-        if not isinstance(payload, dict):
-            raise RejectedEnvelope("envelope payload is missing or not an object")
-        envelope = Envelope(payload=payload, **fields)
-        if self._key is None:
-            return envelope
-        signature_text = doc.get("signature")
-        if not isinstance(signature_text, str):
-            raise RejectedEnvelope("envelope signature is missing")
-        try:
-            signature = base64.b64decode(signature_text, validate=True)
-        except (binascii.Error, ValueError):
-            raise RejectedEnvelope("envelope signature is not standard base64") from None
-        message = signed_message(
-            envelope.event_type, envelope.event_id, envelope.issued_at, envelope.nonce, payload
-        )
-        try:
-            self._key.verify(signature, message)
-        except InvalidSignature:
-            raise RejectedEnvelope("envelope signature does not verify") from None
-        # Only a genuine envelope may touch the clock check and nonce memory:
-        # forged ones must not be able to fill it.
-        issued = parse_rfc3339(envelope.issued_at)
-        if abs(issued - self._clock.seconds()) > self.window:
-            raise RejectedEnvelope("envelope issued_at is more than 5 minutes from the agent's clock")
-        if self.nonces.seen(envelope.nonce):
-            raise RejectedEnvelope("envelope nonce was already seen (replay)")
-        return envelope
+            if event.too_large or len(event.data) > self.codec.max_event_bytes:
+                raise Dropped(DropReason.TOO_LARGE)
+            envelope = self.codec.decode(event.data)
+            self.codec.verify(envelope, self.ring.keys, self.now_ns())
+            self._run(self.codec.effect(envelope), "event")
+        except Dropped as dropped:
+            self.dropped[dropped.reason] += 1
+            # Why, never what: the event's content stays out of the log.
+            log.warn("dropping event {id}: {reason}", id=header_safe_id(event.id)[:64] or "(no id)",
+                     reason=str(dropped))
+            return
+        self.applied[envelope.event_type] += 1
+        self.last_event_at = self.clock.seconds()
 
+    def _lost(self, protocol: _StreamProtocol, reason: Any) -> None:
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        self._parser = None
+        self.connected = False
+        cancel_call(self._watchdog)
+        if self._stopped is not None:
+            stopped, self._stopped = self._stopped, None
+            stopped.callback(None)
+        if not self.started:
+            return
+        log.info("event stream closed: {reason}", reason=describe(reason))
+        useful = self._useful or self.clock.seconds() - self._connected_at >= self.USEFUL_AFTER
+        if useful and not self._broken:
+            # plexd reconnects at once after a clean end: events may be waiting.
+            self.backoff.reset()
+            self._reconnect_later(0)
+        else:
+            self._reconnect_later(self.backoff.next_delay())
 
-def sign_envelope(
-    private_key: Any, event_type: str, event_id: str, issued_at: str, nonce: str, payload: dict[str, Any]
-) -> dict[str, Any]:
-    """Build a signed envelope (the control plane's side; used by the simulator)."""
-    signature = private_key.sign(signed_message(event_type, event_id, issued_at, nonce, payload))
-    return {
-        "event_type": event_type,
-        "event_id": event_id,
-        "issued_at": issued_at,
-        "nonce": nonce,
-        "payload": payload,
-        "signature": base64.b64encode(signature).decode("ascii"),
-    }
+    def _reconnect_later(self, delay: float) -> None:
+        if not self.started:
+            return
+        cancel_call(self._reconnect_call)
+        self._reconnect_call = self.clock.callLater(delay, self._connect)

@@ -153,6 +153,8 @@ class PlexdSession:
         self._applied = EMPTY_FACTS
         #: drift reports sent (for tests and the status)
         self.drift_reports = 0
+        #: calls nobody waits for (drift reports): cancelled on close
+        self._detached: set[defer.Deferred[Any]] = set()
 
     def __repr__(self) -> str:
         return f"<PlexdSession {self.node_id!r}>"
@@ -216,8 +218,10 @@ class PlexdSession:
         self.drift_reports += 1
         body = encode_body({"timestamp": self._now(), "corrections": corrections})
         d = self._request(Call.DRIFT, "POST", "/drift", body)
+        self._detached.add(d)
         d.addCallback(lambda reply: log.debug("drift report answered {status}", status=reply.status))
         d.addErrback(lambda f: log.debug("drift report failed: {error}", error=f.getErrorMessage()))
+        d.addBoth(lambda _: self._detached.discard(d))
 
     def _now(self) -> str:
         return gojson.GoTime.from_unix_ns(round(self.clock.seconds() * 1e9)).marshal().decode("ascii")
@@ -285,6 +289,9 @@ class PlexdSession:
         return defer.fail(NotImplementedError("plexd's protocol has no node key rotation"))
 
     def close(self) -> defer.Deferred[None]:
+        """Abandon the calls nobody waits for: their connections must not outlive the transport."""
+        for d in list(self._detached):
+            d.cancel()
         return defer.succeed(None)
 
 

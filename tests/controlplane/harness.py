@@ -13,7 +13,6 @@ import tempfile
 from typing import Any, Callable
 
 import treq
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -22,7 +21,7 @@ from zope.interface import implementer
 
 from plexagent.config import parse_config
 from plexagent.service import makeService
-from plexagent.testing.legacy_simulator import ControlPlaneSimulator
+from plexagent.testing.simulator import ControlPlaneSimulator
 
 
 @implementer(IAgentEndpointFactory)
@@ -100,8 +99,6 @@ def agent_config_document(
         "reconcile_interval": 60.0,
         "request_timeout": 2.0,
     }
-    if sim.signing_key is not None:
-        cp["signing_public_key"] = sim.public_key_b64
     cp.update(control_plane)
     return {
         "node": {
@@ -117,12 +114,11 @@ def agent_config_document(
 
 
 class AgentTestCase(unittest.TestCase):
-    """Starts a signing simulator; ``start_agent`` runs an agent against it."""
+    """Starts a simulator; ``start_agent`` runs an agent against it."""
 
     timeout = 60
 
     async def start_sim(self, **options: Any) -> ControlPlaneSimulator:
-        options.setdefault("signing_key", Ed25519PrivateKey.generate())
         sim = ControlPlaneSimulator.example(**options)
         await sim.start(reactor)
         self.addCleanup(lambda: defer.ensureDeferred(sim.stop()))

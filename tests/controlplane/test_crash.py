@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet import defer, error, protocol, reactor
 from twisted.python import procutils
 
-from plexagent.testing.legacy_simulator import ControlPlaneSimulator
+from plexagent.testing.simulator import ControlPlaneSimulator
 from tests.controlplane.harness import AgentTestCase, SocketClient, agent_config_document, eventually, short_socket_dir
 
 WORKTREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

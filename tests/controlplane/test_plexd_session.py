@@ -174,6 +174,21 @@ class StateTests(Fixture):
         self.assertEqual([c["type"] for c in self.body()["corrections"]], ["data_updated"])
 
 
+    async def test_closing_the_session_abandons_a_drift_report_in_flight(self) -> None:
+        from twisted.web import server
+
+        self.set_state({"metadata": {"a": "b"}})
+        fetched = await self.session.fetch_state()
+        answer = self.recorder.answer
+        self.recorder.answer = lambda request: server.NOT_DONE_YET if request.path.endswith(b"/drift") \
+            else answer(request)
+        self.session.state_applied(fetched)
+        await eventually(lambda: any(r["path"].endswith(b"/drift") for r in self.recorder.requests))
+        self.assertEqual(len(self.session._detached), 1)
+        await self.session.close()
+        self.assertEqual(self.session._detached, set())
+
+
 class SecretTests(Fixture):
     def secret(self, key: bytes, plaintext: bytes, version: int = 3) -> None:
         nonce = os.urandom(12)
