@@ -375,7 +375,8 @@ def build_control_plane(config: Config, reactor: Any, agent: "Agent") -> Any:
     The link to the control plane (None when standalone): the protocol
     ``control_plane.protocol`` names, built once over one transport, and
     the node's identity when it is pre-provisioned (read now, so a bad key
-    file stops startup).
+    file stops startup); otherwise the link uses the stored identity or
+    enrolls.
     """
     cp = config.control_plane
     if not cp.url:
@@ -393,9 +394,6 @@ def build_control_plane(config: Config, reactor: Any, agent: "Agent") -> Any:
         bearer = read_key_file("control_plane.token_file", cp.token_file, _warn)
         nsk_text = read_key_file("node.secret_key_file", config.node.secret_key_file, _warn)
         configured = protocol.configured_identity(config, bearer, nsk_text)
-    else:
-        raise ConfigError("control_plane.token_file: required in this version (enrollment with a bootstrap "
-                          "token is not wired yet)")
     link = ControlPlaneLink(config, protocol, transport, agent.cache, agent.reports, reactor, configured=configured)
     agent.link = link
     return link

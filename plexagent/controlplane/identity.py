@@ -6,10 +6,15 @@ the identity a control plane issued, kept in ``<data_dir>/identity.json``.
 from __future__ import annotations
 
 import base64
+import os
+from typing import Any, Callable
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+from twisted.internet import defer, threads
+
+from plexagent.fileio import atomic_write, decode_json, encode_json, ensure_private_dir, set_aside
 
 
 @attrs.frozen(eq=False)
@@ -45,3 +50,66 @@ class NodeKeyPair:
     def private_b64(self) -> str:
         raw = self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
         return base64.b64encode(raw).decode("ascii")
+
+
+class IdentityMismatch(ValueError):
+    """identity.json holds an identity the configuration cannot use (another protocol)."""
+
+
+class IdentityStore:
+    """
+    The enrolled identity in ``<data_dir>/identity.json`` (0600 in a 0700
+    directory, replaced atomically). What cannot be used is set aside (the
+    node then enrolls again); an identity of another protocol is kept and
+    refused (``IdentityMismatch``): enrolling again would make a second node.
+    """
+
+    FILENAME = "identity.json"
+
+    def __init__(self, data_dir: str, protocol: Any,
+                 run_in_thread: Callable[..., defer.Deferred[Any]] = threads.deferToThread) -> None:
+        self.data_dir = data_dir
+        self.path = os.path.join(data_dir, self.FILENAME)
+        self.protocol = protocol
+        self._run_in_thread = run_in_thread
+
+    def load(self) -> Any:
+        """The stored Identity (a small file, read at start), or None."""
+        try:
+            with open(self.path, "rb") as f:
+                doc = decode_json(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, RecursionError) as e:
+            set_aside(self.path, f"unusable identity ({e}): the node enrolls again if it has a bootstrap token")
+            return None
+        if not isinstance(doc, dict) or doc.get("format") != 1:
+            set_aside(self.path, "unusable identity (not format 1): the node enrolls again if it has a bootstrap token")
+            return None
+        if doc.get("protocol") != self.protocol.name:
+            raise IdentityMismatch(
+                f"{self.path} was made for protocol {doc.get('protocol')!r}, not {self.protocol.name!r}: run "
+                f"`plexagent deregister` or set control_plane.protocol")
+        try:
+            return self.protocol.identity_from_document(doc)
+        except ValueError as e:
+            set_aside(self.path, f"unusable identity ({e}): the node enrolls again if it has a bootstrap token")
+            return None
+
+    def save(self, identity: Any) -> defer.Deferred[None]:
+        """Write ``identity`` durably (in a thread)."""
+        data = encode_json(self.protocol.identity_document(identity), indent=2)
+
+        def write() -> None:
+            ensure_private_dir(self.data_dir)
+            atomic_write(self.path, data)
+
+        return self._run_in_thread(write)
+
+    def remove(self) -> bool:
+        """Forget the identity (blocking: for the command line); False if there was none."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return False
+        return True

@@ -13,6 +13,7 @@ its cache.
 from __future__ import annotations
 
 import collections
+import os
 from typing import Any, Callable
 
 from twisted.application import service
@@ -20,7 +21,10 @@ from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from plexagent.controlplane.backoff import cancel_call
+from plexagent.controlplane.enrollment import BootstrapToken, Enrollment, Token
 from plexagent.controlplane.events import EventStream
+from plexagent.controlplane.identity import IdentityMismatch, IdentityStore
 from plexagent.controlplane.keys import KeyRing
 from plexagent.controlplane.outbox import ReportOutbox
 from plexagent.controlplane.protocol import AuthFailurePolicy, Call, Identity
@@ -36,6 +40,9 @@ AUTH_WARNING_EVERY = 60.0
 
 class ControlPlaneLink(service.MultiService):
     """The identity, session and sync services of an agent with a control plane."""
+
+    #: seconds between attempts to save an enrolled identity the disk refused
+    SAVE_RETRY = 10.0
 
     def __init__(self, config: Any, protocol: Any, transport: Any, cache: StateCache, reports: ReportStore,
                  clock: IReactorTime, configured: Identity | None = None,
@@ -60,17 +67,85 @@ class ControlPlaneLink(service.MultiService):
         #: refused credentials, by call
         self.auth_failures: collections.Counter[str] = collections.Counter()
         self._auth_warned: dict[str, float] = {}
-        #: where the identity came from: configured, enrolled (stored or just made)
-        self.identity_state = "configured" if configured is not None else "enrolling"
+        self.store = IdentityStore(config.node.data_dir, protocol, run_in_thread)
+        self.token_source = BootstrapToken(config.bootstrap_token_env, self.cp.bootstrap_token_file)
+        self.enrollment: Enrollment | None = None
+        self._state = "configured" if configured is not None else "enrolling"
+        self._error: str | None = None
+        self._save_call: Any = None
+        self._saved = False
 
     @property
     def stream(self) -> EventStream | None:
         return self.sync.stream if self.sync is not None else None
 
+    @property
+    def identity_state(self) -> str:
+        """configured, enrolled, waiting_for_token, enrolling or failed."""
+        if self.identity is None and self.enrollment is not None:
+            return self.enrollment.state
+        return self._state
+
+    @property
+    def identity_error(self) -> str | None:
+        if self.identity is None and self.enrollment is not None:
+            return self.enrollment.error
+        return self._error
+
     def startService(self) -> None:
         super().startService()
         if self.configured is not None:
+            if os.path.exists(self.store.path):
+                log.info("control_plane.token_file is set: {path} is not used", path=self.store.path)
             self.ready(self.configured, ("config", self.cp.signing_public_key))
+            return
+        try:
+            stored = self.store.load()
+        except IdentityMismatch as e:
+            self._state, self._error = "failed", str(e)
+            log.error("no control-plane identity: {error}", error=str(e))
+            return
+        if stored is not None:
+            if self.config.node.id and stored.node_id != self.config.node.id:
+                self._state = "failed"
+                self._error = (f"{self.store.path} is node {stored.node_id!r}, but node.id is "
+                               f"{self.config.node.id!r}: correct node.id or run `plexagent deregister`")
+                log.error("no control-plane identity: {error}", error=self._error)
+                return
+            # A restart never enrolls again.
+            self._state = "enrolled"
+            self.ready(stored, ("registration", stored.signing_public_key))
+            return
+        self.enrollment = Enrollment(self.protocol.enroller(), self.token_source, self.clock, self._enrolled,
+                                     pin=self.cp.signing_public_key, node_id=self.config.node.id)
+        self.enrollment.start()
+
+    def _enrolled(self, identity: Identity, token: Token) -> None:
+        """Keep the identity on disk before anything else, then drop the used token and start."""
+        self._state = "enrolled"
+
+        def saved(_: Any) -> None:
+            self._saved = True
+            self.token_source.delete(token)
+
+        def not_saved(failure: Any) -> None:
+            log.error("could not save the enrolled identity to {path}: {error}; running with it in memory and "
+                      "trying again in {seconds}s", path=self.store.path, error=failure.getErrorMessage(),
+                      seconds=self.SAVE_RETRY)
+            if self.running:
+                self._save_call = self.clock.callLater(self.SAVE_RETRY, save)
+
+        def save() -> defer.Deferred[None]:
+            self._save_call = None
+            d = self.store.save(identity)
+            d.addCallbacks(saved, not_saved)
+            return d
+
+        def start(_: Any) -> None:
+            if self.running and self.identity is None:
+                self.ready(identity, ("registration", identity.signing_public_key))
+
+        save().addBoth(start)
 
     def ready(self, identity: Identity, *first_keys: tuple[str, str]) -> None:
         """Start the session and its services for ``identity``; the ring starts from ``first_keys``."""
@@ -120,6 +195,9 @@ class ControlPlaneLink(service.MultiService):
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        if self.enrollment is not None:
+            self.enrollment.stop()
+        cancel_call(self._save_call)
         await defer.maybeDeferred(super().stopService)
         await self.ring.idle()
         if self.session is not None:

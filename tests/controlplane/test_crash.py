@@ -205,6 +205,8 @@ class CrashTests(AgentTestCase):
     async def test_sigkill_before_any_sync_sends_everything_after_restart(self) -> None:
         sim = await self.start_sim()
         process, client = await self.launch(sim, report_debounce=300.0)
+        # Enrolled (changes made before it are sent at once, as after a restart).
+        await eventually(lambda: sim.open_streams == 1, timeout=30, what="agent enrolled and connected")
         storm = await self.storm_then_kill(client, process, acks=300)
         self.assertEqual(sim.report_posts, [])
         restarted, client = await self.launch(sim, report_debounce=300.0)

@@ -20,17 +20,17 @@ from tests.controlplane.harness import agent_config_document
 
 
 class WiringTests(unittest.TestCase):
-    def document(self, **cp: Any) -> dict[str, Any]:
+    def document(self, enroll: bool = False, **cp: Any) -> dict[str, Any]:
         sim = ControlPlaneSimulator.example()
-        document = agent_config_document(self.mktemp(), sim, **cp)
+        document = agent_config_document(self.mktemp(), sim, enroll=enroll, **cp)
         document["control_plane"]["url"] = "http://127.0.0.1:9"
         return document
 
-    def build(self, **cp: Any) -> Any:
-        return makeService(parse_config(self.document(**cp)), MemoryReactorClock())
+    def build(self, enroll: bool = False, **cp: Any) -> Any:
+        return makeService(parse_config(self.document(enroll, **cp)), MemoryReactorClock())
 
-    def started(self, **cp: Any) -> Any:
-        top = self.build(**cp)
+    def started(self, enroll: bool = False, **cp: Any) -> Any:
+        top = self.build(enroll, **cp)
         top.startService()
         self.addCleanup(top.stopService)
         return top
@@ -52,6 +52,20 @@ class WiringTests(unittest.TestCase):
         self.assertEqual(agent.link.identity.source, "configured")
         self.assertEqual(agent.link.protocol.name, "plexd")
         self.assertIsInstance(agent.link.protocol.local_rules, PlexdLocalRules)
+
+    def test_without_a_token_file_the_node_enrolls_and_its_services_wait_for_the_identity(self) -> None:
+        agent = self.started(enroll=True).agent
+        self.assertEqual(agent.link.identity_state, "enrolling")
+        self.assertIsNone(agent.sync)
+        self.assertEqual(list(agent.link), [])
+
+    def test_without_any_bootstrap_token_the_node_waits_for_one(self) -> None:
+        document = self.document(enroll=True)
+        document["control_plane"]["bootstrap_token_file"] = "/nonexistent/bootstrap-token"
+        top = makeService(parse_config(document), MemoryReactorClock())
+        top.startService()
+        self.addCleanup(top.stopService)
+        self.assertEqual(top.agent.link.identity_state, "waiting_for_token")
 
     def test_events_false_means_no_stream(self) -> None:
         self.assertIsNone(self.started(events=False).agent.sync.stream)
