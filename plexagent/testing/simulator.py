@@ -276,10 +276,15 @@ class ControlPlaneSimulator:
     def set_secret(self, key: str, plaintext: bytes, version: int) -> None:
         self.node.secrets[key] = (plaintext, version)
 
-    def push_state(self) -> str:
-        """Tell the nodes of the state now held (a signed ``node_state_updated``)."""
+    def push_state(self, key: str = "current") -> str:
+        """
+        Tell the nodes of the state now held (a signed ``node_state_updated``),
+        signed with the ``current`` or the ``previous`` signing key.
+        """
         doc = self.node.state_document()
-        return self.publish("node_state_updated", {"metadata": doc["metadata"], "data": doc["data"]}, apply=False)
+        signer = self.previous_key if key == "previous" else None
+        return self.publish("node_state_updated", {"metadata": doc["metadata"], "data": doc["data"]}, apply=False,
+                            sign_with=signer)
 
     def push_secret_index(self) -> str:
         return self.publish("node_secrets_updated", {"secret_refs": self.node.state_document()["secret_refs"]})

@@ -126,7 +126,10 @@ class AgentTestCase(unittest.TestCase):
     timeout = 60
 
     async def start_sim(self, **options: Any) -> ControlPlaneSimulator:
-        sim = ControlPlaneSimulator.example(**options)
+        """The simulator of this test's protocol (``self.protocol``, set by ``for_each_protocol``; else plexd)."""
+        from tests.controlplane.protocols import PLEXD
+
+        sim = getattr(self, "protocol", PLEXD).simulator(**options)
         await sim.start(reactor)
         self.addCleanup(lambda: defer.ensureDeferred(sim.stop()))
         return sim

@@ -12,14 +12,16 @@ from twisted.trial import unittest
 from plexagent.controlplane.backoff import Backoff
 from plexagent.controlplane.outbox import ReportOutbox
 from plexagent.node.reports import ReportStore
-from tests.controlplane.fakes import FakeSession, sync_thread, unavailable
+from tests.controlplane.fakes import sync_thread, unavailable
+from tests.controlplane.protocols import for_each_protocol
 
 
-class OutboxTests(unittest.TestCase):
+@for_each_protocol()
+class OutboxTests:
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.dir = self.mktemp()
-        self.client = FakeSession()
+        self.client = self.protocol.fake_session()
         self.store = self.new_store()
         self.outbox = self.new_outbox()
         self.outbox.startService()
@@ -117,7 +119,7 @@ class OutboxTests(unittest.TestCase):
         self.store.close()
         # A new process: the log and outbox.json are all that survived.
         self.store = self.new_store()
-        self.client = FakeSession()
+        self.client = self.protocol.fake_session()
         outbox = self.new_outbox()
         outbox.startService()
         self.clock.advance(0)
@@ -156,13 +158,14 @@ class OutboxTests(unittest.TestCase):
         self.assert_position_set_aside(b'{"synced_seq": 1e400}')
 
 
-class BacklogTests(unittest.TestCase):
+@for_each_protocol()
+class BacklogTests:
     """A long outage's backlog goes out in bounded requests, oldest first."""
 
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.dir = self.mktemp()
-        self.client = FakeSession()
+        self.client = self.protocol.fake_session()
         self.store = ReportStore(self.dir, self.clock, run_in_thread=sync_thread)
         self.store.load()
         self.addCleanup(self.store.close)
