@@ -5,7 +5,8 @@ The ``plexagent`` command: operator helpers beside the daemon.
 startup would say, without starting: each bind is tried and released);
 ``plexagent state [metadata|data|
 secrets] [KEY]`` and ``plexagent report list|get|put|delete`` through the
-Local Node API socket.
+Local Node API socket; ``plexagent status`` (the control-plane link, from
+the socket's ``/plexagent/status``).
 
 Each helper is a subcommand: add one with a ``_register_*`` function that
 adds its parser and sets ``func``.
@@ -213,6 +214,87 @@ def _report(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> i
     return 1 if result is None else _print_response(*result, stdout, stderr)
 
 
+def _age(when: str | None, now: float) -> str:
+    if not when:
+        return "never"
+    import datetime
+
+    try:
+        seconds = now - datetime.datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return when
+    return f"{when} ({max(0, round(seconds))} s ago)"
+
+
+def format_status(doc: dict[str, Any], now: float) -> str:
+    """The status document as aligned lines for a terminal."""
+    cp = doc.get("control_plane", {})
+    identity = doc.get("identity", {})
+    lines = [("agent", f"plexagent {doc.get('agent_version', '?')}")]
+    if not cp.get("configured"):
+        lines.append(("control plane", "none (standalone)"))
+        return "\n".join(f"{name + ':':<15} {value}" for name, value in lines)
+    lines.append(("control plane", f"{cp.get('url')} (protocol {cp.get('protocol')})"))
+    node = identity.get("node_id") or "-"
+    state = identity.get("state")
+    lines.append(("node", f"{node} ({state}" + (f", {identity.get('source')}" if identity.get("source") else "") + ")"))
+    if identity.get("error"):
+        lines.append(("problem", identity["error"]))
+    keys = doc.get("signing_keys", {})
+    key_line = keys.get("current") or "none yet"
+    if keys.get("previous"):
+        key_line += f", previous {keys['previous']} until {keys.get('previous_until')}"
+    key_line += f" ({keys.get('rotations', 0)} rotations)"
+    lines.append(("signing key", key_line))
+    state_doc = doc.get("state", {})
+    lines.append(("last fetch", f"{_age(state_doc.get('last_fetch'), now)}, {state_doc.get('fetch_failures', 0)} failures"))
+    events = doc.get("events", {})
+    dropped = ", ".join(f"{reason} {n}" for reason, n in events.get("dropped", {}).items()) or "none"
+    lines.append(("events", f"{events.get('stream')}, last {_age(events.get('last_event'), now)}, "
+                            f"{events.get('applied', 0)} applied, dropped: {dropped}"))
+    heartbeat = doc.get("heartbeat", {})
+    lines.append(("heartbeat", f"last success {_age(heartbeat.get('last_success'), now)}, "
+                               f"{heartbeat.get('failures', 0)} failures"))
+    if doc.get("auth_failures"):
+        lines.append(("auth refused", ", ".join(f"{call} {n}" for call, n in doc["auth_failures"].items())))
+    reports = doc.get("reports", {})
+    pending = reports.get("pending")
+    lines.append(("reports", f"{'-' if pending is None else pending} pending, {reports.get('refused', 0)} refused"))
+    return "\n".join(f"{name + ':':<15} {value}" for name, value in lines)
+
+
+def _status(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> int:
+    import json
+    import time
+
+    from plexagent import errors, strictparse
+
+    result = _call_socket(args, stderr, "GET", "/plexagent/status")
+    if result is None:
+        return 1
+    status, body = result
+    try:
+        doc = strictparse.parse_json(body)
+    except errors.InvalidInput:
+        doc = None
+    if status != 200 or not isinstance(doc, dict):
+        print(f"plexagent status: the agent at {args.socket} answered {status}: "
+              f"{body.decode('utf-8', 'replace')[:200]}", file=stderr)
+        return 1
+    print(json.dumps(doc, indent=2) if args.json else format_status(doc, time.time()), file=stdout)
+    return 0
+
+
+def _register_status(commands: Any) -> None:
+    parser = commands.add_parser(
+        "status", help="show the control-plane protocol, node, signing key and sync status",
+        description="Ask the running agent, through its Unix socket, which protocol, node id and signing key "
+        "it uses and how its control-plane link is doing.")
+    parser.add_argument("--socket", default="/var/run/plexd/api.sock", help="the agent's Unix socket")
+    parser.add_argument("--json", action="store_true", help="print the status document as JSON")
+    parser.set_defaults(func=_status)
+
+
 def _register_socket_commands(commands: Any) -> None:
     state = commands.add_parser("state", help="read node state through the Local Node API socket")
     state.add_argument("section", nargs="?", choices=["metadata", "data", "secrets", "report"])
@@ -237,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_check_config(commands)
     _register_derive_key(commands)
     _register_socket_commands(commands)
+    _register_status(commands)
     return parser
 
 

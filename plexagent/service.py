@@ -12,8 +12,10 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
+from plexagent import __version__
 from plexagent.config import Config, ConfigError, read_key_file
 from plexagent.controlplane.plexd import PERMISSIVE_RULES
+from plexagent.controlplane.status import status_document
 from plexagent.http import auth, responses
 from plexagent.http.listeners import (
     ListenerService,
@@ -23,9 +25,10 @@ from plexagent.http.listeners import (
     server_endpoint,
     tls_endpoint_description,
 )
+from plexagent.http.routing import PrefixRoutes
 from plexagent.http.site import PlexSite, RequestLog, chain_observers
 from plexagent.node.reports import ReportStore
-from plexagent.node.routes import NodeAPI, SecretReader
+from plexagent.node.routes import NodeAPI, SecretReader, SocketControlAPI
 from plexagent.node.state import StateCache
 
 log = Logger()
@@ -309,8 +312,13 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         log.info("secrets group {group} does not exist: only root may read secret values on the socket",
                  group=napi.secrets_group)
 
+    # The agent's own routes (/plexagent/...) are on the socket only.
+    control = SocketControlAPI(lambda: status_document(config, link, __version__))
+    responses.label_routes(control.app)
     unix_site = PlexSite(
-        auth.GuardedResource(auth.PeerCredentialPolicy(secrets_gid), resource), napi.max_body_bytes
+        auth.GuardedResource(auth.PeerCredentialPolicy(secrets_gid),
+                             PrefixRoutes([(b"/plexagent/", control.resource())], resource)),
+        napi.max_body_bytes,
     )
     socket_path = napi.socket
 

@@ -199,3 +199,24 @@ class NodeAPI:
             return b""
 
         return self.reports.delete(key, if_match).addCallback(deleted)
+
+
+class SocketControlAPI:
+    """
+    The agent's own routes, under ``/plexagent/``: served on the Unix socket
+    only (its peers are the node's trusted local group), outside ``/v1``
+    and the Local Node API's OpenAPI document.
+    """
+
+    app = responses.json_app()
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self._status = status
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    @app.route("/plexagent/status", methods=["GET"])
+    def status(self, request: IRequest) -> bytes:
+        """Which protocol, node and signing keys are in use, and how the control-plane link is doing."""
+        return responses.respond(request, self._status())
