@@ -6,7 +6,9 @@ startup would say, without starting: each bind is tried and released);
 ``plexagent state [metadata|data|
 secrets] [KEY]`` and ``plexagent report list|get|put|delete`` through the
 Local Node API socket; ``plexagent status`` (the control-plane link, from
-the socket's ``/plexagent/status``).
+the socket's ``/plexagent/status``); ``plexagent deregister`` (the node
+leaves its control plane) and ``plexagent simulator`` (a local control
+plane for development).
 
 Each helper is a subcommand: add one with a ``_register_*`` function that
 adds its parser and sets ``func``.
@@ -285,6 +287,59 @@ def _status(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> i
     return 0
 
 
+def _deregister(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> int:
+    import os
+
+    from plexagent.config import ConfigError, load_config
+    from plexagent.controlplane.deregistration import DeregisterError, deregister
+
+    try:
+        config = load_config(args.config, os.environ)
+    except ConfigError as e:
+        print(f"plexagent: configuration error: {e}", file=stderr)
+        return 2
+    from twisted.internet import defer, reactor
+
+    outcome: list[Any] = []
+
+    async def run() -> None:
+        try:
+            outcome.append((0, await deregister(config, reactor, purge=args.purge, without_request=args.forget)))
+        except DeregisterError as e:
+            outcome.append((e.status, f"plexagent deregister: {e}"))
+        except ConfigError as e:
+            outcome.append((2, f"plexagent: configuration error: {e}"))
+        finally:
+            reactor.stop()
+
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(run()))
+    reactor.run()
+    status, message = outcome[0]
+    print(message, file=stdout if status == 0 else stderr)
+    return int(status)
+
+
+def _register_deregister(commands: Any) -> None:
+    parser = commands.add_parser(
+        "deregister", help="tell the control plane this node leaves, then forget its identity",
+        description="With the agent stopped: tell the control plane the node leaves (with the node's own "
+        "credentials), then remove identity.json and signing-keys.json from node.data_dir. Nothing is removed "
+        "when the control plane does not take it.")
+    parser.add_argument("--config", metavar="PATH", help="the agent's TOML file")
+    parser.add_argument("--purge", action="store_true",
+                        help="also remove the node's cached state and report outbox (state.json, outbox.json, "
+                        "outbox-refused.jsonl, reports/)")
+    parser.add_argument("--forget", action="store_true",
+                        help="remove the local identity without asking the control plane (it already forgot the node)")
+    parser.set_defaults(func=_deregister)
+
+
+def _register_simulator(commands: Any) -> None:
+    # Listed for --help; main() hands every argument after the word to plexagent.testing.cli.
+    commands.add_parser("simulator", help="run the bundled control-plane simulator as a local control plane "
+                        "for development (plexagent simulator --help)")
+
+
 def _register_status(commands: Any) -> None:
     parser = commands.add_parser(
         "status", help="show the control-plane protocol, node, signing key and sync status",
@@ -320,10 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     _register_derive_key(commands)
     _register_socket_commands(commands)
     _register_status(commands)
+    _register_deregister(commands)
+    _register_simulator(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None, stdin: Any = None, stdout: Any = None, stderr: Any = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulator"]:
+        # Every option after the word is the simulator's own (--help included).
+        from plexagent.testing.cli import main as simulator_main
+
+        return simulator_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args, stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr)
 

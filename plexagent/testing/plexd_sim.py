@@ -64,18 +64,20 @@ def flip_bit(b64: bytes) -> bytes:
 
 
 def plexd_envelope(sim: "ControlPlaneSimulator", event_type: str, event_id: str, payload_raw: bytes | None, *,
-                   issued_offset: float = 0.0, wire_issued_at: bytes | None = None, nonce: str | None = None,
+                   issued_offset: float = 0.0, issued: GoTime | None = None, wire_issued_at: bytes | None = None,
+                   nonce: str | None = None,
                    sign_with: Ed25519PrivateKey | None = None, bad_signature: bool = False,
                    signature: str | None = None) -> tuple[bytes, str]:
     """
     The wire bytes of one envelope signed as plexd's verifier checks it, and
-    its nonce. Forgeries: ``issued_offset`` (seconds from now: stale or
-    future), ``wire_issued_at`` (the time written differently from what was
+    its nonce. ``issued``: the time to sign (default now). Forgeries:
+    ``issued_offset`` (seconds from now: stale or future), ``wire_issued_at`` (the time written differently from what was
     signed), ``sign_with`` (another key), ``bad_signature`` (a flipped bit),
     ``signature`` ("" for a missing one).
     """
     nonce = nonce if nonce is not None else base64.b64encode(os.urandom(16)).decode("ascii")
-    issued = GoTime.from_unix_ns(round((sim.now() + issued_offset) * 1e9))
+    if issued is None:
+        issued = GoTime.from_unix_ns(round((sim.now() + issued_offset) * 1e9))
     wire, _ = sign_plexd_event(sign_with or sim.signing_key, event_type, event_id, issued, nonce, payload_raw)
     if wire_issued_at is not None:
         wire = wire.replace(b'"issued_at":"' + issued.marshal() + b'"', b'"issued_at":"' + wire_issued_at + b'"', 1)
@@ -155,7 +157,10 @@ class PlexdRoutes:
         answer = {"node_id": node.node_id, "mesh_ip": node.mesh_ip, "signing_public_key": sim.public_key_b64,
                   "node_secret_key": node.nsk_text, "peers": []}
         answer.update(sim.faults.registration_answer)
-        return await sim.delayed(self._json(request, answer), "register")
+        body = self._json(request, answer)
+        for hook in list(sim.registration_hooks):
+            hook(sim, node)
+        return await sim.delayed(body, "register")
 
     @app.route("/v1/nodes/<node_id>/state", methods=["GET"])
     async def state(self, request: IRequest, node_id: str) -> bytes:

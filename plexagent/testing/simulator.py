@@ -107,6 +107,8 @@ class ControlPlaneSimulator:
         #: every event published: (event id, SSE frame)
         self.events: list[tuple[str, bytes]] = []
         self.stream_hooks: list[StreamHook] = []
+        #: called after each registration is answered: (simulator, node)
+        self.registration_hooks: list[Callable[["ControlPlaneSimulator", NodeCredentials], None]] = []
         self._streams: list[EventStreamResponse] = []
         self._event_ids = itertools.count(1)
         self._last_nonce = ""
@@ -327,7 +329,8 @@ class ControlPlaneSimulator:
         return len(self._streams)
 
     def publish(self, event_type: str, payload: Any = None, *, payload_raw: bytes | None = None,
-                apply: bool = True, issued_offset: float = 0.0, wire_issued_at: bytes | None = None,
+                apply: bool = True, issued_offset: float = 0.0, issued: GoTime | None = None,
+                wire_issued_at: bytes | None = None,
                 nonce: str | None = None, replay_nonce: bool = False, sign_with: Ed25519PrivateKey | None = None,
                 bad_signature: bool = False, signature: str | None = None, raw_data: bytes | None = None) -> str:
         """
@@ -345,7 +348,7 @@ class ControlPlaneSimulator:
             if payload_raw is None:
                 payload_raw = gojson.marshal(payload)
             wire, nonce = plexd_envelope(self, event_type, event_id, payload_raw, issued_offset=issued_offset,
-                                         wire_issued_at=wire_issued_at,
+                                         issued=issued, wire_issued_at=wire_issued_at,
                                          nonce=self._last_nonce if replay_nonce else nonce, sign_with=sign_with,
                                          bad_signature=bad_signature, signature=signature)
             self._last_nonce = nonce

@@ -22,6 +22,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
+from plexagent.controlplane import gojson
 from plexagent.controlplane.keys import KeySet
 from plexagent.controlplane.plexd_events import PlexdEventCodec
 from plexagent.controlplane.protocol import Dropped, DropReason
@@ -163,9 +164,13 @@ class NodeCallTests(Fixture):
 class StreamReader(protocol.Protocol):
     def __init__(self) -> None:
         self.data = b""
+        self.ended = False
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.ended = True
 
 
 class EventTests(Fixture):
@@ -292,3 +297,57 @@ class CaptureReplayTests(Fixture):
         self.assertEqual({n: s for n, s in answered.items() if not 200 <= s < 300}, {unknown_secret: 404})
         self.assertEqual(sim.violations, [])
         self.assertTrue(all(re.fullmatch(r"[0-9a-f]*", hb["binary_checksum"]) for hb in sim.heartbeats))
+
+
+class InteropScriptTests(Fixture):
+    """The interop script's events, decided as plexd's client decides them (keys from the state, then rotated)."""
+
+    async def events_of(self, answer: dict[str, Any], last_event_id: str = "") -> list[bytes]:
+        sim = self.sim
+        headers = {b"Authorization": [b"Bearer " + answer["node_secret_key"].encode()]}
+        if last_event_id:
+            headers[b"Last-Event-ID"] = [last_event_id.encode()]
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        response = await agent.request(b"GET", f"{sim.url}/v1/nodes/{answer['node_id']}/events".encode(),
+                                       Headers(headers))
+        reader = StreamReader()
+        response.deliverBody(reader)
+        self.addCleanup(lambda: reader.transport.stopProducing())
+        # The first stream ends after its events; the second stays open after its last.
+        await eventually(lambda: reader.ended or b'"step":"last"' in reader.data, what="the script's events")
+        return [block for block in reader.data.split(b"\n\n") if b"data: " in block]
+
+    async def test_the_script_s_events_are_accepted_and_rejected_as_its_description_says(self) -> None:
+        from plexagent.controlplane.events import SSEParser
+        from plexagent.controlplane.protocol import InstallSigningKeys
+        from plexagent.testing.interop import InteropScript
+
+        sim = await self.started()
+        InteropScript(sim)
+        answer = await self.enroll()
+        code, state, _ = await self.call("GET", f"/v1/nodes/{answer['node_id']}/state", answer["node_secret_key"])
+        keys = state["signing_keys"]
+        self.assertNotEqual(keys["current"], answer["signing_public_key"])
+        self.assertEqual(keys["previous"], answer["signing_public_key"])
+        ring = KeySet.from_strings(keys["current"], keys["previous"],
+                                   gojson.GoTime.parse(keys["transition_expires"].encode()))
+        codec = PlexdEventCodec()
+        verdicts = []
+        last_id = ""
+        for batch in (await self.events_of(answer), None):
+            if batch is None:
+                batch = await self.events_of(answer, last_id)
+            parser = SSEParser()
+            for event in parser.feed(b"\n\n".join(batch) + b"\n\n"):
+                try:
+                    envelope = codec.decode(event.data)
+                    codec.verify(envelope, ring, round(reactor.seconds() * 1e9))
+                    effect = codec.effect(envelope)
+                    if isinstance(effect, InstallSigningKeys):
+                        ring = effect.keys
+                    verdicts.append("accept")
+                except Dropped as dropped:
+                    verdicts.append(dropped.reason.value)
+            last_id = parser.last_event_id.decode()
+        self.assertEqual(verdicts, ["accept"] * 6 + ["replay", "bad_signature", "stale", "future", "missing_field",
+                                                     "invalid_json", "accept"])
