@@ -49,6 +49,14 @@ def banner(sim: Any, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def summary(sim: Any) -> str:
+    """What the simulator received, printed when it stops."""
+    return (f"simulator summary: {len(sim.registrations)} registrations, {len(sim.heartbeats)} heartbeats, "
+            f"{len(sim.report_posts)} report posts, {len(sim.drift_reports)} drift reports, "
+            f"{len(sim.stream_requests)} event streams (Last-Event-ID: {sim.stream_requests}), "
+            f"{len(sim.deregistrations)} deregistrations, violations: {sim.violations or 'none'}")
+
+
 def write_tokens(path: str, tokens: list[str]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -93,6 +101,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "plexagent simulator") -
                 sim.push_state()
 
             task.LoopingCall(publish).start(args.publish_every, now=False)
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: print(summary(sim), flush=True))
         reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(sim.stop()))
 
     reactor.callWhenRunning(lambda: defer.ensureDeferred(start()))
