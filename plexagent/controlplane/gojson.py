@@ -28,6 +28,7 @@ import base64
 import binascii
 import codecs
 import decimal
+import functools
 import json
 import math
 import re
@@ -231,6 +232,8 @@ _FOLD = {"\u017f": "S", "\u212a": "K"}
 
 def fold(name: str) -> str:
     """A member name as Go's ``foldName`` compares it (case-insensitively)."""
+    if name.isascii():
+        return name.upper()
     return "".join(c.upper() if c < "\x80" else _FOLD.get(c, c) for c in name)
 
 
@@ -238,6 +241,11 @@ def fold(name: str) -> str:
 STRING = "string"
 TIME = "time"
 RAW = "raw"
+
+
+@functools.lru_cache(maxsize=64)
+def _folded_names(names: tuple[str, ...]) -> dict[str, str]:
+    return {fold(name): name for name in names}
 
 
 def decode_struct(buf: bytes, schema: Mapping[str, str]) -> dict[str, Any]:
@@ -248,7 +256,7 @@ def decode_struct(buf: bytes, schema: Mapping[str, str]) -> dict[str, Any]:
     whole object, as Go reports the first type error at the end) or
     GoTimeError (at once, as ``Time.UnmarshalJSON`` fails the decode).
     """
-    by_fold = {fold(name): name for name in schema}
+    by_fold = _folded_names(tuple(schema))
     found = members(buf)
     out: dict[str, Any] = {name: ("" if kind == STRING else None) for name, kind in schema.items()}
     type_error = False
