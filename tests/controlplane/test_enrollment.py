@@ -182,6 +182,46 @@ class EnrollmentIntegrationTests(AgentTestCase):
         self.assertEqual(sim.requests.count(("register", "POST")), 2)
         self.assertEqual(len(sim.registrations), 1)
 
+    async def test_an_identity_the_disk_refuses_is_used_in_memory_and_saved_later_then_the_token_deleted(self) -> None:
+        from plexagent.controlplane.link import ControlPlaneLink
+
+        self.patch(ControlPlaneLink, "SAVE_RETRY", 0.2)
+        sim = await self.start_sim()
+        base = self.mktemp()
+        identity = os.path.join(base, "data", "identity.json")
+        # A directory where the save writes its temporary file: the save fails.
+        blocker = os.path.join(base, "data", f".identity.json.tmp-{os.getpid()}")
+        os.makedirs(blocker)
+        agent, client = self.start_agent(sim, base=base)
+        await eventually(lambda: sim.open_streams == 1, what="running with the identity in memory")
+        self.assertFalse(os.path.exists(identity))
+        self.assertTrue(os.path.exists(os.path.join(base, "bootstrap-token")))  # kept until the identity is saved
+        os.rmdir(blocker)
+        await eventually(lambda: os.path.isfile(identity), what="the identity saved on a retry")
+        await eventually(lambda: not os.path.exists(os.path.join(base, "bootstrap-token")), what="token deleted")
+        self.assertEqual(len(sim.registrations), 1)
+
+    async def test_a_stored_identity_for_another_node_id_stops_the_link_saying_so(self) -> None:
+        sim = await self.start_sim()
+        base = self.mktemp()
+        agent, _ = self.start_agent(sim, base=base)
+        await eventually(lambda: sim.open_streams == 1, what="enrolled")
+        await agent.link.parent.stopService()
+        from plexagent.config import parse_config
+        from plexagent.service import makeService
+        from tests.controlplane.harness import agent_config_document, short_socket_dir
+
+        document = agent_config_document(base, sim, short_socket_dir())
+        document["node"]["id"] = "another-node"
+        from twisted.internet import reactor
+
+        top = makeService(parse_config(document), reactor)
+        top.startService()
+        self.addCleanup(top.stopService)
+        self.assertEqual(top.agent.link.identity_state, "failed")
+        self.assertIn("node.id is 'another-node'", top.agent.link.identity_error)
+        self.assertEqual(len(sim.registrations), 1)
+
     async def test_no_token_or_node_secret_key_reaches_the_log(self) -> None:
         from twisted.logger import formatEvent, globalLogPublisher
 

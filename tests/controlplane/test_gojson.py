@@ -26,6 +26,11 @@ class EncodeStringTests(unittest.TestCase):
     def test_named_escapes_and_lower_case_hex_for_other_controls(self) -> None:
         self.assertEqual(gojson.encode_string('"\\\b\f\n\r\t\x00\x1f'), b'"\\"\\\\\\b\\f\\n\\r\\t\\u0000\\u001f"')
 
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",))))
+    def test_what_go_writes_go_reads_back(self, text: str) -> None:
+        self.assertEqual(gojson.unquote(gojson.encode_string(text)), text)
+
     def test_non_ascii_del_and_replacement_character_are_written_raw(self) -> None:
         self.assertEqual(gojson.encode_string("ü\x7f\ufffd/"), '"ü\x7f\ufffd/"'.encode())
 
