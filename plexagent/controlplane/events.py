@@ -319,6 +319,10 @@ class EventStream:
             log.warn("dropping event {id}: {reason}", id=header_safe_id(event.id)[:64] or "(no id)",
                      reason=str(dropped))
             return
+        except Exception:
+            # A bug must not cost the stream: the event is lost, the next fetch corrects the state.
+            log.failure("applying event {id} failed", id=header_safe_id(event.id)[:64] or "(no id)")
+            return
         self.applied[envelope.event_type] += 1
         self.last_event_at = self.clock.seconds()
 

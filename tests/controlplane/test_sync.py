@@ -250,6 +250,25 @@ class EventStreamTests(SyncHarness):
                                                DropReason.BAD_SIGNATURE: 1})
         self.assertEqual(self.stream.applied, {})
 
+    def test_a_failure_applying_one_event_costs_neither_the_stream_nor_the_next_event(self) -> None:
+        self.client.fetches[0].callback(fetched(STATE))
+        response = self.connect()
+        run = self.stream._run
+        calls: list[Any] = []
+
+        def failing_once(effect: Any, origin: str) -> None:
+            calls.append(effect)
+            if len(calls) == 1:
+                raise RuntimeError("a bug")
+            run(effect, origin)
+
+        self.stream._run = failing_once
+        response.write(frame("node_state_updated", {"metadata": {"region": "lost"}, "data": []}, "1"))
+        response.write(frame("node_state_updated", {"metadata": {"region": "us"}, "data": []}, "2"))
+        self.assertEqual(self.cache.current.metadata, {"region": "us"})
+        self.assertIsNotNone(response.protocol)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_drop_reconnects_with_last_event_id_and_reconciles(self) -> None:
         self.client.fetches[0].callback(fetched(STATE))
         response = self.connect()
