@@ -76,6 +76,9 @@ class NodeAPIConfig:
     http_listen: str = "127.0.0.1:9100"
     http_token_file: str = "/etc/plexd/api-token"
     max_body_bytes: int = 1048576
+    #: connections the socket (and, separately, the TCP listener) holds at
+    #: once; past it a new one is answered 503 and closed
+    max_connections: int = 4096
     #: report entries the node may hold; past it a new key gets 413
     max_report_entries: int = 10000
     #: bytes the report entries may take as stored (their JSON records);
@@ -95,6 +98,8 @@ class AgentAPIConfig:
     max_upload_bytes: int = 10737418240
     tls_cert: str = ""
     tls_key: str = ""
+    #: connections the listener holds at once; past it a new one is answered 503
+    max_connections: int = 4096
     #: /files/read refuses larger files (413)
     max_read_bytes: int = 10485760
     #: /files/write and the legacy JSON form of /upload/tar accept bodies up to
@@ -106,6 +111,8 @@ class AgentAPIConfig:
     max_archive_members: int = 200000
     #: seconds after its last chunk an unfinished chunked upload is removed
     chunk_max_age: float = 86400.0
+    #: chunked uploads held at once (all of them together hold at most max_upload_bytes)
+    max_chunked_uploads: int = 16
     #: seconds a git clone may take before it is killed
     git_timeout: float = 600.0
 
@@ -354,7 +361,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"node_api.socket_mode: must be an octal mode such as \"0660\", got {mode!r}")
     if not config.node_api.socket:
         raise ConfigError("node_api.socket: must not be empty")
-    for key in ("max_body_bytes", "max_report_entries", "max_report_bytes"):
+    for key in ("max_body_bytes", "max_report_entries", "max_report_bytes", "max_connections"):
         if getattr(config.node_api, key) <= 0:
             raise ConfigError(f"node_api.{key}: must be greater than 0")
     _check_networks("agent_api.allowed_ips", config.agent_api.allowed_ips)
@@ -363,7 +370,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"agent_api.allowed_paths: {root!r} must be an absolute path")
     if config.agent_api.max_upload_bytes <= 0:
         raise ConfigError("agent_api.max_upload_bytes: must be greater than 0")
-    for key in ("max_read_bytes", "max_json_bytes", "max_archive_members", "chunk_max_age", "git_timeout"):
+    for key in ("max_read_bytes", "max_json_bytes", "max_archive_members", "chunk_max_age", "git_timeout",
+                "max_connections", "max_chunked_uploads"):
         if getattr(config.agent_api, key) <= 0:
             raise ConfigError(f"agent_api.{key}: must be greater than 0")
     if bool(config.agent_api.tls_cert) != bool(config.agent_api.tls_key):
@@ -409,12 +417,15 @@ def read_key_file(key: str, path: str, warn: Any = None) -> str:
     import os
     import stat
 
+    from plexagent.fileio import read_stored
+
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            raw = f.read(65536)
+        st = os.stat(path)
+        raw = read_stored(path, 65536, follow_symlinks=True)
     except OSError as e:
         raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e}") from None
     if warn is not None and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         warn(f"{key}: {path} is readable by group or others; chmod 600 it")
     try:

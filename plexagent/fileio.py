@@ -18,13 +18,14 @@ import errno
 import json
 import math
 import os
+import stat
 import time
 from typing import Any
 
 from twisted.logger import Logger
 
 from plexagent import errors
-from plexagent.strictparse import INT_MAX, INT_MIN, MAX_DEPTH, parse_json
+from plexagent.strictparse import INT_MAX, INT_MIN, MAX_DEPTH, MAX_VALUES, parse_json
 
 log = Logger()
 
@@ -34,6 +35,55 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+#: The most ``read_stored`` reads of a file unless told otherwise.
+STORED_MAX_BYTES = 64 << 20
+
+
+def read_stored(path: str, limit: int = STORED_MAX_BYTES, follow_symlinks: bool = False) -> bytes:
+    """
+    The bytes of the regular file at ``path``, at most ``limit`` of them.
+
+    Opened without blocking and without following a symlink (unless
+    ``follow_symlinks``): a FIFO, a device, a socket or a link put where a
+    file of the agent's belongs raises ``ValueError`` (or ``OSError``)
+    instead of hanging the caller or feeding it endless bytes, and so does a
+    file larger than ``limit``. ``FileNotFoundError`` passes through.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow_symlinks:
+            raise ValueError("it is a symbolic link, not a file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"it is not a regular file ({_kind_of(st.st_mode)})")
+        if st.st_size > limit:
+            raise ValueError(f"it holds {st.st_size} bytes, more than the {limit} it may")
+        chunks, size = [], 0
+        while True:
+            data = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not data:
+                break
+            chunks.append(data)
+            size += len(data)
+            if size > limit:
+                raise ValueError(f"it holds more than the {limit} bytes it may")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def ensure_private_dir(path: str) -> None:
@@ -225,6 +275,9 @@ def _encodes(text: str) -> bool:
 #: Stored documents wrap what clients sent (a report payload inside its log
 #: record) in a few levels of their own.
 STORED_MAX_DEPTH = MAX_DEPTH + 8
+#: Stored files hold many client documents (state from the control plane,
+#: cron jobs): they are read at start, not while clients wait.
+STORED_MAX_VALUES = 100 * MAX_VALUES
 
 
 def decode_json(data: bytes) -> Any:
@@ -234,7 +287,8 @@ def decode_json(data: bytes) -> Any:
     that does not fit, no lone surrogate. ``ValueError`` says why.
     """
     try:
-        return parse_json(data, max_bytes=len(data), max_depth=STORED_MAX_DEPTH, error="invalid JSON")
+        return parse_json(data, max_bytes=len(data), max_depth=STORED_MAX_DEPTH, max_values=STORED_MAX_VALUES,
+                          error="invalid JSON")
     except errors.InvalidInput as e:
         raise ValueError(e.details or e.message) from None
 

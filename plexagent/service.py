@@ -250,6 +250,39 @@ def observe_listeners(top: service.MultiService, agent: Agent) -> None:
             )
 
 
+#: Descriptors kept for the agent's own files, Docker and control-plane calls,
+#: beside what its listeners may hold.
+RESERVED_DESCRIPTORS = 1024
+
+
+def budget_descriptors(top: service.MultiService) -> None:
+    """
+    Raise the open-file limit to its hard limit, and cap each listener's
+    connections so that together they leave ``RESERVED_DESCRIPTORS`` free:
+    connections alone can then never stop the agent writing its files.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    sites = [child.site for child in top if isinstance(child, ListenerService) and isinstance(child.site, PlexSite)]
+    if not sites or soft == resource.RLIM_INFINITY:
+        return
+    share = max(64, (soft - RESERVED_DESCRIPTORS) // len(sites))
+    for site in sites:
+        if site.max_connections > share:
+            log.warn("the open-file limit {limit} leaves {share} connections for {listener} "
+                     "(max_connections {configured}); raise LimitNOFILE to allow more",
+                     limit=soft, share=share, listener=site.listener_name or "a listener",
+                     configured=site.max_connections)
+            site.max_connections = share
+
+
 def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service.MultiService) -> None:
     """The path policy, chunked-upload store (with its GC) and git cloner of the agent API."""
     from plexagent.host.files.chunks import ChunkGarbageCollector, ChunkStore
@@ -257,7 +290,8 @@ def add_file_services(config: Config, reactor: Any, agent: "Agent", top: service
     from plexagent.host.gitclone import GitCloner
 
     aapi = config.agent_api
-    store = ChunkStore(os.path.join(config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age)
+    store = ChunkStore(os.path.join(config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age,
+                       max_uploads=aapi.max_chunked_uploads)
     agent.agent_services["chunks"] = store
     agent.agent_services["git"] = GitCloner(
         agent.agent_services["paths"], os.path.join(config.node.data_dir, "git-staging"), reactor, aapi.git_timeout
@@ -319,6 +353,7 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         auth.GuardedResource(auth.PeerCredentialPolicy(secrets_gid),
                              PrefixRoutes([(b"/plexagent/", control.resource())], resource)),
         napi.max_body_bytes,
+        max_connections=napi.max_connections,
     )
     socket_path = napi.socket
 
@@ -355,7 +390,8 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     if napi.http_enabled:
         http_token = read_key_file("node_api.http_token_file", napi.http_token_file, _warn)
         tcp_site = PlexSite(
-            auth.GuardedResource(auth.BearerTokenPolicy(http_token), resource), napi.max_body_bytes
+            auth.GuardedResource(auth.BearerTokenPolicy(http_token), resource), napi.max_body_bytes,
+            max_connections=napi.max_connections,
         )
         ListenerService(
             "node_api.http_listen",
@@ -370,6 +406,7 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         build_agent_api(config, reactor, agent).setServiceParent(top)
 
     observe_listeners(top, agent)
+    budget_descriptors(top)
 
     if link is not None:
         # After the listeners: the socket answers from the persisted cache

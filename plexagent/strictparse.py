@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
 from plexagent import errors
@@ -31,21 +32,19 @@ from plexagent import errors
 MAX_DEPTH = 64
 #: Largest document ``parse_json`` accepts unless told otherwise.
 MAX_BYTES = 64 << 20
+#: Most values (numbers, strings, arrays, objects...) a document may hold:
+#: parsing costs time per value, on the thread that serves every client.
+MAX_VALUES = 100_000
 #: Integers must fit a signed 64-bit integer (what other JSON readers keep exactly).
 INT_MIN = -(1 << 63)
 INT_MAX = (1 << 63) - 1
 
-# A JSON string token: quote, then runs of plain characters and escapes.
-_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'
-_STRING_BYTES = re.compile(_STRING.encode("ascii"), re.S)
-# Strings and brackets, in order (only used to say where nesting got too deep).
-_STRING_OR_BRACKET = re.compile(_STRING + r"|[\[\]{}]", re.S)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_FOLD_BRACKETS = bytes.maketrans(b"{}", b"[]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # A \u escape of a surrogate anywhere in the text: only then can the parsed
 # document hold a lone one (the UTF-8 decoder already refuses raw ones).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_FOLD_BRACKETS = bytes.maketrans(b"{}", b"[]")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _UNSIGNED = re.compile(r"[0-9]{1,19}")
 _SIGNED = re.compile(r"-?[0-9]{1,19}")
@@ -85,19 +84,79 @@ def _line_column(text: str, pos: int) -> str:
     return f"line {line}, column {column}"
 
 
-def _too_deep(raw: bytes, max_depth: int) -> bool:
+#: Where the position of a refusal is looked for: past this many characters
+#: a message says what, not where (finding it costs a pass in Python).
+_LOCATE_WITHIN = 64 << 10
+# What the position scan stops at: a string's opening quote or a bracket.
+_QUOTE_OR_BRACKET = re.compile(r'["\[\]{}]')
+
+
+def _outside_strings(text: str) -> Any:
     """
-    Whether the document may nest deeper than ``max_depth``, decided without
-    recursion and in C-speed passes: keep only the brackets outside strings;
-    each ``replace(b"[]", b"")`` pass takes away exactly the innermost level.
+    (start, end) of each run of ``text`` outside JSON strings, then
+    ("[", pos) and so on for each bracket, in order; each string is skipped
+    by the C scanner, so the whole pass is linear in the text (a regex over
+    strings retries at every quote of an unterminated one: quadratic).
     """
-    if raw.count(b"[") + raw.count(b"{") <= max_depth:
-        return False
-    brackets = _STRING_BYTES.sub(b"", raw).translate(_FOLD_BRACKETS, _NOT_BRACKETS)
+    pos, limit = 0, min(len(text), _LOCATE_WITHIN)
+    while pos < limit:
+        match = _QUOTE_OR_BRACKET.search(text, pos, limit)
+        if match is None:
+            yield "run", pos, limit
+            return
+        yield "run", pos, match.start()
+        if match.group() != '"':
+            yield match.group(), match.start(), match.end()
+            pos = match.end()
+            continue
+        try:
+            _, pos = scanstring(text, match.end(), False)
+        except ValueError:
+            return  # an unterminated string: nothing after it is outside one
+
+
+def _where_too_deep(text: str, max_depth: int) -> str:
+    depth = 0
+    for kind, start, _ in _outside_strings(text):
+        if kind in ("[", "{"):
+            depth += 1
+            if depth > max_depth:
+                return " at " + _line_column(text, start)
+        elif kind in ("]", "}"):
+            depth -= 1
+    return ""
+
+
+def _where_literal(text: str, literal: str) -> str:
+    """The position of ``literal`` as a token outside strings, for messages."""
+    pattern = re.compile(r"(?<![\w.+-])" + re.escape(literal) + r"(?![\w.+-])")
+    for kind, start, end in _outside_strings(text):
+        if kind == "run":
+            found = pattern.search(text, start, end)
+            if found is not None:
+                return " at " + _line_column(text, found.start())
+    return ""
+
+
+def _outside_strings_bytes(raw: bytes) -> bytes:
+    """
+    The bytes of ``raw`` outside its strings, in a few C-speed passes: first
+    the escaped backslashes (pairs, from the left, as JSON reads them) and
+    escaped quotes go, then the runs between quotes alternate between
+    outside and inside a string.
+    """
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Every other run between quotes is outside a string.
+    return b"".join(unescaped.split(b'"')[0::2])
+
+
+def _nests_deeper(brackets: bytes, max_depth: int) -> bool:
+    """Whether ``brackets`` (only ``[`` and ``]``) nest deeper than ``max_depth``."""
     if b"[" * (max_depth + 1) in brackets:
         return True
     passes = 0
     while brackets and passes < max_depth:
+        # Each pass takes away exactly the innermost level.
         shorter = brackets.replace(b"[]", b"")
         if len(shorter) == len(brackets):
             break
@@ -106,28 +165,6 @@ def _too_deep(raw: bytes, max_depth: int) -> bool:
     # What is left is deeper than the passes took apart, or unbalanced (not
     # JSON): either way the parser could recurse that deep before failing.
     return bool(brackets) and passes + brackets.count(b"[") > max_depth
-
-
-def _where_too_deep(text: str, max_depth: int) -> str:
-    depth = 0
-    for match in _STRING_OR_BRACKET.finditer(text):
-        token = match.group()
-        if token in "[{":
-            depth += 1
-            if depth > max_depth:
-                return " at " + _line_column(text, match.start())
-        elif token in "]}":
-            depth -= 1
-    return ""
-
-
-def _where_literal(text: str, literal: str) -> str:
-    """The position of ``literal`` as a token outside strings, for messages."""
-    pattern = re.compile(_STRING + r"|(?<![\w.+-])(" + re.escape(literal) + r")(?![\w.+-])", re.S)
-    for match in pattern.finditer(text):
-        if match.group(1) is not None:
-            return " at " + _line_column(text, match.start(1))
-    return ""
 
 
 def _path(parts: tuple[Any, ...]) -> str:
@@ -166,12 +203,14 @@ def parse_json(
     *,
     max_bytes: int = MAX_BYTES,
     max_depth: int = MAX_DEPTH,
+    max_values: int = MAX_VALUES,
     error: str = "invalid JSON body",
 ) -> Any:
     """
     The JSON document in ``data`` (UTF-8 bytes or text), or
     ``errors.InvalidInput(error, details)`` when it is not strict JSON:
     not UTF-8, larger than ``max_bytes``, nested deeper than ``max_depth``,
+    holding ``max_values`` values or more,
     holding NaN/Infinity, a non-finite float, an integer outside the signed
     64-bit range, or a lone surrogate in a string or member name.
     """
@@ -192,18 +231,36 @@ def parse_json(
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise refused(f"the document is not UTF-8 (byte {e.start})") from None
-    if _too_deep(raw, max_depth):
-        raise refused(f"arrays and objects nest deeper than {max_depth} levels{_where_too_deep(text, max_depth)}")
+    too_deep = f"arrays and objects nest deeper than {max_depth} levels"
+    # The structure is checked before parsing, each check a C-speed pass:
+    # the count of separators and brackets bounds the values, and is only
+    # looked at closely (outside strings) when the crude count is too high.
+    crude = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if crude >= max_values or crude > max_depth:
+        outside = _outside_strings_bytes(raw)
+        brackets = outside.translate(_FOLD_BRACKETS, _NOT_BRACKETS)
+        if b"[" * (max_depth + 1) in brackets:
+            raise refused(too_deep + _where_too_deep(text, max_depth))
+        # In JSON, separators plus containers plus one is the count of values
+        # (one more for each empty array or object: a bound, never short).
+        if outside.count(b",") + len(brackets) // 2 >= max_values:
+            raise refused(f"the document holds more than {max_values} values")
+        if _nests_deeper(brackets, max_depth):
+            raise refused(too_deep + _where_too_deep(text, max_depth))
     try:
+        # The C scanner is linear in the text; it stops at the interpreter's
+        # recursion limit (about 1000 levels) with a RecursionError, so a
+        # deep document costs no more than its first thousand brackets.
         document = json.loads(
             text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int
         )
     except _Refused as e:
         raise refused(e.why + _where_literal(text, e.literal)) from None
     except json.JSONDecodeError as e:
-        raise refused(f"{e.msg} at {_line_column(text, e.pos)}") from None
-    except RecursionError:  # pragma: no cover - _too_deep refuses these first
-        raise refused(f"arrays and objects nest deeper than {max_depth} levels") from None
+        # Some of json's messages end in "at" already ("Unterminated string starting at").
+        raise refused(f"{e.msg.removesuffix(' at')} at {_line_column(text, e.pos)}") from None
+    except RecursionError:  # pragma: no cover - the structure check refuses these first
+        raise refused(too_deep) from None
     if _SURROGATE_ESCAPE.search(raw):
         where = _lone_surrogate(document)
         if where is not None:

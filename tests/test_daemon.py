@@ -185,6 +185,31 @@ def poison_data_dir(data_dir: str) -> dict[str, str]:
     }
 
 
+def plant_special_files(data_dir: str) -> dict[str, str]:
+    """
+    Put a FIFO (or a link to /dev/zero) where each file the agent loads at
+    start belongs: reading one would block forever (or never end).
+    """
+
+    def fifo(relative: str) -> str:
+        path = os.path.join(data_dir, relative)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        os.mkfifo(path, 0o600)
+        return path
+
+    zero = os.path.join(data_dir, "reports", "reports.log")
+    os.makedirs(os.path.dirname(zero), mode=0o700, exist_ok=True)
+    os.symlink("/dev/zero", zero)
+    return {
+        "state": fifo("state.json"),
+        "reports": zero,
+        "outbox": fifo("outbox.json"),
+        "cron": fifo("cron-jobs.json"),
+        "upload": fifo("uploads/up-1/meta.json"),
+        "journal": fifo("extracting/0123456789abcdef"),
+    }
+
+
 class PoisonedDataDirTests(DaemonCase):
     async def test_the_daemon_starts_and_serves_with_every_kind_of_poisoned_file(self) -> None:
         import treq
@@ -236,6 +261,46 @@ class PoisonedDataDirTests(DaemonCase):
             aside = [n for n in os.listdir(directory) if n.startswith(name + ".quarantined-")]
             self.assertEqual(len(aside), 1, f"{kind}: {os.listdir(directory)}")
             self.assertEqual(proc.output.count(path + " "), 1, f"{kind} is logged once with its path")
+
+
+    async def test_the_daemon_starts_when_its_files_are_fifos_or_links_to_devices(self) -> None:
+        import treq
+
+        from plexagent.testing import docker as docker_fixtures
+
+        sim = ControlPlaneSimulator.example()
+        await sim.start(reactor)
+        self.addCleanup(lambda: defer.ensureDeferred(sim.stop()))
+        self.sandbox.use_control_plane(sim)
+        allowed = os.path.join(self.sandbox.root, "allowed")
+        os.makedirs(allowed)
+        port = docker_fixtures._free_port()
+        self.sandbox.document["agent_api"].update(
+            {"enabled": True, "listen": f"127.0.0.1:{port}", "allowed_paths": [allowed + "/"]}
+        )
+        self.sandbox.document["docker"] = {"host": docker_fixtures.docker_host()}
+        planted = plant_special_files(self.sandbox.data_dir)
+
+        proc = self.spawn()
+        await proc.wait_for_socket(self.sandbox.socket)
+        client = unix_http_client(self.sandbox.socket)
+        code, state = await json_response(await client.get(BASE + "/v1/state"))
+        self.assertEqual((code, state["report_keys"]), (200, []))
+        headers = {"X-API-Key": self.sandbox.api_key}
+        agent_api = f"http://127.0.0.1:{port}"
+        code, body = await json_response(await treq.get(agent_api + "/cron/jobs", headers=headers, persistent=False))
+        self.assertEqual((code, body["jobs"]), (200, []))
+        code, _ = await json_response(
+            await treq.get(agent_api + "/upload/tar/chunked", params={"chunk_id": "up-1"}, headers=headers,
+                           persistent=False)
+        )
+        self.assertEqual(code, 404)
+        for kind, path in planted.items():
+            if kind == "upload":
+                path = os.path.dirname(path)
+            directory, name = os.path.split(path)
+            aside = [n for n in os.listdir(directory) if n.startswith(name + ".quarantined-")]
+            self.assertEqual(len(aside), 1, f"{kind}: {os.listdir(directory)}")
 
 
 class MakeServiceTests(unittest.TestCase):

@@ -126,3 +126,38 @@ class SetAsideTests(unittest.TestCase):
             self.assertEqual(f.read(), b"bad\n")
         warnings = [e for e in self.logs if e.get("log_level") == LogLevel.warn]
         self.assertEqual((warnings[0]["count"], warnings[0]["path"]), (1, path))
+
+
+class ReadStoredTests(unittest.TestCase):
+    """Files the agent loads are read only when they are regular files, and bounded."""
+
+    def path(self, name: str) -> str:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        return os.path.join(directory, name)
+
+    def test_a_regular_file_is_read(self) -> None:
+        path = self.path("f")
+        with open(path, "wb") as f:
+            f.write(b"x" * 100)
+        self.assertEqual(fileio.read_stored(path), b"x" * 100)
+
+    def test_a_fifo_is_refused_without_blocking(self) -> None:
+        path = self.path("fifo")
+        os.mkfifo(path)
+        self.assertIn("a FIFO", str(self.assertRaises(ValueError, fileio.read_stored, path)))
+
+    def test_a_link_is_refused_unless_links_are_followed(self) -> None:
+        path = self.path("zero")
+        os.symlink("/dev/zero", path)
+        self.assertIn("symbolic link", str(self.assertRaises(ValueError, fileio.read_stored, path)))
+        self.assertIn("a device", str(self.assertRaises(ValueError, fileio.read_stored, path, follow_symlinks=True)))
+
+    def test_a_file_over_the_limit_is_refused(self) -> None:
+        path = self.path("big")
+        with open(path, "wb") as f:
+            f.write(b"x" * 101)
+        self.assertIn("more than the 100", str(self.assertRaises(ValueError, fileio.read_stored, path, 100)))
+
+    def test_a_missing_file_is_file_not_found(self) -> None:
+        self.assertRaises(FileNotFoundError, fileio.read_stored, self.path("absent"))

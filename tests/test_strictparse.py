@@ -73,6 +73,22 @@ class RefusedDocuments(unittest.TestCase):
                          b"[" * 100_000):
             self.assertIn("nest deeper than", self.refused(document))
 
+    def test_an_unterminated_string_of_escaped_quotes_is_refused(self) -> None:
+        # The shape that made a regex over strings retry at every quote.
+        document = b"[" * (MAX_DEPTH + 1) + b'"' + b'\\"' * 50_000
+        self.assertIn("nest deeper than", self.refused(document))
+        self.assertIn("Unterminated string", self.refused(b'["' + b'\\"' * 50_000))
+
+    def test_more_values_than_the_limit_are_refused_before_parsing(self) -> None:
+        for document in (b"[" + b"1," * 100_000 + b"1]", b"[" + b"[]," * 100_000 + b"[]]",
+                         b"[" + b'"a",' * 100_000 + b'"a"]'):
+            e = self.assertRaises(errors.InvalidInput, parse_json, document, max_values=100)
+            self.assertIn("more than 100 values", e.details)
+
+    def test_commas_and_brackets_inside_strings_are_not_values(self) -> None:
+        text = '\\",[{' * 50_000 + '\\'
+        self.assertEqual(parse_json(json.dumps({"content": text}).encode(), max_values=10), {"content": text})
+
     def test_brackets_inside_strings_do_not_count_as_nesting(self) -> None:
         text = "[" * 500 + '\\"{'
         self.assertEqual(parse_json(json.dumps({"a": text}).encode()), {"a": text})
@@ -98,6 +114,26 @@ class RefusedDocuments(unittest.TestCase):
 
 
 class AcceptedDocuments(unittest.TestCase):
+    @given(json_values, st.integers(min_value=1, max_value=64))
+    def test_the_structure_check_agrees_with_a_full_parse(self, value: object, max_values: int) -> None:
+        # Escapes and brackets in strings must never fool the count or the depth.
+        raw = json.dumps(value).encode()
+        count, empty, stack = 0, 0, [value]
+        while stack:
+            item = stack.pop()
+            count += 1
+            if isinstance(item, (list, dict)):
+                children = list(item.values()) if isinstance(item, dict) else item
+                empty += not children
+                stack.extend(children)
+        try:
+            self.assertEqual(parse_json(raw, max_values=max_values), json.loads(raw))
+            self.assertLessEqual(count, max_values)
+        except errors.InvalidInput as e:
+            self.assertIn("more than", e.details)
+            # Separators and brackets count the values exactly, each empty array or object once more.
+            self.assertGreater(count + empty, max_values)
+
     def test_nesting_at_the_limit_is_accepted(self) -> None:
         document = b"[" * MAX_DEPTH + b"]" * MAX_DEPTH
         self.assertEqual(json.dumps(parse_json(document), separators=(",", ":")).encode(), document)

@@ -116,4 +116,5 @@ class AgentAPI:
             DEFAULT_BODY_LIMIT,
             content_factory=self.content_factory,
             body_limits=self.context.body_limit,
+            max_connections=self.context.config.agent_api.max_connections,
         )

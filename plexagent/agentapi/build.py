@@ -10,45 +10,18 @@ import re
 from typing import Any
 
 from klein import Klein
+from twisted.internet import threads
 from twisted.web.iweb import IRequest
 
 from plexagent import errors
 from plexagent.agentapi.images import register_load
+from plexagent.host.docker.builds import dockerfile_document
 from plexagent.host.docker.specs import optional_str, parse_bool_arg, require_str
 from plexagent.host.files.paths import PathPolicy
 from plexagent.http import responses
 from plexagent.http.streaming import NDJSON, arg, json_object, ndjson, stream_response
 
-#: A Dockerfile larger than this is not one we should echo back.
-MAX_DOCKERFILE_BYTES = 1024 * 1024
-
 _SUCCESS = re.compile(r"Successfully built ([0-9a-f]+)")
-
-
-def generate_dockerfile(names: set[str]) -> tuple[str, str]:
-    """(kind, Dockerfile) for a context whose top-level file names are ``names``."""
-    if "package.json" in names:
-        install = "npm ci --omit=dev" if "package-lock.json" in names else "npm install --omit=dev"
-        return "node", (
-            "FROM node:20-alpine\nWORKDIR /app\nCOPY package*.json ./\n"
-            f"RUN {install}\nCOPY . .\nEXPOSE 3000\nCMD [\"npm\", \"start\"]\n"
-        )
-    if "requirements.txt" in names or "pyproject.toml" in names:
-        install = (
-            "pip install --no-cache-dir -r requirements.txt" if "requirements.txt" in names
-            else "pip install --no-cache-dir ."
-        )
-        entry = "app.py" if "app.py" in names else "main.py"
-        return "python", (
-            "FROM python:3.12-slim\nWORKDIR /app\nCOPY . .\n"
-            f"RUN {install}\nEXPOSE 8000\nCMD [\"python\", \"{entry}\"]\n"
-        )
-    if "go.mod" in names:
-        return "go", (
-            "FROM golang:1.22-alpine AS build\nWORKDIR /src\nCOPY . .\nRUN go build -o /app .\n"
-            "FROM alpine:3.20\nCOPY --from=build /app /app\nEXPOSE 8080\nCMD [\"/app\"]\n"
-        )
-    return "static", "FROM nginx:alpine\nCOPY . /usr/share/nginx/html\nEXPOSE 80\n"
 
 
 def build_request(body: dict[str, Any], paths: PathPolicy) -> dict[str, Any]:
@@ -98,7 +71,7 @@ def image_id_of(lines: list[dict[str, Any]]) -> str | None:
 
 def register(app: Klein, context: Any) -> None:
     docker = context.services["docker"]
-    paths = PathPolicy(context.config.agent_api.allowed_paths)
+    paths = context.services.get("paths") or PathPolicy(context.config.agent_api.allowed_paths)
 
     @app.route("/docker/build", methods=["POST"])
     async def build(request: IRequest) -> Any:
@@ -128,28 +101,17 @@ def register(app: Klein, context: Any) -> None:
         )
 
     @app.route("/docker/dockerfile", methods=["POST"])
-    def dockerfile(request: IRequest) -> bytes:
+    async def dockerfile(request: IRequest) -> bytes:
         body = json_object(request)
-        context_path = paths.resolve(require_str(body, "context_path"), "context_path")
-        if not os.path.isdir(context_path):
-            raise errors.NotFound("context_path not found", f"{body['context_path']} is not a directory")
-        name = optional_str(body, "dockerfile") or "Dockerfile"
-        path = paths.resolve(os.path.join(context_path, name), "dockerfile")
-        if os.path.isfile(path):
-            if os.path.getsize(path) > MAX_DOCKERFILE_BYTES:
-                raise errors.TooLarge("dockerfile too large", f"the limit is {MAX_DOCKERFILE_BYTES} bytes")
-            with open(path, "rb") as f:
-                text = f.read(MAX_DOCKERFILE_BYTES).decode("utf-8", "replace")
-            return responses.respond(request, {"exists": True, "generated": False, "path": path, "dockerfile": text})
         generate = body.get("generate", False)
         if not isinstance(generate, bool):
             raise errors.InvalidInput("invalid generate", "generate must be true or false")
-        if not generate:
-            raise errors.NotFound("dockerfile not found", f"{path} does not exist; send generate: true for a suggestion")
-        kind, text = generate_dockerfile(set(os.listdir(context_path)))
-        return responses.respond(
-            request, {"exists": False, "generated": True, "kind": kind, "path": path, "dockerfile": text}
+        context_path = require_str(body, "context_path")
+        name = optional_str(body, "dockerfile") or "Dockerfile"
+        document = await threads.deferToThreadPool(
+            context.reactor, context.reactor.getThreadPool(), dockerfile_document, paths, context_path, name, generate
         )
+        return responses.respond(request, document)
 
     @app.route("/docker/login", methods=["POST"])
     async def login(request: IRequest) -> bytes:

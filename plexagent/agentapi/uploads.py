@@ -57,7 +57,8 @@ def register(app: Klein, context: Any) -> None:
     store = context.services.get("chunks")
     if store is None:
         store = context.services["chunks"] = chunks.ChunkStore(
-            os.path.join(context.config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age
+            os.path.join(context.config.node.data_dir, "uploads"), aapi.max_upload_bytes, aapi.chunk_max_age,
+            max_uploads=aapi.max_chunked_uploads,
         )
 
     journal = context.services.get("staging_journal")

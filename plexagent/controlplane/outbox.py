@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from plexagent import errors
 from plexagent.controlplane.backoff import Backoff, cancel_call, retry_after
 from plexagent.controlplane.protocol import Call, ControlPlaneError, ErrorKind, RefusedChange, SetAside
-from plexagent.fileio import append_durably, atomic_write, decode_json, encode_json, set_aside
+from plexagent.fileio import append_durably, atomic_write, decode_json, encode_json, read_stored, set_aside
 from plexagent.node.reports import Changes, ReportStore, rfc3339
 
 log = Logger()
@@ -81,6 +81,8 @@ class ReportOutbox(service.Service):
         self._run_in_thread = run_in_thread
         #: the last sequence number the control plane acknowledged (durable)
         self.synced_seq = 0
+        # From now on the store keeps each delete until the control plane has it.
+        store.synced(0)
         self._call: Any = None
         self._inflight: defer.Deferred[Any] | None = None
         self._subscribed = False
@@ -105,8 +107,7 @@ class ReportOutbox(service.Service):
         """Read the synced sequence number (a small file, at start); set it aside if unusable."""
         self.synced_seq = 0
         try:
-            with open(self._path, "rb") as f:
-                doc = decode_json(f.read())
+            doc = decode_json(read_stored(self._path, 4096))
             seq = doc.get("synced_seq") if isinstance(doc, dict) else None
             if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
                 raise ValueError("synced_seq must be a non-negative integer")
@@ -120,6 +121,7 @@ class ReportOutbox(service.Service):
         if self.synced_seq > self.store.durable_seq:
             # The report log was reset under us: start over.
             self.synced_seq = 0
+        self.store.synced(self.synced_seq)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -161,6 +163,7 @@ class ReportOutbox(service.Service):
         changes = self.store.changes_since(self.synced_seq, self.max_batch)
         if not changes.entries and not changes.deleted:
             self.synced_seq = max(self.synced_seq, changes.upto)
+            self.store.synced(self.synced_seq)
             return
         self.posts += 1
         d = self._deliver(changes, self._set_aside)
@@ -176,6 +179,7 @@ class ReportOutbox(service.Service):
     def _sent(self, upto: int, truncated: bool) -> None:
         self._inflight = None
         self.synced_seq = upto
+        self.store.synced(upto)
         self.backoff.reset()
         if self.running and self.pending:
             # The rest of a backlog goes at once; changes committed while

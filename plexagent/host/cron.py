@@ -20,6 +20,7 @@ the Docker pool and removes it afterwards.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import re
 import shlex
 import time
 import uuid
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import attrs
 from croniter import croniter
@@ -36,7 +37,15 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from plexagent import errors
-from plexagent.fileio import Unencodable, atomic_write, encode_json, ensure_private_dir, set_aside, set_aside_records
+from plexagent.fileio import (
+    Unencodable,
+    atomic_write,
+    encode_json,
+    ensure_private_dir,
+    read_stored,
+    set_aside,
+    set_aside_records,
+)
 from plexagent.host.docker.specs import parse_command, parse_environment, parse_volumes
 from plexagent.host.files.paths import PathPolicy
 
@@ -230,6 +239,9 @@ class CronRunner(Protocol):
     def run(self, job: CronJob) -> defer.Deferred[int]:
         """Run ``job`` once; fires with the container's exit code."""
 
+    def adopt(self, container_id: str, started: float) -> defer.Deferred[int]:
+        """Follow a run left going by an earlier agent; fires with its exit code (optional)."""
+
 
 class CronScheduler(service.Service):
     """The cron jobs of one agent, persisted, each timed on ``clock``."""
@@ -274,8 +286,9 @@ class CronScheduler(service.Service):
         """
         self.jobs = {}
         try:
-            with open(self.path, "rb") as f:
-                document = json.loads(f.read().decode("utf-8"))
+            # Parsed leniently: each job is then checked as strictly as a new
+            # one, so that one bad job is set aside, not the whole file.
+            document = json.loads(read_stored(self.path).decode("utf-8"))
             if not isinstance(document, dict) or document.get("version") != 1:
                 raise ValueError("not a version 1 cron jobs document")
             records = document.get("jobs")
@@ -308,6 +321,10 @@ class CronScheduler(service.Service):
                     self._save()
                 except errors.PlexError as e:
                     log.error("cannot rewrite the cron jobs without those set aside: {why}", why=e.details)
+        if len(self.jobs) > self.max_jobs:
+            # Kept (they were accepted once), but no job is added until some go.
+            log.warn("{count} cron jobs are stored, more than cron.max_jobs ({max_jobs}): "
+                     "no job can be added until some are removed", count=len(self.jobs), max_jobs=self.max_jobs)
 
     def _save(self) -> None:
         ensure_private_dir(self.data_dir)
@@ -329,6 +346,16 @@ class CronScheduler(service.Service):
             d = defer.maybeDeferred(remove, sorted(self.jobs))
             d.addErrback(lambda f: log.warn("cannot remove finished cron containers: {why}", why=f.getErrorMessage()))
             self.leftovers_removed = d
+        # Runs still going from before the restart: followed as if this
+        # agent had started them (timeout, removal, the job's last result),
+        # and no second run of the job overlaps them.
+        self.leftovers_adopted: defer.Deferred[Any] = defer.succeed([])
+        running = getattr(self.runner, "running_leftovers", None)
+        if running is not None and self.jobs:
+            d = defer.maybeDeferred(running, sorted(self.jobs))
+            d.addCallback(self._adopt)
+            d.addErrback(lambda f: log.warn("cannot follow cron runs left going: {why}", why=f.getErrorMessage()))
+            self.leftovers_adopted = d
 
     def stopService(self) -> Any:
         super().stopService()
@@ -423,6 +450,16 @@ class CronScheduler(service.Service):
         self._schedule(job)
         self.run_now(job_id)
 
+    def _adopt(self, running: "Sequence[tuple[str, str, float]]") -> "Sequence[str]":
+        adopt = self.runner.adopt
+        adopted = []
+        for job_id, container_id, started in running:
+            if job_id in self.jobs and job_id not in self.in_progress and self.running:
+                log.info("cron job {id}: following its run left going by the last stop", id=job_id)
+                self._track(job_id, functools.partial(adopt, container_id, started), started)
+                adopted.append(container_id)
+        return adopted
+
     def run_now(self, job_id: str) -> defer.Deferred[None]:
         """Start a run of ``job_id`` unless one is going (then that run's Deferred)."""
         job = self.jobs[job_id]
@@ -431,8 +468,13 @@ class CronScheduler(service.Service):
             log.info("cron job {id}: previous run still going, this run is skipped", id=job_id)
             return self.in_progress[job_id]
         self.runs_started += 1
-        job.last_run = self.clock.seconds()
-        d = defer.maybeDeferred(self.runner.run, job)
+        return self._track(job_id, lambda: self.runner.run(job), self.clock.seconds())
+
+    def _track(self, job_id: str, start: Callable[[], Any], started: float) -> defer.Deferred[None]:
+        """Run ``start()`` as ``job_id``'s run begun at ``started``: record its result when it ends."""
+        job = self.jobs[job_id]
+        job.last_run = started
+        d = defer.maybeDeferred(start)
         finished: defer.Deferred[None] = defer.Deferred()
         self.in_progress[job_id] = finished
 

@@ -38,7 +38,7 @@ from plexagent import errors
 from plexagent.fileio import ensure_private_dir, path_error, storage_error
 from plexagent.host import gitsource, processes
 from plexagent.host.files.paths import PathPolicy, remove_tree
-from plexagent.host.files.tarsafe import chmod_directory_at
+from plexagent.host.files.tarsafe import chmod_directory_at, symlink_target_stays_inside
 
 _ALLOWED_SCHEMES = ("https", "http", "ssh", "git", "file")
 #: What git may use for a remote URL: never a local transport.
@@ -201,6 +201,31 @@ def check_standalone_clone(repo: str) -> None:
     )
     if borrowed:
         raise errors.Forbidden("path not allowed", "the clone would read objects from outside its own directory")
+
+
+def remove_outward_links(repo: str) -> list[str]:
+    """
+    Remove from a checkout (in private staging) every symlink whose target
+    leaves it (absolute, or more ``..`` than its depth), as tar extraction
+    skips them: the agent never follows them, but nginx, a container bound
+    to the directory or an operator's tool would. Their paths, relative.
+    """
+    removed: list[str] = []
+    stack = [("", repo)]
+    while stack:
+        relative, directory = stack.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                name = f"{relative}/{entry.name}" if relative else entry.name
+                if name == ".git":
+                    continue
+                if entry.is_symlink():
+                    if not symlink_target_stays_inside(name.split("/"), os.readlink(entry.path)):
+                        os.unlink(entry.path)
+                        removed.append(name)
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append((name, entry.path))
+    return sorted(removed)
 
 
 def _check_empty_target(pfd: int, name: str, shown: str) -> None:
@@ -376,6 +401,7 @@ class GitCloner:
                 raise errors.UpstreamFailed("git clone failed", message[-4000:] or f"git exited with {result.exit_code}")
             repo = os.path.join(staging, "repo")
             await self._in_thread(check_standalone_clone, repo)
+            outward = await self._in_thread(remove_outward_links, repo)
             local_env = {"PATH": env["PATH"], "HOME": env["HOME"], "GIT_CONFIG_NOSYSTEM": "1",
                          "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_DIR": os.path.join(repo, ".git")}
             if source is not None:
@@ -395,6 +421,7 @@ class GitCloner:
             "url": scrub(req.url, hidden),
             "branch": branch.stdout.decode("utf-8", "replace").strip() or None,
             "commit": head.stdout.decode("ascii", "replace").strip() or None,
+            "skipped": [{"name": name, "reason": "symlink leads outside the checkout"} for name in outward],
         }
 
     async def _run(self, argv: list[str], env: dict[str, str], cwd: str) -> processes.ProcessResult:

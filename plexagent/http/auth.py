@@ -88,6 +88,12 @@ class GuardedResource(resource.Resource):
             self.policy.authenticate(request)
             responses.refuse_unservable(request)
         except errors.PlexError as e:
+            # A refused client gets its answer and the connection closes: it
+            # holds no descriptor of the agent's beyond that.
+            request.setHeader(b"connection", b"close")
+            channel = getattr(request, "channel", None)
+            if channel is not None:
+                channel.persistent = False
             return responses.respond_error(request, e)
         cast(Any, request).plexagent_policy = self.policy
         return self._inner.render(request)

@@ -15,7 +15,7 @@ import time
 from io import BytesIO
 from typing import Any, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -162,6 +162,23 @@ ContentFactory = Callable[[Any, bytes, bytes, "int | None"], Any]
 BodyLimits = Callable[[bytes, bytes], "int | None"]
 
 
+def origin_form(target: bytes) -> bytes:
+    """
+    The path and query of a request target: a server must accept the
+    absolute form (``http://host/path?q``, what a client talking to a proxy
+    sends) and route it by its path (RFC 9112, section 3.2.2).
+    """
+    lowered = target[:8].lower()
+    if not (lowered.startswith(b"http://") or lowered.startswith(b"https://")):
+        return target
+    rest = target.split(b"//", 1)[1]
+    ends = [i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0]
+    if not ends:
+        return b"/"
+    tail = rest[min(ends):]
+    return tail if tail.startswith(b"/") else b"/" + tail
+
+
 class PlexRequest(server.Request):
     """
     A Request whose body is bounded, which its Site can count, and which
@@ -185,7 +202,7 @@ class PlexRequest(server.Request):
         # channel knows the request line, so the route's limit applies now.
         site = self.channel.site
         method = getattr(self.channel, "_command", b"")
-        path = getattr(self.channel, "_path", b"")
+        path = origin_form(getattr(self.channel, "_path", b""))
         limit = self.body_limit = site.body_limit(method, path)
         if site.content_factory is not None:
             # A streaming route's sink bounds its body itself.
@@ -203,6 +220,9 @@ class PlexRequest(server.Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        super().requestReceived(command, origin_form(path), version)
 
     #: when processing began (``time.perf_counter``), for the site's observer
     _plex_started = 0.0
@@ -299,9 +319,10 @@ def _raw_json_response(code: int, reason: bytes, error: str, details: str | None
 class PlexChannel(http.HTTPChannel):
     """
     An HTTPChannel that answers malformed and oversized requests with JSON,
-    and gives each request ``header_timeout`` seconds from its first byte to
-    its last header line, so a client trickling headers (slowloris) cannot
-    hold a connection forever.
+    and gives each request ``header_timeout`` seconds from its first byte
+    (the first request: from the connection) to its last header line, so a
+    client trickling headers (slowloris) or sending nothing cannot hold a
+    connection forever.
     """
 
     header_timeout = 10.0
@@ -321,6 +342,19 @@ class PlexChannel(http.HTTPChannel):
     # One timer per connection, re-armed only when it fires: no timer is
     # created or cancelled per request on a busy keep-alive connection.
     _header_timer: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # A connection that sends nothing is waiting for its first request's
+        # headers too: it gets the same header timeout as a slow one, not
+        # the idle timeout of a connection that has been served.
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._headers_due = self.site.reactor.seconds() + self.header_timeout
+        timer = self._header_timer
+        if timer is None or not timer.active():
+            self._header_timer = self.callLater(self.header_timeout, self._check_headers)
 
     def dataReceived(self, data: bytes) -> None:
         if self._headers_due is None and self.line_mode and not self.requests:
@@ -389,6 +423,11 @@ class PlexChannel(http.HTTPChannel):
                 413, b"Request Entity Too Large", "request headers too large",
                 f"the request line and headers may be {self.totalHeadersSize} bytes in all",
             )
+        elif self._receivedHeaderCount > self.maxHeaders:
+            response = _raw_json_response(
+                413, b"Request Entity Too Large", "request headers too large",
+                f"a request may have {self.maxHeaders} header lines",
+            )
         else:
             response = _raw_json_response(400, b"Bad Request", "malformed HTTP request")
         self.transport.write(response)
@@ -414,6 +453,18 @@ class PlexChannel(http.HTTPChannel):
         """Whether a request is on this connection: any part of it received, or its response not yet sent."""
         # LineReceiver keeps the bytes of a request line or header not yet complete in _buffer.
         return bool(self.requests) or bool(self._buffer)
+
+
+class _TooManyConnections(protocol.Protocol):
+    """Answers a connection past the listener's cap with a 503 and closes it."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(_raw_json_response(
+            503, b"Service Unavailable", "too many connections",
+            "the listener holds as many connections as it may; retry shortly",
+        ))
+        self.transport.loseConnection()
 
 
 def _plex_channel() -> Any:
@@ -452,6 +503,7 @@ class PlexSite(server.Site):
         content_factory: ContentFactory | None = None,
         idle_timeout: float = 60.0,
         body_limits: BodyLimits | None = None,
+        max_connections: int = 4096,
     ) -> None:
         # parsePOSTFormSubmission: twisted.web would parse a urlencoded or
         # multipart POST body into ``args`` (beside the query) before any
@@ -468,8 +520,17 @@ class PlexSite(server.Site):
         #: open connections (the HTTP channels inside twisted.web's wrappers)
         self._channels: set[Any] = set()
         self._all_closed: list[defer.Deferred[None]] = []
+        #: connections open at once; past it a new one is answered 503 and closed
+        self.max_connections = max_connections
+        #: connections refused for being past ``max_connections``
+        self.refused_connections = 0
 
     def buildProtocol(self, addr: Any) -> Any:
+        if len(self._channels) >= self.max_connections:
+            # Every connection holds a descriptor: past the cap the agent
+            # would run out of them for its own files and calls.
+            self.refused_connections += 1
+            return _TooManyConnections()
         channel = super().buildProtocol(addr)
         self._channels.add(getattr(channel, "_channel", channel))
         return channel

@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import stat
 from typing import Any, Callable
 
 import attrs
@@ -44,6 +43,7 @@ from plexagent.fileio import (
     encode_json,
     ensure_private_dir,
     fsync_dir,
+    read_stored,
     set_aside,
     set_aside_records,
     storage_error,
@@ -56,6 +56,8 @@ MAX_KEY_LENGTH = 512
 #: Defaults of node_api.max_report_entries and node_api.max_report_bytes.
 DEFAULT_MAX_ENTRIES = 10000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+#: The most the report log may hold when it is read back (it is compacted long before).
+LOG_MAX_BYTES = 16 << 30
 
 
 def validate_key(key: object) -> str:
@@ -155,6 +157,11 @@ def _parse_record(line: bytes) -> _Change:
                      "version": version, "updated_at": updated_at}
             clean = _encode_record({"seq": seq, "op": "put", "entry": entry})
             return _Change(seq, key, entry, version, clean)
+        if op == "floor":
+            version = record.get("version")
+            if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+                raise ValueError("version must be a non-negative integer")
+            return _Change(seq, "", None, version, _encode_record({"seq": seq, "op": "floor", "version": version}))
         if op == "delete":
             key = validate_key(record.get("key"))
             version = record.get("version")
@@ -197,6 +204,14 @@ class ReportStore:
         # Deleted keys: last version and sequence number, so versions stay
         # monotonic across delete and re-create and deletes can be synced.
         self._tombstones: dict[str, tuple[int, int]] = {}
+        # Past max_entries tombstones, the oldest whose delete the control
+        # plane has (``synced``) are forgotten and their versions folded
+        # into this floor: a key with no entry and no tombstone starts above
+        # it, so no (key, version) is ever used for two values.
+        self._floor = 0
+        self._floor_seq = 0
+        #: the sequence number the control plane has every change up to; None: no control plane
+        self._synced: int | None = None
         # The newest change of each key not yet durable, and the entry
         # count and bytes with every pending change applied: what version
         # and quota checks compare against.
@@ -224,17 +239,13 @@ class ReportStore:
             set_aside(self._dir, "not a directory")
         ensure_private_dir(self._dir)
         try:
-            st = os.lstat(self._path)
+            data = read_stored(self._path, LOG_MAX_BYTES)
         except FileNotFoundError:
-            st = None
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            if set_aside(self._path, "not a regular file") is None:
-                raise OSError(f"{self._path}: not a regular file and cannot be set aside")
-            st = None
-        data = b""
-        if st is not None:
-            with open(self._path, "rb") as f:
-                data = f.read()
+            data = b""
+        except ValueError as e:
+            if set_aside(self._path, str(e)) is None:
+                raise OSError(f"{self._path}: {e}, and it cannot be set aside") from None
+            data = b""
         lines = data.split(b"\n")
         torn = lines.pop()  # b"" when the log ends with a newline
         good: list[bytes] = []
@@ -285,6 +296,10 @@ class ReportStore:
     def _apply(self, change: _Change) -> None:
         """Make ``change`` part of the durable state."""
         key = change.key
+        if not key:  # a floor record (written by compaction)
+            self._floor = max(self._floor, change.version)
+            self._floor_seq = max(self._floor_seq, change.seq)
+            return
         self._bytes -= self._sizes.pop(key, 0)
         if change.entry is not None:
             self._entries[key] = change.entry
@@ -329,7 +344,7 @@ class ReportStore:
         if entry is not None:
             return entry, entry["version"], self._sizes[key]
         tombstone = self._tombstones.get(key)
-        return None, (tombstone[0] if tombstone else 0), 0
+        return None, (tombstone[0] if tombstone else self._floor), 0
 
     def put(
         self, key: str, content_type: str, payload: Any, if_match: int | None
@@ -427,6 +442,7 @@ class ReportStore:
             if self._latest.get(change.key) is change:
                 del self._latest[change.key]
         self.durable_seq = batch.last_seq
+        self._forget_tombstones()
         self._flushing = False
         if self._pending.changes:
             self._flush()
@@ -483,6 +499,8 @@ class ReportStore:
             lines[key] = (seq, _encode_record({"seq": seq, "op": "delete", "key": key, "version": version}))
         for change in batch.changes:
             lines[change.key] = (change.seq, change.line)
+        if self._floor:
+            lines[""] = (self._floor_seq, _encode_record({"seq": self._floor_seq, "op": "floor", "version": self._floor}))
         return b"".join(line for _, line in sorted(lines.values(), key=lambda item: item[0]))
 
     def _write_snapshot(self, data: bytes) -> None:
@@ -508,6 +526,31 @@ class ReportStore:
             os.close(old)
 
     # -- outbox support --------------------------------------------------
+
+    def synced(self, seq: int) -> None:
+        """
+        The control plane has every change up to ``seq``. The outbox says so
+        as it is built (0) and after each delivery; until the first call the
+        store has no control plane and forgets any durable tombstone.
+        """
+        self._synced = seq if self._synced is None else max(self._synced, seq)
+        self._forget_tombstones()
+
+    def _forget_tombstones(self) -> None:
+        """
+        Past ``max_entries`` tombstones, forget the oldest half whose delete
+        the control plane already has, raising the version floor over them:
+        deleting keys cannot grow memory, the log or a sync without bound.
+        """
+        if len(self._tombstones) <= self.max_entries:
+            return
+        known = self.durable_seq if self._synced is None else min(self._synced, self.durable_seq)
+        pending = {change.key for change in self._latest.values()}
+        oldest = sorted((seq, key) for key, (_, seq) in self._tombstones.items() if seq <= known and key not in pending)
+        for seq, key in oldest[: len(self._tombstones) - self.max_entries // 2]:
+            version, _ = self._tombstones.pop(key)
+            self._floor = max(self._floor, version)
+            self._floor_seq = max(self._floor_seq, seq)
 
     def subscribe(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(durable_seq)`` after every durable commit."""

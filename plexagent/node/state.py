@@ -17,9 +17,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from plexagent import errors
-from plexagent.fileio import Unencodable, atomic_write, decode_json, encode_json, ensure_private_dir, set_aside
+from plexagent.fileio import (
+    Unencodable,
+    atomic_write,
+    decode_json,
+    encode_json,
+    ensure_private_dir,
+    read_stored,
+    set_aside,
+)
 
 log = Logger()
+
+#: The most state.json may hold (the control plane's answers are bounded alike).
+STATE_MAX_BYTES = 256 << 20
 
 
 class InvalidState(ValueError):
@@ -156,8 +167,7 @@ class StateCache:
         self.current = NodeState()
         self._encoded = encode_json(self.current.to_document())
         try:
-            with open(self._path, "rb") as f:
-                state = NodeState.from_document(decode_json(f.read()))
+            state = NodeState.from_document(decode_json(read_stored(self._path, STATE_MAX_BYTES)))
             self._encoded = encode_json(state.to_document())
             self.current = state
         except FileNotFoundError:

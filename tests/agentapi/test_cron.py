@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from plexagent.testing.docker import PREFIX, AgentClient, base_image, test_client, unique_network_name
@@ -89,6 +90,35 @@ class CronRoutesTests(unittest.TestCase):
         self.assertEqual((job["id"], job["schedule"], job["last_exit_code"]), (job_id, "*/10 * * * *", 0))
         self.assertIsNotNone(job["next_run"])
         self.assertEqual(job["command"], f"docker run --rm {base_image()} true")
+
+    @defer.inlineCallbacks
+    def test_a_run_still_going_at_a_restart_is_followed_timed_out_and_removed(self):
+        code, body = yield self.client.post("/cron/run-docker", {
+            "schedule": "*/10 * * * *", "image": base_image(), "command": ["sleep", "300"],
+        })
+        self.assertEqual(code, 201)
+        job_id = body["job_id"]
+        run = self.scheduler().run_now(job_id)
+        while not [c for c in self.leftover_containers(job_id) if c["State"] == "running"]:
+            yield deferLater(reactor, 0.05, lambda: None)
+        yield self.agent.stop()
+        yield run  # the stopping agent leaves the container running
+        [going] = self.leftover_containers(job_id)
+        self.assertEqual(going["State"], "running")
+
+        again = start_agent(self, extra={"cron": {"poll_interval": 0.1, "run_timeout": 1.0}},
+                            workdir=self.agent.workdir, api_key=self.agent.api_key)
+        scheduler = self.scheduler(again)
+        adopted = yield scheduler.leftovers_adopted
+        self.assertEqual(adopted, [going["Id"]])
+        # No second run overlaps it ...
+        self.assertIs(scheduler.run_now(job_id), scheduler.in_progress[job_id])
+        # ... and it ends as a run of this agent would: timed out and removed.
+        yield scheduler.in_progress[job_id]
+        self.assertEqual(self.leftover_containers(job_id), [])
+        code, body = yield AgentClient(again).get("/cron/jobs")
+        [job] = body["jobs"]
+        self.assertIn("cron run timed out", job["last_error"])
 
     @defer.inlineCallbacks
     def test_remove_then_listing_is_empty_and_unknown_ids_are_404(self):

@@ -113,6 +113,26 @@ class FileCloneTests(CloneCase):
             self.assertEqual(f.read(), "one\ntwo\n")
         self.assertEqual(len(body["commit"]), 40)
 
+    async def test_symlinks_leading_outside_the_checkout_are_removed_and_listed(self) -> None:
+        def git(*args: str) -> None:
+            subprocess.run(["git", *args], cwd=self.source, env=GIT_ENV, check=True, capture_output=True)
+
+        os.makedirs(os.path.join(self.source, "conf", "sites"))
+        links = {"leak": "/etc/shadow", "etcdir": "/etc", "conf/sites/up": "../../../outside",
+                 "conf/sites/ok": "../../README", "conf/here": "sites"}
+        for name, target in links.items():
+            os.symlink(target, os.path.join(self.source, name))
+        git("add", "-A")
+        git("commit", "-q", "-m", "links")
+        target = self.agent.p("work", "links")
+        code, body = await self.clone(url="file://" + self.source, target_path=target)
+        self.assertEqual(code, 200, body)
+        self.assertEqual([s["name"] for s in body["skipped"]], ["conf/sites/up", "etcdir", "leak"])
+        for name in ("leak", "etcdir", "conf/sites/up"):
+            self.assertFalse(os.path.lexists(os.path.join(target, name)), name)
+        self.assertEqual(os.readlink(os.path.join(target, "conf", "sites", "ok")), "../../README")
+        self.assertEqual(os.readlink(os.path.join(target, "conf", "here")), "sites")
+
     async def test_branch_and_depth(self) -> None:
         target = self.agent.p("feature")
         code, body = await self.clone(url="file://" + self.source, target_path=target, branch="feature", depth=1)

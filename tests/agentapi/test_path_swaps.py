@@ -5,7 +5,8 @@ after each check is refused, and nothing outside is read, written or
 removed.
 
 (nginx's configuration is written through /files/write; /docker/build and
-volumes hand checked paths to Docker, which opens them itself.)
+volumes hand checked paths to Docker, which opens them itself: a swap in
+between is the one race the agent cannot close for them.)
 """
 
 from __future__ import annotations
@@ -94,3 +95,16 @@ class SwappedPathTests(unittest.TestCase):
         """The root itself becomes a link to the outside, as /tmp/app swapped for a link to /etc."""
         self.populate(self.agent.root)
         await self.check_each_route(self.agent.root)
+
+    def test_the_dockerfile_is_read_through_the_policy(self) -> None:
+        from plexagent import errors
+        from plexagent.host.docker.builds import dockerfile_document
+
+        inside = self.agent.p("d")
+        self.populate(inside)
+        policy = self.agent.context.services["paths"]
+        swap = SwapAfterEachCheck(self, policy, inside, self.agent.outside)
+        e = self.assertRaises(errors.Forbidden, dockerfile_document, policy, inside, "x", False)
+        swap.restore()
+        self.assertEqual(e.message, "path not allowed")
+        self.assertGreater(swap.checks, 0)

@@ -8,14 +8,16 @@ import os
 import tarfile
 import threading
 import zlib
+from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
+from plexagent import errors
 from plexagent.agentapi.uploads import MAX_CONCURRENT_EXTRACTIONS
-from plexagent.host.files import tarsafe
-from plexagent.host.files.chunks import ChunkStore
+from plexagent.host.files import chunks, tarsafe
+from plexagent.host.files.chunks import ChunkStore, ChunkWriter
 from plexagent.http.bodies import UploadInterrupted
 from plexagent.pipes import PIPE_HIGH_WATER, BodyPipe
 from tests.agentapi.support import API_KEY, RunningAgentAPI, tree
@@ -459,3 +461,56 @@ class BodyPipeTests(unittest.TestCase):
         self.assertEqual(store.collect_garbage(), [])
         self.assertFalse(os.path.exists(directory))
         self.assertEqual(len([n for n in os.listdir(os.path.dirname(directory)) if ".quarantined-" in n]), 1)
+
+
+class ChunkStoreBoundsTests(unittest.TestCase):
+    """What chunked uploads may hold together, and what one more chunk costs."""
+
+    def store(self, **kwargs: Any) -> ChunkStore:
+        directory = os.path.realpath(self.mktemp())
+        os.makedirs(directory)
+        return ChunkStore(directory, kwargs.pop("max_total_bytes", 1 << 20), max_age=3600, **kwargs)
+
+    def send(self, store: ChunkStore, chunk_id: str, index: int, total: int, data: bytes) -> Any:
+        writer = ChunkWriter(store, chunk_id, index, total, 1 << 20)
+        writer.write(data)
+        return store.accept(writer, None)
+
+    def test_uploads_past_max_uploads_are_refused(self) -> None:
+        store = self.store(max_uploads=2)
+        self.send(store, "a", 0, 2, b"x")
+        self.send(store, "b", 0, 2, b"x")
+        e = self.assertRaises(errors.Conflict, self.send, store, "c", 0, 2, b"x")
+        self.assertEqual(e.message, "too many chunked uploads")
+        self.send(store, "a", 1, 2, b"x")  # the uploads held go on
+        store.remove("a")
+        self.send(store, "c", 0, 2, b"x")
+
+    def test_all_uploads_together_hold_at_most_the_upload_limit(self) -> None:
+        store = self.store(max_total_bytes=1000)
+        self.send(store, "a", 0, 2, b"x" * 600)
+        e = self.assertRaises(errors.TooLarge, self.send, store, "b", 0, 2, b"x" * 600)
+        self.assertEqual(e.message, "chunked uploads too large")
+        self.assertEqual(os.listdir(os.path.join(store.directory, "b")), [])
+        self.send(store, "b", 0, 2, b"x" * 400)
+
+    def test_a_chunk_resent_replaces_its_size_rather_than_adding_it(self) -> None:
+        store = self.store(max_total_bytes=1000)
+        for _ in range(5):
+            status = self.send(store, "a", 0, 2, b"x" * 600)
+        self.assertEqual((status.received, status.bytes), ((0,), 600))
+
+    def test_what_is_held_is_read_from_disk_once_then_kept_current(self) -> None:
+        store = self.store(max_total_bytes=10_000)
+        self.send(store, "a", 0, 100, b"x")
+        scan = chunks._scan
+        calls: list[str] = []
+        self.patch(chunks, "_scan", lambda directory: calls.append(directory) or scan(directory))
+        for index in range(1, 50):
+            status = self.send(store, "a", index, 100, b"x" * 10)
+        self.assertEqual(calls, [])  # no listing of the upload per chunk
+        self.assertEqual((len(status.received), status.bytes), (50, 1 + 49 * 10))
+        # A restart reads each upload once.
+        fresh = ChunkStore(store.directory, 10_000, max_age=3600)
+        self.assertEqual(fresh.status("a").bytes, 491)
+        self.assertEqual(len(calls), 1)

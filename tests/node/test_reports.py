@@ -434,3 +434,54 @@ class QuotaTests(unittest.TestCase):
         reloaded = self.make(max_entries=2)
         self.assertEqual(reloaded.total_bytes, size)
         self.assertRaises(errors.TooLarge, reloaded.put, "c", "t", 1, None)
+
+
+class TombstoneTests(unittest.TestCase):
+    """Deleted keys are remembered only as long as they must be: at most about max_entries of them."""
+
+    def make(self, path: str | None = None, max_entries: int = 10) -> ReportStore:
+        self.dir = path or self.mktemp()
+        store = ReportStore(self.dir, task.Clock(), run_in_thread=sync_threads, max_entries=max_entries)
+        store.load()
+        self.addCleanup(store.close)
+        return store
+
+    def churn(self, store: ReportStore, count: int, prefix: str = "k") -> None:
+        for i in range(count):
+            self.successResultOf(store.put(f"{prefix}{i}", "a", i, None))
+            self.successResultOf(store.delete(f"{prefix}{i}"))
+
+    def test_creating_and_deleting_new_keys_keeps_tombstones_bounded(self) -> None:
+        store = self.make()
+        self.churn(store, 1000)
+        self.assertLessEqual(len(store._tombstones), 10)
+        self.assertLessEqual(len(store.changes_since(0).deleted), 10)
+
+    def test_a_forgotten_key_comes_back_with_a_higher_version(self) -> None:
+        store = self.make()
+        for _ in range(3):
+            self.successResultOf(store.put("k0", "a", 0, None))
+            self.successResultOf(store.delete("k0"))
+        self.churn(store, 100, prefix="other")
+        self.assertNotIn("k0", store._tombstones)
+        self.assertGreater(self.successResultOf(store.put("k0", "a", 1, 0))["version"], 3)
+
+    def test_the_version_floor_survives_a_restart_after_compaction(self) -> None:
+        path = self.mktemp()
+        store = self.make(path)
+        self.successResultOf(store.put("k0", "a", 0, None))
+        self.successResultOf(store.put("k0", "a", 0, 1))
+        self.successResultOf(store.delete("k0"))
+        self.patch(ReportStore, "COMPACT_SLACK", 5)
+        self.churn(store, 100, prefix="other")
+        store.close()
+        again = self.make(path)
+        self.assertGreater(self.successResultOf(again.put("k0", "a", 1, 0))["version"], 2)
+
+    def test_a_delete_the_control_plane_has_not_got_is_kept(self) -> None:
+        store = self.make()
+        store.synced(0)  # as the outbox does when there is a control plane
+        self.churn(store, 50)
+        self.assertEqual(len(store.changes_since(0).deleted), 50)
+        store.synced(store.durable_seq)
+        self.assertLessEqual(len(store._tombstones), 10)

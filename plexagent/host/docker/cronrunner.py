@@ -6,6 +6,8 @@ removed; leftovers of runs a crash interrupted are removed at start.
 
 from __future__ import annotations
 
+import datetime
+import time
 import uuid
 from typing import Any
 
@@ -49,11 +51,21 @@ class DockerCronRunner:
         """Remove the finished containers of these jobs' earlier runs; their ids."""
         return self.pool.call(_remove_finished, job_ids)
 
+    def running_leftovers(self, job_ids: list[str]) -> defer.Deferred[list[tuple[str, str, float]]]:
+        """(job id, container id, start time) of these jobs' runs still going from before a restart."""
+        return self.pool.call(_still_running, job_ids)
+
+    def adopt(self, container_id: str, started: float) -> defer.Deferred[int]:
+        """Follow a run started before a restart as if this agent had started it: bounded, then removed."""
+        return defer.ensureDeferred(self._follow(container_id, container_id[:12], started + self.timeout))
+
     async def _run(self, job: CronJob) -> int:
         name = f"plexagent-cron-{job.id}-{uuid.uuid4().hex[:6]}"
         container_id = await self.pool.call(_start_container, job, name, self.paths, what="image")
+        return await self._follow(container_id, name, self.clock.seconds() + self.timeout)
+
+    async def _follow(self, container_id: str, name: str, deadline: float) -> int:
         try:
-            deadline = self.clock.seconds() + self.timeout
             while True:
                 state = await self.pool.call(_container_state, container_id)
                 if state["Status"] in ("exited", "dead"):
@@ -132,6 +144,29 @@ def _remove_container(client: Any, container_id: str) -> None:
         client.api.remove_container(container_id, force=True, v=True)
     except docker.errors.NotFound:
         pass
+
+
+def _still_running(client: Any, job_ids: list[str]) -> list[tuple[str, str, float]]:
+    wanted = set(job_ids)
+    running = []
+    for c in client.api.containers(filters={"label": "plexagent.cron-job", "status": "running"}):
+        job_id = (c.get("Labels") or {}).get("plexagent.cron-job")
+        if job_id in wanted:
+            started = client.api.inspect_container(c["Id"])["State"].get("StartedAt", "")
+            running.append((job_id, c["Id"], _epoch(started) or time.time()))
+    return running
+
+
+def _epoch(text: str) -> float | None:
+    """Docker's RFC 3339 time (nanoseconds, ``Z``) as epoch seconds."""
+    head, _, rest = text.partition(".")
+    try:
+        moment = datetime.datetime.strptime(head.rstrip("Z"), "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return None
+    fraction = rest.rstrip("Z")[:6]
+    micro = int(fraction.ljust(6, "0")) if fraction.isdigit() else 0
+    return moment.replace(tzinfo=datetime.timezone.utc, microsecond=micro).timestamp()
 
 
 def _remove_finished(client: Any, job_ids: list[str]) -> list[str]:

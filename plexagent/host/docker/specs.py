@@ -431,7 +431,7 @@ def parse_bool_arg(value: bytes | str | None, field: str, default: bool = False)
     if value is None:
         return default
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-    lowered = text.strip().lower()
+    lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
     if lowered in ("0", "false", "no", "off", ""):

@@ -40,6 +40,7 @@ from plexagent.fileio import (
     ensure_private_dir,
     fsync_dir,
     is_set_aside,
+    read_stored,
     set_aside,
     storage_error,
     write_all,
@@ -196,11 +197,20 @@ class ConcatenatedReader:
 class ChunkStore:
     """The chunked uploads held on disk."""
 
-    def __init__(self, directory: str, max_total_bytes: int, max_age: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, directory: str, max_total_bytes: int, max_age: float, clock: Callable[[], float] = time.time,
+                 max_uploads: int = 16) -> None:
         self.directory = directory
+        #: bytes all chunked uploads together may hold
         self.max_total_bytes = max_total_bytes
+        #: uploads held at once
+        self.max_uploads = max_uploads
         self.max_age = max_age
         self.clock = clock
+        # chunk id -> {chunk index: size}: what each upload holds, read from
+        # its directory once and kept current, so that a chunk costs the same
+        # whether it is the first or the 100,000th (no listing per chunk).
+        self._held: dict[str, dict[int, int]] | None = None
+        self._held_guard = threading.Lock()
         #: chunk ids being assembled right now (touched on the reactor only)
         self.assembling: set[str] = set()
         self._locks: dict[str, threading.Lock] = {}
@@ -218,22 +228,42 @@ class ChunkStore:
         meta = self._read_meta(directory)
         if meta is None:
             return None
-        received = []
-        size = 0
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
+        held = self._held_by(chunk_id)
+        if held is None:
             return None
-        for name in names:
-            if name.startswith("chunk-"):
-                try:
-                    index = int(name[6:])
-                except ValueError:
-                    continue
-                if 0 <= index < meta["total_chunks"]:
-                    received.append(index)
-                    size += os.stat(os.path.join(directory, name)).st_size
+        received = [index for index in held if 0 <= index < meta["total_chunks"]]
+        size = sum(held[index] for index in received)
         return UploadStatus(chunk_id, meta["total_chunks"], tuple(sorted(received)), size, meta.get("extract_path"))
+
+    def _all_held(self) -> dict[str, dict[int, int]]:
+        """Every upload's chunks and sizes (read from disk on first use)."""
+        with self._held_guard:
+            if self._held is None:
+                held: dict[str, dict[int, int]] = {}
+                try:
+                    names = os.listdir(self.directory)
+                except FileNotFoundError:
+                    names = []
+                for name in names:
+                    if not is_set_aside(name) and os.path.isdir(os.path.join(self.directory, name)):
+                        held[name] = _scan(os.path.join(self.directory, name))
+                self._held = held
+            return self._held
+
+    def _held_by(self, chunk_id: str) -> dict[int, int] | None:
+        held = self._all_held()
+        with self._held_guard:
+            if chunk_id not in held:
+                directory = os.path.join(self.directory, chunk_id)
+                if not os.path.isdir(directory):
+                    return None
+                held[chunk_id] = _scan(directory)
+            return dict(held[chunk_id])
+
+    def _forget(self, chunk_id: str) -> None:
+        with self._held_guard:
+            if self._held is not None:
+                self._held.pop(chunk_id, None)
 
     def held_bytes(self, chunk_id: str) -> int:
         status = self.status(chunk_id)
@@ -242,8 +272,7 @@ class ChunkStore:
     def _read_meta(self, directory: str) -> dict[str, Any] | None:
         """The upload's metadata; None when it has none or it was set aside for being unloadable."""
         try:
-            with open(os.path.join(directory, _META), "rb") as f:
-                meta = decode_json(f.read())
+            meta = decode_json(read_stored(os.path.join(directory, _META), 65536))
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
             total = meta.get("total_chunks")
@@ -256,6 +285,7 @@ class ChunkStore:
             return None
         except (OSError, ValueError, RecursionError) as e:
             set_aside(directory, f"unreadable upload metadata {_META} ({e}): the upload must be sent again")
+            self._forget(os.path.basename(directory))
             return None
         return meta
     def accept(self, writer: ChunkWriter, extract_path: str | None) -> UploadStatus:
@@ -286,17 +316,32 @@ class ChunkStore:
                     "total_chunks does not match the upload",
                     f"upload {writer.chunk_id} has {meta['total_chunks']} chunks; start a new chunk_id to change it",
                 )
-            held = self.held_bytes(writer.chunk_id)
-            previous = os.path.join(directory, chunk_name(writer.index))
-            if os.path.exists(previous):
-                held -= os.stat(previous).st_size
+            everything = self._all_held()
+            with self._held_guard:
+                mine = everything.get(writer.chunk_id, {})
+                if writer.chunk_id not in everything and len(everything) >= self.max_uploads:
+                    raise errors.Conflict(
+                        "too many chunked uploads",
+                        f"{len(everything)} uploads are held, the most agent_api.max_chunked_uploads allows: "
+                        "finish or abandon one first (unfinished uploads are removed after agent_api.chunk_max_age)",
+                    )
+                held = sum(mine.values()) - mine.get(writer.index, 0)
+                held_by_all = sum(sum(sizes.values()) for sizes in everything.values()) - mine.get(writer.index, 0)
             if held + writer.received > self.max_total_bytes:
                 raise errors.TooLarge("upload too large", f"the chunks exceed the limit of {self.max_total_bytes} bytes")
+            if held_by_all + writer.received > self.max_total_bytes:
+                raise errors.TooLarge(
+                    "chunked uploads too large",
+                    f"the chunked uploads held would take more than {self.max_total_bytes} bytes "
+                    "(agent_api.max_upload_bytes, for all of them together): finish or abandon one first",
+                )
             if extract_path is not None:
                 meta["extract_path"] = extract_path
             meta["updated"] = self.clock()
             atomic_write(os.path.join(directory, _META), encode_json(meta))
             writer.commit()
+            with self._held_guard:
+                everything.setdefault(writer.chunk_id, {})[writer.index] = writer.received
         except BaseException:
             writer.discard()
             raise
@@ -310,6 +355,7 @@ class ChunkStore:
 
     def remove(self, chunk_id: str) -> None:
         shutil.rmtree(self.upload_dir(chunk_id), ignore_errors=True)
+        self._forget(chunk_id)
         with self._locks_guard:
             self._locks.pop(chunk_id, None)
 
@@ -343,10 +389,27 @@ class ChunkStore:
                 continue
             if now - newest > self.max_age:
                 shutil.rmtree(path, ignore_errors=True)
+                self._forget(name)
                 with self._locks_guard:
                     self._locks.pop(name, None)
                 removed.append(name)
         return removed
+
+
+def _scan(directory: str) -> dict[int, int]:
+    """{chunk index: size} of the chunks held in an upload's directory."""
+    held: dict[int, int] = {}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return held
+    for name in names:
+        if name.startswith("chunk-") and name[6:].isdigit() and name[6:].isascii():
+            try:
+                held[int(name[6:])] = os.stat(os.path.join(directory, name)).st_size
+            except OSError:
+                continue
+    return held
 
 
 class ChunkGarbageCollector(service.Service):

@@ -16,6 +16,7 @@ from plexagent.fileio import (
     atomic_write,
     ensure_private_dir,
     is_set_aside,
+    read_stored,
     set_aside,
 )
 from plexagent.host.files.paths import PathPolicy
@@ -82,8 +83,7 @@ class StagingJournal:
                 if token in self._active:
                     continue
             try:
-                with open(entry, "rb") as f:
-                    path = f.read().decode("utf-8")
+                path = read_stored(entry, 8192).decode("utf-8")
                 if not _TOKEN.fullmatch(token) or not os.path.isabs(path) \
                         or os.path.basename(path) != STAGING_PREFIX + token:
                     raise ValueError("it does not name the staging directory of its extraction")

@@ -186,3 +186,14 @@ class Images(unittest.TestCase):
         self.assertEqual(split_image("127.0.0.1:5000/app"), ("127.0.0.1:5000/app", None))
         self.assertEqual(split_image("127.0.0.1:5000/app:v1"), ("127.0.0.1:5000/app", "v1"))
         self.assertEqual(split_image("app@sha256:abc"), ("app", "sha256:abc"))
+
+
+class QueryBooleans(unittest.TestCase):
+    def test_only_the_words_themselves_are_booleans(self) -> None:
+        from plexagent.host.docker.specs import parse_bool_arg
+
+        self.assertEqual([parse_bool_arg(v, "force") for v in (b"1", b"TRUE", b"yes", b"0", b"false", b"")],
+                         [True, True, True, False, False, False])
+        for raw in (b" true", b"true\n", b"2", b"maybe"):
+            e = self.assertRaises(errors.InvalidInput, parse_bool_arg, raw, "force")
+            self.assertEqual(e.message, "invalid force")
