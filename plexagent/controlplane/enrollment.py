@@ -25,6 +25,7 @@ from plexagent.controlplane.backoff import Backoff, cancel_call
 from plexagent.controlplane.identity import NodeKeyPair
 from plexagent.controlplane.keys import SigningKey
 from plexagent.controlplane.protocol import Call, ControlPlaneError, ErrorKind, Identity
+from plexagent.fileio import read_stored
 
 log = Logger()
 
@@ -63,12 +64,14 @@ class BootstrapToken:
         if not self.path:
             return None
         try:
-            with open(self.path, "rb") as f:
-                raw = f.read(64 * 1024)
+            # Never blocks: a FIFO or device there is refused, not read.
+            raw = read_stored(self.path, 64 * 1024, follow_symlinks=True)
         except FileNotFoundError:
             return None
         except OSError as e:
             raise TokenError(f"control_plane.bootstrap_token_file: cannot read {self.path}: {e.strerror}") from None
+        except ValueError as e:
+            raise TokenError(f"control_plane.bootstrap_token_file: cannot read {self.path}: {e}") from None
         text = raw.decode("utf-8", "replace").strip()
         return self._check(Token(text, self.path, True)) if text else None
 

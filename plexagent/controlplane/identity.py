@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from twisted.internet import defer, threads
 
-from plexagent.fileio import atomic_write, decode_json, encode_json, ensure_private_dir, set_aside
+from plexagent.fileio import atomic_write, decode_json, encode_json, ensure_private_dir, read_stored, set_aside
 
 
 @attrs.frozen(eq=False)
@@ -76,8 +76,7 @@ class IdentityStore:
     def load(self) -> Any:
         """The stored Identity (a small file, read at start), or None."""
         try:
-            with open(self.path, "rb") as f:
-                doc = decode_json(f.read())
+            doc = decode_json(read_stored(self.path, 64 * 1024))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RecursionError) as e:

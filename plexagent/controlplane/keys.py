@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from plexagent import errors
 from plexagent.controlplane.gojson import GoTime, std_b64decode
-from plexagent.fileio import atomic_write, decode_json, encode_json, set_aside
+from plexagent.fileio import atomic_write, decode_json, encode_json, read_stored, set_aside
 
 log = Logger()
 
@@ -168,8 +168,7 @@ class KeyRing:
     def load(self) -> KeySet | None:
         """The persisted keys (a small file, read at start); set aside if unusable."""
         try:
-            with open(self.path, "rb") as f:
-                doc = decode_json(f.read())
+            doc = decode_json(read_stored(self.path, 64 * 1024))
             if not isinstance(doc, dict) or doc.get("format") != 1:
                 raise ValueError("unknown format")
             return KeySet.from_document(doc.get("keys"))

@@ -59,6 +59,9 @@ class ControlPlaneLink(service.MultiService):
         self.configured = configured
         self.run_in_thread = run_in_thread
         self.ring = KeyRing(config.node.data_dir, run_in_thread)
+        # From now on the report store keeps each delete until the control
+        # plane has it, even before the node has an identity to send it with.
+        reports.synced(0)
         self.identity: Identity | None = None
         self.session: Any = None
         self.sync: StateSync | None = None

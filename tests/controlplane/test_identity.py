@@ -56,6 +56,14 @@ class IdentityStoreTests(unittest.TestCase):
             self.assertFalse(os.path.exists(self.store.path))
         self.assertEqual(len(self.aside()), 4)
 
+    def test_a_fifo_or_a_link_in_place_of_identity_json_is_set_aside_unread(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        os.mkfifo(self.store.path)
+        self.assertIsNone(self.store.load())
+        os.symlink("/etc/hostname", self.store.path)
+        self.assertIsNone(self.store.load())
+        self.assertEqual(len(self.aside()), 2)
+
     def test_an_identity_of_another_protocol_is_kept_and_refused(self) -> None:
         self.write({"format": 1, "protocol": "plexsphere", "node_id": "n", "node_secret_key": NSK})
         with self.assertRaises(IdentityMismatch) as caught:
@@ -102,8 +110,21 @@ class BootstrapTokenTests(unittest.TestCase):
         os.makedirs(path)
         with self.assertRaises(TokenError) as caught:
             BootstrapToken("", path).read()
-        self.assertEqual(str(caught.exception),
-                         f"control_plane.bootstrap_token_file: cannot read {path}: Is a directory")
+        self.assertEqual(str(caught.exception), f"control_plane.bootstrap_token_file: cannot read {path}: "
+                                                "it is not a regular file (a directory)")
+
+    def test_a_fifo_in_place_of_the_token_file_is_refused_without_blocking(self) -> None:
+        path = self.mktemp()
+        os.mkfifo(path)
+        with self.assertRaises(TokenError) as caught:
+            BootstrapToken("", path).read()
+        self.assertIn("a FIFO", str(caught.exception))
+
+    def test_a_token_file_behind_a_symlink_is_read(self) -> None:
+        target = os.path.abspath(self.file(b"tok-linked"))
+        path = self.mktemp()
+        os.symlink(target, path)
+        self.assertEqual(BootstrapToken("", path).read().value, "tok-linked")
 
     def test_only_a_token_from_the_file_deletes_the_file(self) -> None:
         path = self.file(b"tok")

@@ -59,6 +59,13 @@ class WiringTests(unittest.TestCase):
         self.assertIsNone(agent.sync)
         self.assertEqual(list(agent.link), [])
 
+    def test_before_the_node_has_an_identity_the_report_store_already_keeps_deletes_for_the_control_plane(self) -> None:
+        # A standalone store may forget old deletes; one with a control plane
+        # keeps them until the control plane has them, enrolled or not yet.
+        agent = self.started(enroll=True).agent
+        self.assertIsNone(agent.outbox)
+        self.assertEqual(agent.reports._synced, 0)
+
     def test_without_any_bootstrap_token_the_node_waits_for_one(self) -> None:
         document = self.document(enroll=True)
         document["control_plane"]["bootstrap_token_file"] = "/nonexistent/bootstrap-token"
