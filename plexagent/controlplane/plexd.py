@@ -36,6 +36,7 @@ from plexagent.controlplane.protocol import (
     SecretValue,
     SetAside,
 )
+from plexagent.fileio import STORED_MAX_DEPTH, STORED_MAX_VALUES
 from plexagent.node.reports import Changes
 from plexagent.node.secrets import DecryptionFailed, SecretBox, aes_key_from_nsk
 from plexagent.node.state import InvalidState, NodeState, parse_data_entries, parse_metadata, parse_secret_refs
@@ -71,10 +72,19 @@ def classify(call: Call, reply: Reply) -> ControlPlaneError:
     return ControlPlaneError(call, kind, message, status=status, retry_after=retry_after)
 
 
+def parse_document(data: bytes) -> Any:
+    """
+    A control-plane document, as strictly as client input, within the limits
+    of what the agent stores: a state holds many client documents, each
+    nested up to the client limit inside it.
+    """
+    return strictparse.parse_json(data, max_depth=STORED_MAX_DEPTH, max_values=STORED_MAX_VALUES)
+
+
 def _json_object(call: Call, reply: Reply) -> dict[str, Any]:
     """A 2xx answer that must be a JSON object (an empty or undecodable one is a failure, as in plexd)."""
     try:
-        doc = strictparse.parse_json(reply.body)
+        doc = parse_document(reply.body)
     except errors.InvalidInput:
         raise ControlPlaneError(call, ErrorKind.TRANSIENT, f"{call.value}: the answer is not JSON",
                                 status=reply.status) from None

@@ -33,6 +33,7 @@ from plexagent.controlplane.protocol import (
     InstallSigningKeys,
     ReplaceState,
 )
+from plexagent.fileio import STORED_MAX_DEPTH, STORED_MAX_VALUES
 from plexagent.node.state import InvalidState, parse_data_entries, parse_metadata, parse_secret_refs
 
 _NS = 1_000_000_000
@@ -128,7 +129,8 @@ class NonceStore:
 
 def _payload_object(envelope: Envelope) -> dict[str, Any]:
     try:
-        payload = strictparse.parse_json(envelope.payload_raw if envelope.payload_raw is not None else b"null")
+        payload = strictparse.parse_json(envelope.payload_raw if envelope.payload_raw is not None else b"null",
+                                         max_depth=STORED_MAX_DEPTH, max_values=STORED_MAX_VALUES)
     except errors.InvalidInput:
         raise Dropped(DropReason.UNUSABLE_PAYLOAD, "payload") from None
     if payload is None:

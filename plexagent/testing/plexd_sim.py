@@ -22,6 +22,7 @@ from plexagent import errors, strictparse
 from plexagent.controlplane import gojson
 from plexagent.controlplane.gojson import GoTime
 from plexagent.controlplane.plexd_events import sign_plexd_event
+from plexagent.fileio import STORED_MAX_DEPTH, STORED_MAX_VALUES
 from plexagent.node.secrets import SecretBox
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def read_body(request: IRequest) -> Any:
         except (OSError, EOFError, zlib.error):
             raise ValueError("body is not valid gzip") from None
     try:
-        return strictparse.parse_json(raw)
+        return strictparse.parse_json(raw, max_depth=STORED_MAX_DEPTH, max_values=STORED_MAX_VALUES)
     except errors.InvalidInput as e:
         raise ValueError(f"body is not JSON: {e.details}") from None
 

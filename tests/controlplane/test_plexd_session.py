@@ -146,6 +146,17 @@ class StateTests(Fixture):
         self.assertIsNone(fetched.keys)
         self.assertEqual(dict(fetched.state.metadata), {"a": "b"})
 
+    async def test_a_state_of_many_entries_holding_payloads_nested_to_the_client_limit_is_taken(self) -> None:
+        deep: Any = 1
+        for _ in range(63):  # a payload as deep as a client may PUT (64 levels)
+            deep = [deep]
+        entries = [{"key": f"k{i}", "content_type": "application/json", "payload": {"a": [1, 2, 3]}, "version": 1,
+                    "updated_at": ""} for i in range(20_000)]
+        entries[0]["payload"] = deep
+        self.set_state({"metadata": {}, "data": entries})
+        fetched = await self.session.fetch_state()
+        self.assertEqual(len(fetched.state.data), 20_000)
+
     async def test_an_empty_or_unusable_answer_is_a_transient_failure(self) -> None:
         for body in (b"", b"[]", b'{"metadata": {"a": 1}}'):
             self.answers[(b"GET", PREFIX + b"/state")] = (200, body)
