@@ -5,7 +5,10 @@ The ``plexagent`` command: operator helpers beside the daemon.
 startup would say, without starting: each bind is tried and released);
 ``plexagent state [metadata|data|
 secrets] [KEY]`` and ``plexagent report list|get|put|delete`` through the
-Local Node API socket.
+Local Node API socket; ``plexagent status`` (the control-plane link, from
+the socket's ``/plexagent/status``); ``plexagent deregister`` (the node
+leaves its control plane) and ``plexagent simulator`` (a local control
+plane for development).
 
 Each helper is a subcommand: add one with a ``_register_*`` function that
 adds its parser and sets ``func``.
@@ -217,6 +220,140 @@ def _report(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> i
     return 1 if result is None else _print_response(*result, stdout, stderr)
 
 
+def _age(when: str | None, now: float) -> str:
+    if not when:
+        return "never"
+    import datetime
+
+    try:
+        seconds = now - datetime.datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return when
+    return f"{when} ({max(0, round(seconds))} s ago)"
+
+
+def format_status(doc: dict[str, Any], now: float) -> str:
+    """The status document as aligned lines for a terminal."""
+    cp = doc.get("control_plane", {})
+    identity = doc.get("identity", {})
+    lines = [("agent", f"plexagent {doc.get('agent_version', '?')}")]
+    if not cp.get("configured"):
+        lines.append(("control plane", "none (standalone)"))
+        return "\n".join(f"{name + ':':<15} {value}" for name, value in lines)
+    lines.append(("control plane", f"{cp.get('url')} (protocol {cp.get('protocol')})"))
+    node = identity.get("node_id") or "-"
+    state = identity.get("state")
+    lines.append(("node", f"{node} ({state}" + (f", {identity.get('source')}" if identity.get("source") else "") + ")"))
+    if identity.get("error"):
+        lines.append(("problem", identity["error"]))
+    keys = doc.get("signing_keys", {})
+    key_line = keys.get("current") or "none yet"
+    if keys.get("previous"):
+        key_line += f", previous {keys['previous']} until {keys.get('previous_until')}"
+    key_line += f" ({keys.get('rotations', 0)} rotations)"
+    lines.append(("signing key", key_line))
+    state_doc = doc.get("state", {})
+    lines.append(("last fetch", f"{_age(state_doc.get('last_fetch'), now)}, {state_doc.get('fetch_failures', 0)} failures"))
+    events = doc.get("events", {})
+    dropped = ", ".join(f"{reason} {n}" for reason, n in events.get("dropped", {}).items()) or "none"
+    lines.append(("events", f"{events.get('stream')}, last {_age(events.get('last_event'), now)}, "
+                            f"{events.get('applied', 0)} applied, dropped: {dropped}"))
+    heartbeat = doc.get("heartbeat", {})
+    lines.append(("heartbeat", f"last success {_age(heartbeat.get('last_success'), now)}, "
+                               f"{heartbeat.get('failures', 0)} failures"))
+    if doc.get("auth_failures"):
+        lines.append(("auth refused", ", ".join(f"{call} {n}" for call, n in doc["auth_failures"].items())))
+    reports = doc.get("reports", {})
+    pending = reports.get("pending")
+    lines.append(("reports", f"{'-' if pending is None else pending} pending, {reports.get('refused', 0)} refused"))
+    return "\n".join(f"{name + ':':<15} {value}" for name, value in lines)
+
+
+def _status(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> int:
+    import json
+    import time
+
+    from plexagent import errors, strictparse
+
+    result = _call_socket(args, stderr, "GET", "/plexagent/status")
+    if result is None:
+        return 1
+    status, body = result
+    try:
+        doc = strictparse.parse_json(body)
+    except errors.InvalidInput:
+        doc = None
+    if status != 200 or not isinstance(doc, dict):
+        print(f"plexagent status: the agent at {args.socket} answered {status}: "
+              f"{body.decode('utf-8', 'replace')[:200]}", file=stderr)
+        return 1
+    print(json.dumps(doc, indent=2) if args.json else format_status(doc, time.time()), file=stdout)
+    return 0
+
+
+def _deregister(args: argparse.Namespace, stdin: Any, stdout: Any, stderr: Any) -> int:
+    import os
+
+    from plexagent.config import ConfigError, load_config
+    from plexagent.controlplane.deregistration import DeregisterError, deregister
+
+    try:
+        config = load_config(args.config, os.environ)
+    except ConfigError as e:
+        print(f"plexagent: configuration error: {e}", file=stderr)
+        return 2
+    from twisted.internet import defer, reactor
+
+    outcome: list[Any] = []
+
+    async def run() -> None:
+        try:
+            outcome.append((0, await deregister(config, reactor, purge=args.purge, without_request=args.forget)))
+        except DeregisterError as e:
+            outcome.append((e.status, f"plexagent deregister: {e}"))
+        except ConfigError as e:
+            outcome.append((2, f"plexagent: configuration error: {e}"))
+        finally:
+            reactor.stop()
+
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(run()))
+    reactor.run()
+    status, message = outcome[0]
+    print(message, file=stdout if status == 0 else stderr)
+    return int(status)
+
+
+def _register_deregister(commands: Any) -> None:
+    parser = commands.add_parser(
+        "deregister", help="tell the control plane this node leaves, then forget its identity",
+        description="With the agent stopped: tell the control plane the node leaves (with the node's own "
+        "credentials), then remove identity.json and signing-keys.json from node.data_dir. Nothing is removed "
+        "when the control plane does not take it.")
+    parser.add_argument("--config", metavar="PATH", help="the agent's TOML file")
+    parser.add_argument("--purge", action="store_true",
+                        help="also remove the node's cached state and report outbox (state.json, outbox.json, "
+                        "outbox-refused.jsonl, reports/)")
+    parser.add_argument("--forget", action="store_true",
+                        help="remove the local identity without asking the control plane (it already forgot the node)")
+    parser.set_defaults(func=_deregister)
+
+
+def _register_simulator(commands: Any) -> None:
+    # Listed for --help; main() hands every argument after the word to plexagent.testing.cli.
+    commands.add_parser("simulator", help="run the bundled control-plane simulator as a local control plane "
+                        "for development (plexagent simulator --help)")
+
+
+def _register_status(commands: Any) -> None:
+    parser = commands.add_parser(
+        "status", help="show the control-plane protocol, node, signing key and sync status",
+        description="Ask the running agent, through its Unix socket, which protocol, node id and signing key "
+        "it uses and how its control-plane link is doing.")
+    parser.add_argument("--socket", default="/var/run/plexd/api.sock", help="the agent's Unix socket")
+    parser.add_argument("--json", action="store_true", help="print the status document as JSON")
+    parser.set_defaults(func=_status)
+
+
 def _register_socket_commands(commands: Any) -> None:
     state = commands.add_parser("state", help="read node state through the Local Node API socket")
     state.add_argument("section", nargs="?", choices=["metadata", "data", "secrets", "report"])
@@ -278,10 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
     _register_derive_key(commands)
     _register_socket_commands(commands)
     _register_reload(commands)
+    _register_status(commands)
+    _register_deregister(commands)
+    _register_simulator(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None, stdin: Any = None, stdout: Any = None, stderr: Any = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulator"]:
+        # Every option after the word is the simulator's own (--help included).
+        from plexagent.testing.cli import main as simulator_main
+
+        return simulator_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args, stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr)
 

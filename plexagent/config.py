@@ -25,20 +25,35 @@ _FALSE = ("0", "false", "no", "off")
 
 @attrs.frozen
 class NodeConfig:
+    #: assigned at enrollment; when set, the enrolled id must match it
     id: str = ""
     data_dir: str = "/var/lib/plexagent"
-    secret_key_file: str = "/etc/plexagent/node-secret-key"
+    #: a pre-provisioned node secret key (with control_plane.token_file)
+    secret_key_file: str = ""
     shutdown_timeout: float = 5.0
     #: log every request (request id, route, status, duration; never a
     #: credential). Off by default: it costs about 40% of a small read's CPU.
     access_log: bool = False
 
 
+#: The wire protocols control_plane.protocol may name.
+PROTOCOLS = ("plexd", "plexsphere")
+
+
 @attrs.frozen
 class ControlPlaneConfig:
     url: str = ""
-    token_file: str = "/etc/plexagent/node-token"
+    protocol: str = "plexd"
+    #: the enrollment credential, read only while no identity is stored
+    bootstrap_token_file: str = "/etc/plexd/bootstrap-token"
+    #: a pre-provisioned node bearer; "" = enroll
+    token_file: str = ""
+    #: plexsphere enrollment fields (checked now, used by that protocol)
+    project_id: str = ""
+    resource_handle: str = ""
+    requested_resource_id: str = ""
     ca_file: str = ""
+    #: an optional pin of the first signing key
     signing_public_key: str = ""
     events: bool = True
     reconcile_interval: float = 60.0
@@ -186,6 +201,8 @@ class Config:
     system: SystemConfig = SystemConfig()
     cron: CronConfig = CronConfig()
     metrics: MetricsConfig = MetricsConfig()
+    #: PLEXD_BOOTSTRAP_TOKEN (trimmed): overrides control_plane.bootstrap_token_file
+    bootstrap_token_env: str = attrs.field(default="", repr=False)
 
     @property
     def standalone(self) -> bool:
@@ -305,7 +322,8 @@ def parse_config(
     if not docker.get("host") and environ.get("DOCKER_HOST"):
         docker["host"] = environ["DOCKER_HOST"]
 
-    config = Config(**{name: _SECTIONS[name](**vals) for name, vals in sections.items()})
+    config = Config(**{name: _SECTIONS[name](**vals) for name, vals in sections.items()},
+                    bootstrap_token_env=environ.get("PLEXD_BOOTSTRAP_TOKEN", "").strip())
     _validate(config)
     return config
 
@@ -318,13 +336,50 @@ def _check_networks(key: str, entries: tuple[str, ...]) -> None:
             raise ConfigError(f"{key}: {entry!r} is not an IP address or CIDR network") from None
 
 
-def _validate(config: Config) -> None:
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _signing_key_length(text: str) -> int | None:
+    """The length of the key a standard base64 text decodes to, or None if it is not standard base64."""
+    import base64
+    import binascii
+
+    if not re.fullmatch(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", text):
+        return None
+    try:
+        return len(base64.b64decode(text, validate=True))
+    except binascii.Error:
+        return None
+
+
+def _validate_control_plane(config: Config) -> None:
     cp = config.control_plane
-    if cp.url:
-        if not (cp.url.startswith("http://") or cp.url.startswith("https://")):
-            raise ConfigError(f"control_plane.url: must start with http:// or https://, got {cp.url!r}")
-        if not config.node.id:
-            raise ConfigError("node.id: required when control_plane.url is set")
+    if cp.protocol not in PROTOCOLS:
+        raise ConfigError(f'control_plane.protocol: must be "plexd" or "plexsphere", got {cp.protocol!r}')
+    if cp.url and not (cp.url.startswith("http://") or cp.url.startswith("https://")):
+        raise ConfigError(f"control_plane.url: must start with http:// or https://, got {cp.url!r}")
+    if cp.token_file:
+        for key, value in (("node.id", config.node.id), ("node.secret_key_file", config.node.secret_key_file)):
+            if not value:
+                raise ConfigError(f"{key}: required when control_plane.token_file is set")
+    if cp.project_id and not _UUID.fullmatch(cp.project_id):
+        raise ConfigError(f"control_plane.project_id: must be a UUID such as "
+                          f"\"1b4e28ba-2fa1-11d2-883f-0016d3cca427\", got {cp.project_id!r}")
+    if cp.protocol == "plexsphere" and cp.url:
+        for key in ("project_id", "resource_handle"):
+            if not getattr(cp, key):
+                raise ConfigError(f'control_plane.{key}: required with protocol "plexsphere"')
+    if cp.signing_public_key:
+        # plexsphere may also give the 44-byte DER form of an Ed25519 key.
+        lengths = (32, 44) if cp.protocol == "plexsphere" else (32,)
+        if _signing_key_length(cp.signing_public_key) not in lengths:
+            raise ConfigError("control_plane.signing_public_key: must be standard base64 of a raw 32-byte "
+                              "Ed25519 public key (44 characters)")
+
+
+def _validate(config: Config) -> None:
+    _validate_control_plane(config)
+    cp = config.control_plane
     for key in ("reconcile_interval", "heartbeat_interval", "request_timeout", "connect_timeout",
                 "events_idle_timeout"):
         if getattr(cp, key) <= 0:

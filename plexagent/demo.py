@@ -1,7 +1,8 @@
 """
 A self-contained demo: the bundled control-plane simulator serving the Local
-Node API guide's example node, and an agent talking to it, with its socket
-and data under one directory. No root needed.
+Node API guide's example node, and an agent that enrolls with it using a
+bootstrap token, with its socket and data under one directory. No root
+needed.
 
     python -m plexagent.demo [--dir demo-run] [--http-port 9100]
 """
@@ -26,12 +27,9 @@ from plexagent.testing.fixtures import dump_toml, write_secret_file
 def demo_document(directory: str, sim: ControlPlaneSimulator, http_port: int) -> dict:
     group = grp.getgrgid(os.getgid()).gr_name
     return {
-        "node": {
-            "id": sim.node_id,
-            "data_dir": os.path.join(directory, "data"),
-            "secret_key_file": os.path.join(directory, "node-secret-key"),
-        },
-        "control_plane": {"url": sim.url, "token_file": os.path.join(directory, "node-token")},
+        "node": {"data_dir": os.path.join(directory, "data")},
+        # The node enrolls with a bootstrap token, as a real one does.
+        "control_plane": {"url": sim.url, "bootstrap_token_file": os.path.join(directory, "bootstrap-token")},
         "node_api": {
             "socket": os.path.join(directory, "api.sock"),
             "socket_group": group,
@@ -93,8 +91,14 @@ async def start(directory: str, http_port: int) -> None:
     os.makedirs(directory, exist_ok=True)
     sim = ControlPlaneSimulator.example()
     await sim.start(reactor)
-    write_secret_file(os.path.join(directory, "node-token"), sim.token)
-    write_secret_file(os.path.join(directory, "node-secret-key"), sim.nsk_b64)
+    # The simulator is new at every run: an identity an earlier run enrolled
+    # with means nothing to it. The demo owns its directory.
+    for name in ("identity.json", "signing-keys.json"):
+        try:
+            os.unlink(os.path.join(directory, "data", name))
+        except FileNotFoundError:
+            pass
+    write_secret_file(os.path.join(directory, "bootstrap-token"), sim.bootstrap_token)
     token_path = os.path.join(directory, "api-token")
     if not os.path.exists(token_path):
         write_secret_file(token_path, os.urandom(24).hex())

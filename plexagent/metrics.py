@@ -128,6 +128,9 @@ class _AgentCollector:
             )
             g.add_metric([], float(last))
             yield g
+        link = getattr(agent, "link", None)
+        if link is not None:
+            yield from _link_metrics(link, sync, stream)
 
         pool = services.get("dockerpool")
         if pool is not None:
@@ -186,6 +189,68 @@ def _cleanup_metrics(cleaner: Any) -> Iterable[Any]:
         c = CounterMetricFamily(name, help_text)
         c.add_metric([], float(value))
         yield c
+
+
+#: Event types counted by name; others are counted as "other" (labels stay few).
+KNOWN_EVENT_TYPES = frozenset({"node_state_updated", "node_secrets_updated", "signing_key_rotated", "rotate_keys"})
+
+
+def _counter(name: str, text: str, labels: tuple[str, ...], values: Any) -> Any:
+    c = CounterMetricFamily(name, text, labels=labels)
+    for label_values, value in values:
+        c.add_metric(list(label_values), float(value))
+    return c
+
+
+def _link_metrics(link: Any, sync: Any, stream: Any) -> Iterable[Any]:
+    """The control-plane link: identity, enrollment, events by outcome, heartbeats, signing keys."""
+    identity = link.identity
+    g = GaugeMetricFamily("plexagent_control_plane_info", "1, labelled with the protocol and node id in use.",
+                          labels=("protocol", "node_id"))
+    g.add_metric([link.protocol.name, identity.node_id if identity is not None else ""], 1.0)
+    yield g
+    g = GaugeMetricFamily("plexagent_control_plane_enrolled", "1 once the node has an identity (enrolled or configured).")
+    g.add_metric([], 1.0 if identity is not None else 0.0)
+    yield g
+    attempts = link.enrollment.attempts if link.enrollment is not None else {}
+    yield _counter("plexagent_enrollment_attempts", "Enrollment attempts, by outcome.", ("outcome",),
+                   [((outcome,), attempts.get(outcome, 0)) for outcome in ("ok", "transient", "rate_limited", "refused")])
+    yield _counter("plexagent_state_fetch_failures", "State fetches that failed.", (),
+                   [((), sync.failures if sync is not None else 0)])
+    if stream is not None:
+        applied: dict[str, int] = {}
+        for event_type, n in stream.applied.items():
+            label = event_type if event_type in KNOWN_EVENT_TYPES else "other"
+            applied[label] = applied.get(label, 0) + n
+        yield _counter("plexagent_events_applied", "Events verified and applied, by type.", ("event_type",),
+                       [((t,), n) for t, n in sorted(applied.items())])
+        yield _counter("plexagent_events_dropped", "Events dropped, never applied, by reason.", ("reason",),
+                       [((r.value,), n) for r, n in sorted(stream.dropped.items(), key=lambda i: i[0].value)])
+        yield _counter("plexagent_event_stream_connections", "Event stream connections made.", (),
+                       [((), stream.connections)])
+        if stream.last_event_at is not None:
+            g = GaugeMetricFamily("plexagent_events_last_applied_timestamp_seconds", "When the last event was applied.")
+            g.add_metric([], float(stream.last_event_at))
+            yield g
+    heartbeat = link.heartbeat
+    yield _counter("plexagent_heartbeat_failures", "Heartbeats that failed.", (),
+                   [((), heartbeat.failures if heartbeat is not None else 0)])
+    if heartbeat is not None and heartbeat.last_success is not None:
+        g = GaugeMetricFamily("plexagent_heartbeat_last_success_timestamp_seconds", "When the last heartbeat succeeded.")
+        g.add_metric([], float(heartbeat.last_success))
+        yield g
+    yield _counter("plexagent_control_plane_auth_failures", "Calls whose credentials the control plane refused.",
+                   ("call",), [((call,), n) for call, n in sorted(link.auth_failures.items())])
+    keys = link.ring.keys
+    g = GaugeMetricFamily("plexagent_signing_key_info", "1 per signing key in force, by role.", labels=("role", "key_id"))
+    for role, key in (("current", keys.current), ("previous", keys.previous)):
+        if key is not None:
+            g.add_metric([role, key.label], 1.0)
+    yield g
+    yield _counter("plexagent_signing_key_rotations", "Signing keys put in force, by where they came from.",
+                   ("source",), [((source,), n) for source, n in sorted(link.ring.rotations.items())])
+    yield _counter("plexagent_signing_key_rotations_refused", "Key sets refused: no usable current key.", (),
+                   [((), link.ring.refused)])
 
 
 def _threadpool_statistics(pool: Any) -> tuple[int, int]:

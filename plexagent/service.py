@@ -12,7 +12,10 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
+from plexagent import __version__
 from plexagent.config import Config, ConfigError, read_key_file, read_key_lines
+from plexagent.controlplane.plexd import PERMISSIVE_RULES
+from plexagent.controlplane.status import status_document
 from plexagent.credentials import CredentialReloader
 from plexagent.http import auth, responses
 from plexagent.http.listeners import (
@@ -22,11 +25,11 @@ from plexagent.http.listeners import (
     prepare_socket_path,
     server_endpoint,
 )
-from plexagent.http.operator import OperatorRoutes, SocketRoot
+from plexagent.http.operator import PREFIX, OperatorRoutes
+from plexagent.http.routing import PrefixRoutes
 from plexagent.http.site import PlexSite, RequestLog, chain_observers
 from plexagent.node.reports import ReportStore
 from plexagent.node.routes import NodeAPI, SecretReader
-from plexagent.node.secrets import SecretBox, parse_node_secret_key
 from plexagent.node.state import StateCache
 
 log = Logger()
@@ -102,13 +105,29 @@ class Agent:
         self.cache = StateCache(config.node.data_dir)
         self.reports = ReportStore(config.node.data_dir, reactor, max_entries=config.node_api.max_report_entries,
                                    max_bytes=config.node_api.max_report_bytes)
-        self.client: Any = None
-        self.box: SecretBox | None = None
+        #: the control-plane link (None when standalone)
+        self.link: Any = None
         #: domain objects the agent API's route modules use, by name
         self.agent_services: dict[str, Any] = {}
         self.agent_api: Any = None
         #: re-reads key files and the TLS certificate (SIGHUP, POST /plexagent/reload)
         self.reloader = CredentialReloader(reactor)
+
+    def current_session(self) -> Any:
+        """The control-plane session, once the node has an identity (else None)."""
+        return self.link.session if self.link is not None else None
+
+    @property
+    def sync(self) -> Any:
+        return self.link.sync if self.link is not None else None
+
+    @property
+    def heartbeat(self) -> Any:
+        return self.link.heartbeat if self.link is not None else None
+
+    @property
+    def outbox(self) -> Any:
+        return self.link.outbox if self.link is not None else None
 
 
 def _warn(message: str) -> None:
@@ -366,28 +385,9 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         BindGuard(facade, facade.paths, reactor).setServiceParent(top)
         add_operations(config, reactor, agent, top)
 
-    cp = config.control_plane
-    cp_services: list[service.Service] = []
-    if cp.url:
-        from plexagent.controlplane.client import ControlPlaneClient
-
-        token = read_key_file("control_plane.token_file", cp.token_file, _warn)
-        nsk_text = read_key_file("node.secret_key_file", config.node.secret_key_file, _warn)
-        agent.box = SecretBox(parse_node_secret_key(nsk_text))
-        if cp.ca_file and not os.path.isfile(cp.ca_file):
-            raise ConfigError(f"control_plane.ca_file: {cp.ca_file} is not a readable file")
-        agent.client = ControlPlaneClient(
-            reactor,
-            cp.url,
-            config.node.id,
-            token,
-            ca_file=cp.ca_file,
-            request_timeout=cp.request_timeout,
-            connect_timeout=cp.connect_timeout,
-        )
-        cp_services = _control_plane_services(cp, config.node, agent, reactor)
-
-    api = NodeAPI(agent.cache, agent.reports, SecretReader(agent.cache, agent.client, agent.box))
+    link = build_control_plane(config, reactor, agent)
+    rules = link.protocol.local_rules if link is not None else PERMISSIVE_RULES
+    api = NodeAPI(agent.cache, agent.reports, SecretReader(agent.cache, agent.current_session, rules), rules)
     resource = api.resource()
     responses.label_routes(api.app)  # the resource holds this bound app: metrics per route
     napi = config.node_api
@@ -396,12 +396,14 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
         log.info("secrets group {group} does not exist: only root may read secret values on the socket",
                  group=napi.secrets_group)
 
-    operator = OperatorRoutes(agent.reloader.reload)
-    responses.label_routes(operator.app)
     # The agent's own routes (/plexagent/...) are on the socket only, never on TCP.
+    operator = OperatorRoutes(agent.reloader.reload, lambda: status_document(config, link, __version__))
+    responses.label_routes(operator.app)
     unix_site = PlexSite(
-        auth.GuardedResource(auth.PeerCredentialPolicy(secrets_gid), SocketRoot(resource, operator.resource())),
-        napi.max_body_bytes, max_connections=napi.max_connections,
+        auth.GuardedResource(auth.PeerCredentialPolicy(secrets_gid),
+                             PrefixRoutes([(PREFIX, operator.resource())], resource)),
+        napi.max_body_bytes,
+        max_connections=napi.max_connections,
     )
     socket_path = napi.socket
 
@@ -458,61 +460,37 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     observe_listeners(top, agent)
     budget_descriptors(top)
 
-    if cp_services:
+    if link is not None:
         # After the listeners: the socket answers from the persisted cache
         # before the control plane has been reached.
-        for part in cp_services:
-            part.setServiceParent(top)
+        link.setServiceParent(top)
     return top
 
 
-def _control_plane_services(cp: Any, node: Any, agent: Agent, reactor: Any) -> list[service.Service]:
+def build_control_plane(config: Config, reactor: Any, agent: "Agent") -> Any:
     """
-    State sync (fetch, event stream, reconcile), heartbeat and report outbox
-    for a configured control plane; ``agent.sync``, ``agent.outbox`` and
-    ``agent.heartbeat`` name them for metrics and tests.
+    The link to the control plane (None when standalone): the protocol
+    ``control_plane.protocol`` names, built once over one transport, and
+    the node's identity when it is pre-provisioned (read now, so a bad key
+    file stops startup); otherwise the link uses the stored identity or
+    enrolls.
     """
-    from plexagent.controlplane.events import EnvelopeVerifier, parse_public_key
-    from plexagent.controlplane.outbox import ReportOutbox
-    from plexagent.controlplane.sync import EventStream, Heartbeat, StateSync
+    cp = config.control_plane
+    if not cp.url:
+        return None
+    from plexagent.controlplane.client import Transport
+    from plexagent.controlplane.link import ControlPlaneLink
+    from plexagent.controlplane.protocol import build_protocol
 
-    public_key = None
-    if cp.signing_public_key:
-        try:
-            public_key = parse_public_key(cp.signing_public_key)
-        except ValueError as e:
-            raise ConfigError(
-                f"control_plane.signing_public_key: must be standard base64 of a raw 32-byte Ed25519 key ({e})"
-            ) from None
-    else:
-        log.warn("control_plane.signing_public_key is not set: events are applied without verification")
-    sync = StateSync(agent.client, agent.cache, reactor, reconcile_interval=cp.reconcile_interval)
-    sync.setName("state-sync")
-    if cp.events:
-        sync.stream = EventStream(
-            agent.client,
-            reactor,
-            EnvelopeVerifier(public_key, reactor),
-            sync.apply,
-            on_reconnect=sync.stream_reconnected,
-            idle_timeout=cp.events_idle_timeout,
-        )
-    heartbeat = Heartbeat(agent.client, reactor, node.id, cp.heartbeat_interval, sync.fetch_now)
-    heartbeat.setName("heartbeat")
-    outbox = ReportOutbox(agent.reports, agent.client, reactor, node.data_dir, cp.report_debounce)
-    outbox.setName("report-outbox")
-    agent.sync, agent.heartbeat, agent.outbox = sync, heartbeat, outbox  # type: ignore[attr-defined]
-    # First in, last out: the client's connections close after everything using it has stopped.
-    return [ControlPlaneConnections(agent.client), sync, heartbeat, outbox]
-
-
-class ControlPlaneConnections(service.Service):
-    """Closes the control-plane client's pooled connections when the agent stops."""
-
-    def __init__(self, client: Any) -> None:
-        self.setName("control-plane-connections")
-        self.client = client
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self.client.close()
+    if cp.ca_file and not os.path.isfile(cp.ca_file):
+        raise ConfigError(f"control_plane.ca_file: {cp.ca_file} is not a readable file")
+    transport = Transport(reactor, cp.url, cp.ca_file, cp.request_timeout, cp.connect_timeout)
+    protocol = build_protocol(config, transport, reactor)
+    configured = None
+    if cp.token_file:
+        bearer = read_key_file("control_plane.token_file", cp.token_file, _warn)
+        nsk_text = read_key_file("node.secret_key_file", config.node.secret_key_file, _warn)
+        configured = protocol.configured_identity(config, bearer, nsk_text)
+    link = ControlPlaneLink(config, protocol, transport, agent.cache, agent.reports, reactor, configured=configured)
+    agent.link = link
+    return link

@@ -13,11 +13,15 @@ class DefaultsTests(unittest.TestCase):
     def test_defaults_are_the_contract(self) -> None:
         c = parse_config({})
         self.assertEqual(c.node.data_dir, "/var/lib/plexagent")
-        self.assertEqual(c.node.secret_key_file, "/etc/plexagent/node-secret-key")
+        self.assertEqual(c.node.secret_key_file, "")
         self.assertEqual(c.node.shutdown_timeout, 5.0)
         self.assertFalse(c.node.access_log)
         self.assertEqual(c.control_plane.url, "")
         self.assertTrue(c.standalone)
+        self.assertEqual((c.control_plane.protocol, c.control_plane.token_file, c.control_plane.bootstrap_token_file),
+                         ("plexd", "", "/etc/plexd/bootstrap-token"))
+        self.assertEqual((c.control_plane.project_id, c.control_plane.resource_handle,
+                          c.control_plane.requested_resource_id, c.control_plane.signing_public_key), ("", "", "", ""))
         self.assertEqual(
             (c.control_plane.reconcile_interval, c.control_plane.heartbeat_interval,
              c.control_plane.report_debounce, c.control_plane.request_timeout),
@@ -71,8 +75,48 @@ class ErrorTests(unittest.TestCase):
         self.assertConfigError({"agent_api": {"allowed_ips": "10.0.0.1"}},
                                "agent_api.allowed_ips: must be a list of strings, got '10.0.0.1'")
 
-    def test_node_id_required_with_control_plane(self) -> None:
-        self.assertConfigError({"control_plane": {"url": "https://cp"}}, "node.id: required when control_plane.url is set")
+    def test_a_control_plane_url_alone_is_enough_the_node_enrolls(self) -> None:
+        self.assertEqual(parse_config({"control_plane": {"url": "https://cp"}}).node.id, "")
+
+    def test_node_id_and_secret_key_file_required_with_token_file(self) -> None:
+        self.assertConfigError({"control_plane": {"url": "https://cp", "token_file": "/t"}},
+                               "node.id: required when control_plane.token_file is set")
+        self.assertConfigError({"node": {"id": "n"}, "control_plane": {"url": "https://cp", "token_file": "/t"}},
+                               "node.secret_key_file: required when control_plane.token_file is set")
+
+    def test_protocol_is_plexd_or_plexsphere(self) -> None:
+        self.assertConfigError({"control_plane": {"protocol": "grpc"}},
+                               'control_plane.protocol: must be "plexd" or "plexsphere", got \'grpc\'')
+
+    def test_plexsphere_needs_its_enrollment_fields(self) -> None:
+        cp = {"url": "https://cp", "protocol": "plexsphere"}
+        self.assertConfigError({"control_plane": cp}, 'control_plane.project_id: required with protocol "plexsphere"')
+        cp["project_id"] = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+        self.assertConfigError({"control_plane": cp},
+                               'control_plane.resource_handle: required with protocol "plexsphere"')
+        cp["resource_handle"] = "edge-1"
+        self.assertEqual(parse_config({"control_plane": cp}).control_plane.resource_handle, "edge-1")
+
+    def test_project_id_must_be_a_uuid(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config({"control_plane": {"project_id": "project-1"}})
+        self.assertTrue(str(caught.exception).startswith("control_plane.project_id: must be a UUID"))
+
+    def test_the_signing_key_pin_is_base64_of_32_bytes(self) -> None:
+        import base64
+
+        key = base64.b64encode(bytes(32)).decode()
+        self.assertEqual(parse_config({"control_plane": {"signing_public_key": key}}).control_plane.signing_public_key,
+                         key)
+        der = base64.b64encode(bytes(44)).decode()
+        for bad in ("c2hvcnQ=", der, key.rstrip("="), "not base64"):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config({"control_plane": {"signing_public_key": bad}})
+            self.assertTrue(str(caught.exception).startswith("control_plane.signing_public_key: must be standard "
+                                                             "base64 of a raw 32-byte Ed25519 public key"), bad)
+        # plexsphere also names its keys in the 44-byte DER form.
+        self.assertEqual(parse_config({"control_plane": {"protocol": "plexsphere", "signing_public_key": der}})
+                         .control_plane.signing_public_key, der)
 
     def test_url_scheme(self) -> None:
         self.assertConfigError({"node": {"id": "n"}, "control_plane": {"url": "ftp://cp"}},
@@ -126,6 +170,12 @@ class EnvironmentTests(unittest.TestCase):
         with self.assertRaises(ConfigError) as caught:
             parse_config({}, {"NODE_AGENT_REQUIRE_AUTH_ALWAYS": "maybe"})
         self.assertIn("NODE_AGENT_REQUIRE_AUTH_ALWAYS", str(caught.exception))
+
+    def test_the_bootstrap_token_from_the_environment_is_trimmed_and_never_shown(self) -> None:
+        c = parse_config({}, {"PLEXD_BOOTSTRAP_TOKEN": "  boot-secret\n"})
+        self.assertEqual(c.bootstrap_token_env, "boot-secret")
+        self.assertNotIn("boot-secret", repr(c))
+        self.assertEqual(parse_config({}, {}).bootstrap_token_env, "")
 
     def test_docker_host_fills_an_empty_key_only(self) -> None:
         self.assertEqual(parse_config({}, {"DOCKER_HOST": "unix:///d.sock"}).docker.host, "unix:///d.sock")

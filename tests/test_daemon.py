@@ -61,11 +61,11 @@ class StartupErrorTests(DaemonCase):
         self.assertIn("control_plane.heartbeat_interval: must be a number", output)
         self.assertEqual(len(output.splitlines()), 1, output)
 
-    async def test_node_id_is_required_with_a_control_plane(self) -> None:
-        self.sandbox.document["control_plane"] = {"url": "http://127.0.0.1:1"}
+    async def test_node_id_is_required_with_a_pre_provisioned_token(self) -> None:
+        self.sandbox.document["control_plane"] = {"url": "http://127.0.0.1:1", "token_file": "/t"}
         status, output = await self.start_failure()
         self.assertNotEqual(status, 0)
-        self.assertEqual(output, "plexagent: configuration error: node.id: required when control_plane.url is set")
+        self.assertEqual(output, "plexagent: configuration error: node.id: required when control_plane.token_file is set")
 
     async def test_unreadable_key_file_stops_startup_naming_path(self) -> None:
         self.sandbox.document["node_api"].update({"http_enabled": True, "http_token_file": "/nonexistent/token"})

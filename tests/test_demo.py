@@ -6,13 +6,14 @@ non-zero and changes nothing of the demo already running.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import sys
 import tempfile
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from plexagent.testing.fixtures import _ProcessWatcher, json_response, unix_http_client
@@ -27,9 +28,9 @@ def free_port() -> int:
 
 
 def snapshot(directory: str) -> dict[str, tuple[bytes, int]]:
-    """Content and modification time of the demo's config and key files."""
+    """Content and modification time of the demo's config and key files (the bootstrap token is consumed)."""
     files = {}
-    for name in ("plexagent.toml", "node-token", "node-secret-key", "api-token"):
+    for name in ("plexagent.toml", "api-token"):
         path = os.path.join(directory, name)
         with open(path, "rb") as f:
             files[name] = (f.read(), os.stat(path).st_mtime_ns)
@@ -63,6 +64,21 @@ class DemoTests(unittest.TestCase):
         first = self.demo(directory, self.port)
         await first.wait_for("plexagent demo is running")
         return directory
+
+    async def test_the_demo_node_enrolls_with_a_bootstrap_token_and_serves_the_guide_s_example(self) -> None:
+        directory = await self.running_demo()
+        client = unix_http_client(os.path.join(directory, "api.sock"))
+        for _ in range(200):
+            code, metadata = await json_response(await client.get("http://localhost/v1/state/metadata"))
+            if metadata.get("role") == "gateway" and os.path.exists(os.path.join(directory, "data", "identity.json")):
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(metadata["region"], "us-west-2")
+        with open(os.path.join(directory, "data", "identity.json")) as f:
+            self.assertEqual(json.load(f)["protocol"], "plexd")
+        self.assertFalse(os.path.exists(os.path.join(directory, "bootstrap-token")))
+        code, secret = await json_response(await client.get("http://localhost/v1/state/secrets/db%2Fpassword"))
+        self.assertEqual((code, secret["value"]), (200, "s3cret-p@ssw0rd"))
 
     async def test_a_second_demo_on_the_same_directory_says_the_socket_is_taken_and_changes_nothing(self) -> None:
         directory = await self.running_demo()

@@ -32,7 +32,7 @@ class ConfigurationDocumentTests(unittest.TestCase):
     def test_every_environment_override_is_described(self) -> None:
         with open(os.path.join(REPOSITORY, "docs", "configuration.md"), encoding="utf-8") as f:
             text = f.read()
-        for variable in ("NODE_AGENT_ALLOWED_IPS", "NODE_AGENT_REQUIRE_AUTH_ALWAYS", "DOCKER_HOST"):
+        for variable in ("NODE_AGENT_ALLOWED_IPS", "NODE_AGENT_REQUIRE_AUTH_ALWAYS", "DOCKER_HOST", "PLEXD_BOOTSTRAP_TOKEN"):
             self.assertIn(f"`{variable}`", text)
 
 

@@ -53,8 +53,10 @@ class DaemonLogTests(unittest.TestCase):
         sim = ControlPlaneSimulator.example()
         await sim.start(reactor)
         self.addCleanup(lambda: defer.ensureDeferred(sim.stop()))
-        sandbox = AgentSandbox(control_plane=sim)
+        sandbox = AgentSandbox()
         self.addCleanup(sandbox.cleanup)
+        sandbox.enroll_with(sim)  # the bootstrap token and the node secret key it gets must stay out of the log
+        bootstrap_token = sim.bootstrap_tokens[-1]
         sandbox.document["node"]["access_log"] = True
         watcher = _ProcessWatcher()
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
@@ -92,7 +94,8 @@ class DaemonLogTests(unittest.TestCase):
             {"method": "GET", "route": "/v1/state/secrets/<path:key>", "status": 200, "listener": "node_api.socket"},
         )
         output = bytes(watcher.output).decode()
-        for secret in ("s3cret-p@ssw0rd", sim.token, sim.nsk_b64):
+        self.assertEqual(len(sim.registrations), 1)
+        for secret in ("s3cret-p@ssw0rd", sim.token, sim.nsk_b64, bootstrap_token):
             self.assertNotIn(secret, output)
 
 

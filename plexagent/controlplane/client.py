@@ -1,42 +1,63 @@
 """
-The control-plane HTTP client (treq, Deferreds).
+The HTTP transport to the control plane (treq, Deferreds), the same for
+every wire protocol: what a status means is the protocol's business.
 
-Every call carries the node token and the agent's User-Agent, is bounded by
-the request timeout (headers and body together), and fails with
-``ControlPlaneError`` (retryable, with ``retry_after`` when the control plane
-asked for it) or ``errors.NotFound``. Error messages never include the token.
+Every call carries ``User-Agent: plexagent/<version>``, ``Accept`` and, when
+the protocol wants it, ``Accept-Encoding: gzip`` and gzipped request bodies
+over 1024 bytes (as plexd does); it is bounded by the connect timeout and
+the request timeout (headers and body together). Network errors, timeouts
+and bodies over their cap fail with ``ControlPlaneError`` of kind
+``TRANSIENT``; any HTTP answer is returned as a ``Reply``. The event stream
+has its own pool and only its response headers are timed. Error messages
+never hold the bearer or a body.
 """
 
 from __future__ import annotations
 
-import json
+import gzip
+import io
+import re
+import zlib
 from typing import Any
 from urllib.parse import quote
 
-import treq
+import attrs
 from OpenSSL import SSL
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.ssl import TLSVersion, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.web.client import (
     Agent,
-    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
     HTTPConnectionPool,
-    ResponseFailed,
+    ResponseDone,
     _HTTP11ClientFactory,  # no public way to quiet the pool's factories
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from plexagent import __version__, errors
+from plexagent import __version__
+from plexagent.controlplane.protocol import Call, ControlPlaneError, ErrorKind
 
 log = Logger()
 
+#: Largest uncompressed answer accepted.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+#: Largest gzipped answer accepted once decompressed (plexd's limit).
+MAX_GUNZIPPED_BYTES = 10 * 1024 * 1024
+#: Request bodies longer than this are gzipped (plexd: ``len(data) > 1024``).
+GZIP_OVER = 1024
+#: Bodies this large are compressed or decompressed in a thread, not on the reactor.
+THREAD_OVER = 256 * 1024
+#: A Retry-After above this is taken as this.
+MAX_RETRY_AFTER = 3600.0
+
+__all__ = ["ControlPlaneError", "Reply", "Transport", "path_escape", "parse_retry_after"]
 
 
 class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
@@ -52,15 +73,6 @@ class QuietConnectionPool(HTTPConnectionPool):
     _factory = _QuietHTTP11ClientFactory
 
 
-class ControlPlaneError(Exception):
-    """A control-plane call failed in a way worth retrying."""
-
-    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
-
-
 @implementer(IOpenSSLTrustRoot)
 class _SystemPlusBundle:
     """Trust the platform's CAs and an extra PEM bundle."""
@@ -74,166 +86,178 @@ class _SystemPlusBundle:
 
 
 @implementer(IPolicyForHTTPS)
-class _ExtraCAPolicy:
-    def __init__(self, ca_file: str) -> None:
-        self._trust = _SystemPlusBundle(ca_file)
+class _TLSPolicy:
+    """Verified TLS 1.2 or later, trusting the system's CAs (and ``ca_file`` when set)."""
+
+    def __init__(self, ca_file: str = "") -> None:
+        self._trust = _SystemPlusBundle(ca_file) if ca_file else platformTrust()
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
+        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust,
+                                   extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2})
+
+
+def path_escape(segment: str) -> str:
+    """A path segment as Go's ``url.PathEscape`` writes it (``/`` becomes ``%2F``)."""
+    return quote(segment, safe="$&+:=@")
+
+
+_ATOI = re.compile(r"[+-]?[0-9]+")
 
 
 def parse_retry_after(value: bytes | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds only; dates are ignored)."""
+    """
+    Seconds from a Retry-After header as Go's ``strconv.Atoi`` reads it
+    (``+7`` and ``007`` count; a date, ``1.5``, 0 or less are absent),
+    capped at an hour.
+    """
     if value is None:
         return None
     try:
-        seconds = float(value.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
+        text = value.decode("ascii").strip(" \t")
+    except UnicodeDecodeError:
         return None
-    if seconds < 0 or seconds != seconds:
+    if not _ATOI.fullmatch(text):
         return None
-    return min(seconds, 3600.0)
+    seconds = int(text)
+    if seconds <= 0:
+        return None
+    return min(float(seconds), MAX_RETRY_AFTER)
 
 
-class ControlPlaneClient:
-    """Deferred-returning calls to the endpoints of control-plane.md."""
+@attrs.frozen
+class Reply:
+    """An HTTP answer: its status, headers and (decompressed) body."""
 
-    def __init__(
-        self,
-        reactor: Any,
-        base_url: str,
-        node_id: str,
-        token: str,
-        ca_file: str = "",
-        request_timeout: float = 30.0,
-        connect_timeout: float = 10.0,
-    ) -> None:
-        self._reactor = reactor
-        self._clock: IReactorTime = reactor
-        self._base = base_url.rstrip("/") + "/v1/nodes/" + quote(node_id, safe="")
-        self.node_id = node_id
-        self._headers = {
-            b"Authorization": [b"Bearer " + token.encode("utf-8")],
-            b"User-Agent": [f"plexagent/{__version__}".encode("ascii")],
-            b"Accept": [b"application/json"],
-        }
-        self.request_timeout = request_timeout
-        policy = _ExtraCAPolicy(ca_file) if ca_file else BrowserLikePolicyForHTTPS()
-        self.pool = QuietConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 4
-        self.agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=self.pool)
-        self._http = treq.client.HTTPClient(self.agent)
-        # The event stream holds its connection for as long as it lives: give
-        # it its own, non-persistent pool so it never takes a pooled slot
-        # from the request/response calls.
-        self._stream_pool = QuietConnectionPool(reactor, persistent=False)
-        self._stream_agent = Agent(
-            reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=self._stream_pool
-        )
+    status: int
+    headers: Headers = attrs.field(repr=False)
+    body: bytes = attrs.field(repr=False)
 
-    def __repr__(self) -> str:
-        return f"<ControlPlaneClient {self._base}>"
-
-    def url(self, *segments: str) -> str:
-        return self._base + "".join("/" + quote(s, safe="") for s in segments)
+    def header(self, name: bytes) -> bytes | None:
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
 
     @property
-    def headers(self) -> dict[bytes, list[bytes]]:
-        return dict(self._headers)
+    def retry_after(self) -> float | None:
+        return parse_retry_after(self.header(b"retry-after"))
 
-    def _call(self, method: str, url: str, body: Any = None) -> defer.Deferred[tuple[int, Any]]:
-        async def call() -> tuple[int, Any]:
-            headers: dict[Any, Any] = dict(self._headers)
-            data = None
+
+class Transport:
+    """Requests to one control plane: pooled connections, TLS, timeouts, gzip, size caps."""
+
+    def __init__(self, reactor: Any, base_url: str, ca_file: str = "", request_timeout: float = 30.0,
+                 connect_timeout: float = 10.0, user_agent: str = f"plexagent/{__version__}",
+                 clock: IReactorTime | None = None) -> None:
+        self._clock: IReactorTime = clock or reactor
+        #: the base URL with any trailing slash trimmed (a path prefix is kept)
+        self.base_url = base_url.rstrip("/")
+        self.request_timeout = request_timeout
+        self.user_agent = user_agent.encode("ascii")
+        policy = _TLSPolicy(ca_file)
+        self.pool = QuietConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 4
+        # The plain Agent, not treq's: no transparent (unbounded) gunzip, no
+        # redirects carrying the bearer elsewhere, no cookies.
+        self._agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=self.pool)
+        # The event stream holds its connection for as long as it lives: it
+        # gets its own, non-persistent pool and never takes a pooled slot.
+        self._stream_pool = QuietConnectionPool(reactor, persistent=False)
+        self._stream_agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout,
+                                   pool=self._stream_pool)
+
+    def __repr__(self) -> str:
+        return f"<Transport {self.base_url}>"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def headers(self, bearer: str, *, gzip_ok: bool = True) -> dict[bytes, list[bytes]]:
+        headers = {b"User-Agent": [self.user_agent], b"Accept": [b"application/json"]}
+        if gzip_ok:
+            headers[b"Accept-Encoding"] = [b"gzip"]
+        if bearer:
+            headers[b"Authorization"] = [b"Bearer " + bearer.encode("utf-8")]
+        return headers
+
+    def request(self, call: Call, method: str, path: str, bearer: str = "", body: bytes | None = None, *,
+                gzip_over: int | None = GZIP_OVER, headers: dict[bytes, list[bytes]] | None = None,
+                max_bytes: int = MAX_RESPONSE_BYTES) -> defer.Deferred[Reply]:
+        """
+        One request; fires with its ``Reply`` whatever the status, or fails
+        with ControlPlaneError(TRANSIENT) on a network error, a timeout or
+        an answer over its cap. ``body`` is sent as JSON (gzipped past
+        ``gzip_over`` bytes; None never gzips); a POST without one is sent
+        with ``Content-Length: 0``.
+        """
+
+        async def run() -> Reply:
+            sent = self.headers(bearer, gzip_ok=gzip_over is not None)
+            sent.update(headers or {})
+            data = body
             if body is not None:
-                headers[b"Content-Type"] = [b"application/json"]
-                data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                sent[b"Content-Type"] = [b"application/json"]
+                if gzip_over is not None and len(body) > gzip_over:
+                    data = await self._maybe_in_thread(len(body), gzip.compress, body, 6)
+                    sent[b"Content-Encoding"] = [b"gzip"]
+            elif method in ("POST", "PUT"):
+                data = b""
+            producer = FileBodyProducer(io.BytesIO(data)) if data is not None else None
             try:
-                response = await self._http.request(method, url, headers=headers, data=data)
-                raw = await _read_limited(response, MAX_RESPONSE_BYTES)
+                response = await self._agent.request(method.encode("ascii"), self.url(path).encode("ascii"),
+                                                     Headers(sent), producer)
+                raw = await _read_limited(response, max_bytes)
+            except _TooLarge:
+                raise ControlPlaneError(call, ErrorKind.TRANSIENT,
+                                        f"{call.value}: control plane response too large (over {max_bytes} bytes)"
+                                        ) from None
             except defer.CancelledError:
-                raise ControlPlaneError("control plane request timed out") from None
-            except ControlPlaneError:
                 raise
-            except (ResponseFailed, Exception) as e:  # network errors of every kind
-                raise ControlPlaneError(f"control plane unreachable: {type(e).__name__}") from None
-            code = response.code
-            if code == 404:
-                raise errors.NotFound("not found")
-            if code == 429 or code >= 500:
-                raise ControlPlaneError(
-                    f"control plane answered {code}",
-                    status=code,
-                    retry_after=parse_retry_after(response.headers.getRawHeaders(b"retry-after", [None])[0]),
-                )
-            if not 200 <= code < 300:
-                raise ControlPlaneError(f"control plane answered {code}", status=code)
-            if not raw:
-                return code, None
-            try:
-                return code, json.loads(raw)
-            except ValueError:
-                raise ControlPlaneError("control plane sent a body that is not JSON", status=code) from None
+            except Exception as e:  # network errors of every kind
+                raise ControlPlaneError(call, ErrorKind.TRANSIENT,
+                                        f"{call.value}: control plane unreachable: {type(e).__name__}") from None
+            encoding = (response.headers.getRawHeaders(b"content-encoding") or [b""])[0]
+            if encoding.strip().lower() == b"gzip":
+                raw = await self._maybe_in_thread(len(raw), _gunzip, raw, MAX_GUNZIPPED_BYTES, call)
+            return Reply(response.code, response.headers, raw)
 
-        d = defer.ensureDeferred(call())
+        d = defer.ensureDeferred(run())
         d.addTimeout(self.request_timeout, self._clock)
 
         def timed_out(f: Any) -> Any:
             f.trap(defer.TimeoutError)
-            raise ControlPlaneError("control plane request timed out")
+            raise ControlPlaneError(call, ErrorKind.TRANSIENT, f"{call.value}: control plane request timed out")
 
-        d.addErrback(timed_out)
-        return d
+        return d.addErrback(timed_out)
 
-    def fetch_state(self) -> defer.Deferred[Any]:
-        return self._call("GET", self.url("state")).addCallback(lambda r: r[1])
+    def _maybe_in_thread(self, size: int, f: Any, *args: Any) -> Any:
+        if size > THREAD_OVER:
+            return threads.deferToThread(f, *args)
+        return defer.maybeDeferred(f, *args)
 
-    def fetch_secret(self, key: str) -> defer.Deferred[Any]:
-        return self._call("GET", self.url("secrets", key)).addCallback(lambda r: r[1])
-
-    def send_report(self, entries: list[dict[str, Any]], deleted: list[str]) -> defer.Deferred[Any]:
-        return self._call("POST", self.url("report"), {"entries": entries, "deleted": deleted})
-
-    def heartbeat(self, body: dict[str, Any]) -> defer.Deferred[Any]:
-        return self._call("POST", self.url("heartbeat"), body).addCallback(lambda r: r[1])
-
-    def open_events(self, last_event_id: str = "") -> defer.Deferred[Any]:
+    def open_stream(self, call: Call, path: str, bearer: str,
+                    headers: dict[bytes, list[bytes]] | None = None) -> defer.Deferred[Any]:
         """
-        Start the event stream: fires with the streaming response once a 200
-        arrived (the caller delivers its body to a protocol), or fails with
-        ``ControlPlaneError`` (``retry_after`` set on 429/503). The wait for
-        the response headers is bounded by the request timeout.
+        Open an event stream: fires with the response once its headers
+        arrived (whatever the status: the caller reads or discards the
+        body), or fails with ControlPlaneError(TRANSIENT). Only the wait for
+        the headers is timed; no Accept-Encoding is sent.
         """
-        headers = {k: list(v) for k, v in self._headers.items()}
-        headers[b"Accept"] = [b"text/event-stream"]
-        headers[b"Cache-Control"] = [b"no-cache"]
-        if last_event_id:
-            headers[b"Last-Event-ID"] = [last_event_id.encode("utf-8")]
-        d = self._stream_agent.request(b"GET", self.url("events").encode("ascii"), Headers(headers))
+        sent = self.headers(bearer, gzip_ok=False)
+        sent[b"Accept"] = [b"text/event-stream"]
+        sent[b"Cache-Control"] = [b"no-cache"]
+        sent.update(headers or {})
+        d = self._stream_agent.request(b"GET", self.url(path).encode("ascii"), Headers(sent))
         d.addTimeout(self.request_timeout, self._clock)
 
         def failed(f: Any) -> Any:
-            if f.check(defer.TimeoutError, defer.CancelledError):
-                raise ControlPlaneError("event stream request timed out")
-            raise ControlPlaneError(f"control plane unreachable: {type(f.value).__name__}")
+            if f.check(defer.TimeoutError):
+                raise ControlPlaneError(call, ErrorKind.TRANSIENT, f"{call.value}: event stream request timed out")
+            if f.check(defer.CancelledError):
+                return f
+            raise ControlPlaneError(call, ErrorKind.TRANSIENT,
+                                    f"{call.value}: control plane unreachable: {type(f.value).__name__}")
 
-        def answered(response: Any) -> Any:
-            if response.code == 200:
-                return response
-            # Refuse the body (it is not a stream we want) and drop the connection.
-            response.deliverBody(_Discard())
-            code = response.code
-            if code == 404:
-                raise ControlPlaneError("control plane has no event stream for this node", status=code)
-            raise ControlPlaneError(
-                f"control plane answered {code} to the event stream",
-                status=code,
-                retry_after=parse_retry_after(response.headers.getRawHeaders(b"retry-after", [None])[0])
-                if code in (429, 503) else None,
-            )
-
-        d.addCallbacks(answered, failed)
-        return d
+        return d.addErrback(failed)
 
     def close(self) -> defer.Deferred[None]:
         return defer.gatherResults(
@@ -241,25 +265,68 @@ class ControlPlaneClient:
         ).addCallback(lambda _: None)
 
 
-class _Discard(Protocol):
-    """Reads nothing of a body it was handed: closes its connection."""
+def discard_body(response: Any) -> None:
+    """Read nothing of ``response``'s body: its connection is closed."""
+    response.deliverBody(_Discard())
 
+
+class _Discard(Protocol):
     def connectionMade(self) -> None:
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
-async def _read_limited(response: Any, limit: int) -> bytes:
-    """The whole body, refusing to hold more than ``limit`` bytes of it."""
-    chunks: list[bytes] = []
-    size = 0
+class _TooLarge(Exception):
+    pass
 
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise ControlPlaneError("control plane response too large")
-        chunks.append(data)
 
-    await treq.collect(response, collect)
-    return b"".join(chunks)
+class _LimitedBody(Protocol):
+    """Collects a body, dropping the connection once it passes ``limit`` bytes."""
+
+    def __init__(self, limit: int, finished: defer.Deferred[bytes]) -> None:
+        self._limit = limit
+        self._finished = finished
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._size > self._limit:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            # Drop the connection; the caller hears of it once it is gone.
+            self._chunks = []
+            if self.transport is not None:
+                self.transport.stopProducing()  # type: ignore[attr-defined]
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._finished.called:
+            return
+        if self._size > self._limit:
+            self._finished.errback(_TooLarge())
+        elif reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self._finished.callback(b"".join(self._chunks))
+        else:
+            self._finished.errback(reason)
+
+
+def _gunzip(data: bytes, limit: int, call: Call) -> bytes:
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error:
+        raise ControlPlaneError(call, ErrorKind.TRANSIENT, f"{call.value}: the answer is not valid gzip") from None
+    if len(out) > limit:
+        raise ControlPlaneError(call, ErrorKind.TRANSIENT,
+                                f"{call.value}: control plane response too large (over {limit} bytes gunzipped)")
+    return out
+
+
+def _read_limited(response: Any, limit: int) -> defer.Deferred[bytes]:
+    """The whole body, refusing (``_TooLarge``) to hold more than ``limit`` bytes of it."""
+    finished: defer.Deferred[bytes] = defer.Deferred()
+    response.deliverBody(_LimitedBody(limit, finished))
+    return finished
+

@@ -1,334 +1,354 @@
 """
-The control-plane event stream: an incremental Server-Sent Events parser and
-verification of the signed envelopes it carries (docs/control-plane.md).
-
-Both are plain objects with no I/O: the parser is fed bytes as they arrive
-and returns complete events; the verifier takes an injected clock.
+The control-plane event stream (docs/control-plane-sync.md): an
+incremental Server-Sent Events parser with plexd's semantics, and
+``EventStream``, the subscription that feeds each event to the protocol's
+codec (decode, verify against the signing keys in force, interpret) and
+runs what it asks for. An event that cannot be verified is dropped and
+counted by reason, never applied.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import collections
-import datetime
-import json
-import re
-from typing import Any
+from typing import Any, Callable
 
 import attrs
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-#: How far ``issued_at`` may be from the agent's clock, and how long a nonce
-#: is remembered (seconds).
-FRESHNESS_WINDOW = 300.0
+from plexagent.controlplane.backoff import Backoff, cancel_call
+from plexagent.controlplane.keys import KeyRing
+from plexagent.controlplane.protocol import Call, ControlPlaneError, Dropped, DropReason, Effect, ErrorKind
+from plexagent.logs import describe
 
-_LINE_END = re.compile(rb"\r\n|\r|\n")
+log = Logger()
+
+#: The longest line plexd's parser takes (bufio.Scanner's 64 KiB buffer holds
+#: the line and its LF; a CR before the LF counts).
+MAX_LINE = 65535
+#: The most event data the parser collects for one event (more is dropped).
+MAX_EVENT_DATA = 1 << 20
 
 
 @attrs.frozen
 class ServerSentEvent:
-    """One dispatched SSE event."""
+    """One dispatched SSE event, as bytes (what it means is the envelope's business)."""
 
-    data: str
-    event: str = "message"
-    id: str = ""
+    data: bytes
+    type: bytes = b"message"
+    id: bytes = b""
+    #: its data grew past the parser's limit and was not kept
+    too_large: bool = False
 
 
 class SSEParser:
     """
-    Incremental Server-Sent Events parser (the WHATWG event-stream format).
+    An incremental Server-Sent Events parser that reads a stream exactly as
+    plexd's does (its own parser, not the WHATWG one):
 
-    ``feed(bytes)`` returns the events completed by those bytes. Lines may end
-    in CRLF, LF or CR, and may be split anywhere across calls (a CR at the end
-    of one chunk and an LF at the start of the next are one line end).
-
-    Memory is bounded: a line longer than ``max_line`` bytes is discarded up
-    to its end, and an event whose data grows past ``max_event`` bytes (or
-    that lost a line that way) is dropped when it would be dispatched. The
-    stream goes on either way.
+    - lines end at LF only; one CR before the LF is dropped (a lone CR is
+      data); a line longer than ``MAX_LINE`` bytes ends the stream
+      (``overflow``): nothing after it is read;
+    - ``:`` lines are comments; a field is the text before the first colon,
+      one space after the colon is dropped; names are case-sensitive;
+    - ``event`` sets the type, ``data`` appends a line (``data`` without a
+      colon appends an empty one), ``id`` sets the block's id; ``retry`` and
+      unknown fields are ignored;
+    - a blank line dispatches the block if it has data: its type (default
+      ``message``), its data lines joined with LF, its id; a non-empty id
+      becomes ``last_event_id``. An id in a block without data is forgotten,
+      an empty id never clears ``last_event_id``; a BOM is not stripped; a
+      block cut off by the end of the stream is dropped.
     """
 
-    def __init__(self, max_line: int = 1024 * 1024, max_event: int = 4 * 1024 * 1024) -> None:
-        self.max_line = max_line
-        self.max_event = max_event
-        #: the last event id seen (sent back as Last-Event-ID on reconnect)
-        self.last_event_id = ""
-        #: the reconnection time the server asked for, in milliseconds
-        self.retry: int | None = None
-        #: events dropped for exceeding a limit (for logs and tests)
-        self.dropped = 0
+    def __init__(self, max_data: int = MAX_EVENT_DATA) -> None:
+        self.max_data = max_data
+        self.last_event_id = b""
+        #: a line was too long: the stream must end
+        self.overflow = False
         self._buffer = b""
-        self._skip_lf = False
-        self._discarding_line = False
-        self._first_line = True
-        self._data: list[str] = []
-        self._data_size = 0
-        self._event_type = ""
-        self._poisoned = False
+        self._type = b""
+        self._data: list[bytes] = []
+        self._size = 0
+        self._too_large = False
+        self._id = b""
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         """Consume ``chunk``; return the events it completed, in order."""
         events: list[ServerSentEvent] = []
-        if not chunk:
+        if self.overflow:
             return events
-        if self._skip_lf:
-            self._skip_lf = False
-            if chunk[:1] == b"\n":
-                chunk = chunk[1:]
-        if self._discarding_line:
-            m = _LINE_END.search(chunk)
-            if m is None:
-                return events
-            self._discarding_line = False
-            self._after_line_end(chunk, m)
-            chunk = chunk[m.end():]
-            if self._skip_lf and chunk[:1] == b"\n":
-                self._skip_lf = False
-                chunk = chunk[1:]
-            # The overlong line was a field of the current event: lose it.
-            self._poisoned = True
         buffer = self._buffer + chunk if self._buffer else chunk
         start = 0
-        for m in _LINE_END.finditer(buffer):
-            if m.start() < start:  # the LF of a CRLF already consumed
-                continue
-            line = buffer[start:m.start()]
-            if len(line) > self.max_line:
-                self._poisoned = True
-            else:
-                self._process_line(line, events)
-            start = m.end()
-            if m.group() == b"\r" and start == len(buffer):
-                # A CR ending the chunk: an LF opening the next is its pair.
-                self._skip_lf = True
-        rest = buffer[start:]
-        if len(rest) > self.max_line:
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = buffer[start:end]
+            start = end + 1
+            if len(line) > MAX_LINE:
+                self.overflow = True
+                self._buffer = b""
+                return events
+            self._line(line[:-1] if line.endswith(b"\r") else line, events)
+        self._buffer = buffer[start:]
+        if len(self._buffer) > MAX_LINE:
+            self.overflow = True
             self._buffer = b""
-            self._discarding_line = True
-        else:
-            self._buffer = rest
         return events
 
-    def _after_line_end(self, chunk: bytes, m: re.Match[bytes]) -> None:
-        if m.group() == b"\r" and m.end() == len(chunk):
-            self._skip_lf = True
-
-    def _process_line(self, raw: bytes, events: list[ServerSentEvent]) -> None:
-        if self._first_line:
-            self._first_line = False
-            if raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-        if not raw:
-            self._dispatch(events)
+    def _line(self, line: bytes, events: list[ServerSentEvent]) -> None:
+        if not line:
+            if self._data or self._too_large:
+                events.append(ServerSentEvent(b"" if self._too_large else b"\n".join(self._data),
+                                              self._type or b"message", self._id, self._too_large))
+                if self._id:
+                    self.last_event_id = self._id
+            self._type, self._data, self._size, self._too_large, self._id = b"", [], 0, False, b""
             return
-        if raw[:1] == b":":
-            return  # a comment: keep-alive
-        line = raw.decode("utf-8", "replace")
-        name, colon, value = line.partition(":")
-        if colon and value.startswith(" "):
+        if line[:1] == b":":
+            return
+        field, _, value = line.partition(b":")
+        if value[:1] == b" ":
             value = value[1:]
-        if name == "data":
-            self._data_size += len(value) + 1
-            if self._data_size > self.max_event:
-                self._poisoned = True
-                self._data.clear()
-            elif not self._poisoned:
+        if field == b"data":
+            self._size += len(value) + 1
+            if self._size > self.max_data:
+                self._too_large = True
+                self._data = []
+            elif not self._too_large:
                 self._data.append(value)
-        elif name == "event":
-            self._event_type = value
-        elif name == "id":
-            if "\x00" not in value:
-                self.last_event_id = value
-        elif name == "retry":
-            if value.isascii() and value.isdigit():
-                self.retry = int(value)
-        # Any other field name is ignored, as the format requires.
-
-    def _dispatch(self, events: list[ServerSentEvent]) -> None:
-        data, self._data = self._data, []
-        event_type, self._event_type = self._event_type, ""
-        poisoned, self._poisoned = self._poisoned, False
-        size, self._data_size = self._data_size, 0
-        if poisoned:
-            self.dropped += 1
-            return
-        if not size:
-            return
-        events.append(ServerSentEvent(data="\n".join(data), event=event_type or "message", id=self.last_event_id))
+        elif field == b"event":
+            self._type = value
+        elif field == b"id":
+            self._id = value
 
 
-# -- envelopes -----------------------------------------------------------
-
-
-class RejectedEnvelope(Exception):
-    """An envelope that must be dropped; the message says why (no secrets)."""
-
-
-@attrs.frozen
-class Envelope:
-    """A verified (or, without a signing key, well-formed) event envelope."""
-
-    event_type: str
-    event_id: str
-    issued_at: str
-    nonce: str
-    payload: dict[str, Any]
-
-
-def canonical_json(payload: Any) -> str:
-    """Keys sorted, no insignificant whitespace, non-ASCII written as UTF-8."""
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def signed_message(event_type: str, event_id: str, issued_at: str, nonce: str, payload: Any) -> bytes:
-    """The exact bytes an envelope's signature covers."""
-    return (
-        "plexagent-event-v1\n"
-        + event_type + "\n"
-        + event_id + "\n"
-        + issued_at + "\n"
-        + nonce + "\n"
-        + canonical_json(payload)
-    ).encode("utf-8")
-
-
-def parse_rfc3339(text: str) -> float:
-    """Seconds since the epoch of an RFC 3339 timestamp with an offset."""
+def header_safe_id(raw: bytes) -> str:
+    """``raw`` as a Last-Event-ID header value, or "" when a header cannot carry it."""
     try:
-        moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise RejectedEnvelope("issued_at is not an RFC 3339 timestamp") from None
-    if moment.tzinfo is None:
-        raise RejectedEnvelope("issued_at has no UTC offset")
-    return moment.timestamp()
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    if any(c < " " or c == "\x7f" for c in text):
+        return ""
+    return text
 
 
-def parse_public_key(text: str) -> Ed25519PublicKey:
-    """A raw 32-byte Ed25519 public key from standard base64; ValueError if not."""
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not standard base64") from None
-    if len(raw) != 32:
-        raise ValueError(f"decodes to {len(raw)} bytes, not 32")
-    return Ed25519PublicKey.from_public_bytes(raw)
+class _StreamProtocol(Protocol):
+    """Receives the event-stream body and hands it to its EventStream."""
+
+    def __init__(self, stream: "EventStream") -> None:
+        self._stream = stream
+
+    def dataReceived(self, data: bytes) -> None:
+        self._stream._received(self, data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stream._lost(self, reason)
+
+    def close(self) -> None:
+        """Drop the connection the body arrives on."""
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
-class NonceMemory:
+class EventStream:
     """
-    The nonces seen within the last ``window`` seconds, at most ``capacity``
-    of them: when full, the oldest is forgotten first (its envelope's
-    ``issued_at`` is the oldest too, so it is the first to turn stale).
+    The subscription to the node's event stream. Each event is decoded,
+    verified against the signing keys in force (``ring``) and interpreted by
+    the protocol's ``codec``; the effect goes to ``run`` (which raises
+    Dropped for a state the cache cannot take). Reconnects with
+    ``Last-Event-ID``: at once after a useful connection (one that delivered
+    an event or lived ``USEFUL_AFTER`` seconds), else with backoff and
+    jitter, never sooner than a Retry-After. A stream silent for
+    ``idle_timeout`` seconds, or sending a line longer than plexd's parser
+    takes, is closed and retried with backoff. ``on_reconnect`` is called on
+    every successful connection but the first (events may have been
+    missed); ``on_auth_failure`` when the credentials are refused.
     """
 
-    def __init__(self, clock: IReactorTime, window: float = FRESHNESS_WINDOW, capacity: int = 65536) -> None:
-        self._clock = clock
-        self.window = window
-        self.capacity = capacity
-        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def _expire(self, now: float) -> None:
-        while self._seen:
-            nonce, expires = next(iter(self._seen.items()))
-            if expires > now:
-                break
-            del self._seen[nonce]
-
-    def seen(self, nonce: str) -> bool:
-        """True if ``nonce`` was remembered within the window; else remember it."""
-        now = self._clock.seconds()
-        self._expire(now)
-        if nonce in self._seen:
-            return True
-        while len(self._seen) >= self.capacity:
-            self._seen.popitem(last=False)
-        self._seen[nonce] = now + self.window
-        return False
-
-
-class EnvelopeVerifier:
-    """
-    Parses envelopes and, with a public key, verifies them: the Ed25519
-    signature over ``signed_message``, ``issued_at`` within ``window`` of the
-    clock, and a nonce not seen within ``window``.
-    """
+    #: A connection that lived this long without an event still counts as useful.
+    USEFUL_AFTER = 30.0
 
     def __init__(
         self,
-        public_key: Ed25519PublicKey | None,
+        session: Any,
+        codec: Any,
+        ring: KeyRing,
         clock: IReactorTime,
-        window: float = FRESHNESS_WINDOW,
-        nonce_capacity: int = 65536,
+        run: Callable[[Effect, str], None],
+        on_reconnect: Callable[[], None] = lambda: None,
+        on_auth_failure: Callable[[Call], None] = lambda call: None,
+        idle_timeout: float = 90.0,
+        backoff: Backoff | None = None,
     ) -> None:
-        self._key = public_key
-        self._clock = clock
-        self.window = window
-        self.nonces = NonceMemory(clock, window, nonce_capacity)
+        self.session = session
+        self.codec = codec
+        self.ring = ring
+        self.clock = clock
+        self._run = run
+        self._on_reconnect = on_reconnect
+        self._on_auth_failure = on_auth_failure
+        self.idle_timeout = idle_timeout
+        self.backoff = backoff or Backoff()
+        self.started = False
+        self.connected = False
+        self.last_event_id = b""
+        self.connections = 0
+        #: events dropped, by reason
+        self.dropped: collections.Counter[DropReason] = collections.Counter()
+        #: events applied, by event type
+        self.applied: collections.Counter[str] = collections.Counter()
+        #: when the last event was applied (clock seconds)
+        self.last_event_at: float | None = None
+        self._protocol: _StreamProtocol | None = None
+        self._parser: SSEParser | None = None
+        self._connecting: defer.Deferred[Any] | None = None
+        self._reconnect_call: Any = None
+        self._watchdog: Any = None
+        self._stopped: defer.Deferred[None] | None = None
+        self._connected_at = 0.0
+        self._useful = False
+        #: the connection was closed for going silent or an over-long line: a failure
+        self._broken = False
 
-    @property
-    def verifying(self) -> bool:
-        return self._key is not None
+    def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        self._connect()
 
-    def verify(self, data: str) -> Envelope:
-        """The envelope in ``data``; ``RejectedEnvelope`` if it must be dropped."""
+    def stop(self) -> defer.Deferred[None]:
+        """Stop reconnecting and close the stream; fires once it is closed."""
+        self.started = False
+        cancel_call(self._reconnect_call)
+        cancel_call(self._watchdog)
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._protocol is not None:
+            stopped: defer.Deferred[None] = defer.Deferred()
+            self._stopped = stopped
+            self._protocol.close()
+            return stopped
+        return defer.succeed(None)
+
+    def _connect(self) -> None:
+        self._reconnect_call = None
+        d = self.session.open_events(header_safe_id(self.last_event_id))
+        self._connecting = d
+        d.addCallbacks(self._opened, self._open_failed)
+
+    def _opened(self, response: Any) -> None:
+        self._connecting = None
+        if not self.started:
+            orphan = _StreamProtocol(self)
+            response.deliverBody(orphan)
+            orphan.close()
+            return
+        self.connections += 1
+        self.connected = True
+        self._connected_at = self.clock.seconds()
+        self._useful = False
+        self._broken = False
+        self._parser = SSEParser()
+        self._protocol = _StreamProtocol(self)
+        self._arm_watchdog()
+        response.deliverBody(self._protocol)
+        log.info("event stream connected")
+        if self.connections > 1:
+            self._on_reconnect()
+
+    def _open_failed(self, failure: Any) -> None:
+        self._connecting = None
+        if not self.started or failure.check(defer.CancelledError):
+            return
+        retry_after = None
+        if failure.check(ControlPlaneError):
+            retry_after = failure.value.retry_after
+            if failure.value.kind is ErrorKind.AUTH:
+                self._on_auth_failure(Call.EVENTS)
+        log.warn("event stream unavailable: {error}", error=failure.getErrorMessage())
+        self._reconnect_later(self.backoff.next_delay(retry_after))
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.reset(self.idle_timeout)
+        else:
+            self._watchdog = self.clock.callLater(self.idle_timeout, self._silent)
+
+    def _silent(self) -> None:
+        log.warn("event stream silent for {seconds}s: reconnecting", seconds=self.idle_timeout)
+        self._broken = True
+        if self._protocol is not None:
+            self._protocol.close()
+
+    def _received(self, protocol: _StreamProtocol, data: bytes) -> None:
+        if protocol is not self._protocol or self._parser is None:
+            return
+        self._arm_watchdog()
+        for event in self._parser.feed(data):
+            self._handle(event)
+        if self._parser.overflow:
+            log.warn("event stream sent a line longer than {limit} bytes: reconnecting", limit=MAX_LINE)
+            self._broken = True
+            protocol.close()
+
+    def now_ns(self) -> int:
+        return round(self.clock.seconds() * 1e9)
+
+    def _handle(self, event: ServerSentEvent) -> None:
+        # A complete event proves the stream works: failures start over.
+        self.backoff.reset()
+        self._useful = True
+        if event.id:
+            self.last_event_id = event.id
+        envelope = None
         try:
-            doc = json.loads(data)
-        except ValueError:
-            raise RejectedEnvelope("envelope is not JSON") from None
-        if not isinstance(doc, dict):
-            raise RejectedEnvelope("envelope is not a JSON object")
-        fields = {}
-        for name in ("event_type", "event_id", "issued_at", "nonce"):
-            value = doc.get(name)
-            if not isinstance(value, str):
-                raise RejectedEnvelope(f"envelope field {name} is missing or not a string")
-            fields[name] = value
-        payload = doc.get("payload")
-        if not isinstance(payload, dict):
-            raise RejectedEnvelope("envelope payload is missing or not an object")
-        envelope = Envelope(payload=payload, **fields)
-        if self._key is None:
-            return envelope
-        signature_text = doc.get("signature")
-        if not isinstance(signature_text, str):
-            raise RejectedEnvelope("envelope signature is missing")
-        try:
-            signature = base64.b64decode(signature_text, validate=True)
-        except (binascii.Error, ValueError):
-            raise RejectedEnvelope("envelope signature is not standard base64") from None
-        message = signed_message(
-            envelope.event_type, envelope.event_id, envelope.issued_at, envelope.nonce, payload
-        )
-        try:
-            self._key.verify(signature, message)
-        except InvalidSignature:
-            raise RejectedEnvelope("envelope signature does not verify") from None
-        # Only a genuine envelope may touch the clock check and nonce memory:
-        # forged ones must not be able to fill it.
-        issued = parse_rfc3339(envelope.issued_at)
-        if abs(issued - self._clock.seconds()) > self.window:
-            raise RejectedEnvelope("envelope issued_at is more than 5 minutes from the agent's clock")
-        if self.nonces.seen(envelope.nonce):
-            raise RejectedEnvelope("envelope nonce was already seen (replay)")
-        return envelope
+            if event.too_large or len(event.data) > self.codec.max_event_bytes:
+                raise Dropped(DropReason.TOO_LARGE)
+            envelope = self.codec.decode(event.data)
+            self.codec.verify(envelope, self.ring.keys, self.now_ns())
+            self._run(self.codec.effect(envelope), "event")
+        except Dropped as dropped:
+            self.dropped[dropped.reason] += 1
+            # Why, never what: the event's content stays out of the log.
+            log.warn("dropping event {id}: {reason}", id=header_safe_id(event.id)[:64] or "(no id)",
+                     reason=str(dropped))
+            return
+        except Exception:
+            # A bug must not cost the stream: the event is lost, the next fetch corrects the state.
+            log.failure("applying event {id} failed", id=header_safe_id(event.id)[:64] or "(no id)")
+            return
+        self.applied[envelope.event_type] += 1
+        self.last_event_at = self.clock.seconds()
 
+    def _lost(self, protocol: _StreamProtocol, reason: Any) -> None:
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        self._parser = None
+        self.connected = False
+        cancel_call(self._watchdog)
+        if self._stopped is not None:
+            stopped, self._stopped = self._stopped, None
+            stopped.callback(None)
+        if not self.started:
+            return
+        log.info("event stream closed: {reason}", reason=describe(reason))
+        useful = self._useful or self.clock.seconds() - self._connected_at >= self.USEFUL_AFTER
+        if useful and not self._broken:
+            # plexd reconnects at once after a clean end: events may be waiting.
+            self.backoff.reset()
+            self._reconnect_later(0)
+        else:
+            self._reconnect_later(self.backoff.next_delay())
 
-def sign_envelope(
-    private_key: Any, event_type: str, event_id: str, issued_at: str, nonce: str, payload: dict[str, Any]
-) -> dict[str, Any]:
-    """Build a signed envelope (the control plane's side; used by the simulator)."""
-    signature = private_key.sign(signed_message(event_type, event_id, issued_at, nonce, payload))
-    return {
-        "event_type": event_type,
-        "event_id": event_id,
-        "issued_at": issued_at,
-        "nonce": nonce,
-        "payload": payload,
-        "signature": base64.b64encode(signature).decode("ascii"),
-    }
+    def _reconnect_later(self, delay: float) -> None:
+        if not self.started:
+            return
+        cancel_call(self._reconnect_call)
+        self._reconnect_call = self.clock.callLater(delay, self._connect)

@@ -8,15 +8,16 @@ route makes itself: whether the client may read secret values.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from twisted.internet import defer
 from twisted.web.iweb import IRequest
 
 from plexagent import errors, strictparse
+from plexagent.controlplane.protocol import ControlPlaneError, LocalRules
 from plexagent.http import responses
 from plexagent.node.reports import ReportStore
-from plexagent.node.secrets import DecryptionFailed, SecretBox
+from plexagent.node.secrets import DecryptionFailed
 from plexagent.node.state import StateCache
 
 FORBIDDEN_SECRETS = "forbidden: insufficient privileges for secret access"
@@ -62,44 +63,40 @@ def parse_report_body(body: Any) -> tuple[str, Any]:
 
 class SecretReader:
     """
-    Reads one secret value: checks the cached index, fetches the ciphertext
-    from the control plane, decrypts it. Nothing is kept afterwards.
+    Reads one secret value: the protocol's rules decide what may be asked
+    (for plexd: a key in the cached index), the session fetches and
+    decrypts it. Nothing is kept afterwards.
     """
 
-    def __init__(self, cache: StateCache, client: Any, box: SecretBox | None) -> None:
+    def __init__(self, cache: StateCache, session: Callable[[], Any], rules: LocalRules) -> None:
         self._cache = cache
-        self._client = client
-        self._box = box
+        self._session = session
+        self._rules = rules
 
-    async def read(self, key: str) -> dict[str, Any]:
-        from plexagent.controlplane.client import ControlPlaneError
-
-        if key not in self._cache.current.secret_refs:
-            raise errors.NotFound("not found")
-        if self._client is None:
+    async def read(self, key: str, version: bytes | None = None) -> dict[str, Any]:
+        index = self._cache.current.secret_refs
+        query = self._rules.secret_query(key, version, index)
+        session = self._session()
+        if session is None:
             raise errors.Unavailable("control plane unavailable")
         try:
-            doc = await self._client.fetch_secret(key)
-        except ControlPlaneError:
-            raise errors.Unavailable("control plane unavailable") from None
-        if self._box is None or not isinstance(doc, dict):
-            raise errors.UpstreamFailed("decryption failed")
-        try:
-            plaintext = self._box.decrypt(doc.get("ciphertext"), doc.get("nonce"))
+            value = await session.fetch_secret(query)
+        except ControlPlaneError as e:
+            raise self._rules.secret_error(e) from None
         except DecryptionFailed:
             raise errors.UpstreamFailed("decryption failed") from None
-        version = doc.get("version", self._cache.current.secret_refs.get(key))
+        version_served = value.version if value.version is not None else index.get(key)
         try:
-            return {"key": key, "value": plaintext.decode("utf-8"), "version": version}
+            return {"key": key, "value": value.plaintext.decode("utf-8"), "version": version_served}
         except UnicodeDecodeError:
             import base64
 
             # Binary secrets cannot be a JSON string: say how they are encoded.
             return {
                 "key": key,
-                "value": base64.b64encode(plaintext).decode("ascii"),
+                "value": base64.b64encode(value.plaintext).decode("ascii"),
                 "encoding": "base64",
-                "version": version,
+                "version": version_served,
             }
 
 
@@ -108,10 +105,12 @@ class NodeAPI:
 
     app = responses.json_app()
 
-    def __init__(self, cache: StateCache, reports: ReportStore, secrets: SecretReader) -> None:
+    def __init__(self, cache: StateCache, reports: ReportStore, secrets: SecretReader, rules: LocalRules) -> None:
         self.cache = cache
         self.reports = reports
         self.secrets = secrets
+        #: what the control plane's wire protocol can carry, checked before anything is stored
+        self.rules = rules
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -168,7 +167,8 @@ class NodeAPI:
     async def secret(self, request: IRequest, key: str) -> bytes:
         if not cast(Any, request).plexagent_policy.may_read_secrets(request):
             raise errors.Forbidden(FORBIDDEN_SECRETS)
-        value = await self.secrets.read(key)
+        version = request.args.get(b"version", [None])[0] if request.args else None
+        value = await self.secrets.read(key, version)
         request.setHeader(b"cache-control", b"no-store")
         return responses.respond(request, value)
 
@@ -183,12 +183,15 @@ class NodeAPI:
     @app.route("/v1/state/report/<path:key>", methods=["PUT"])
     def report_put(self, request: IRequest, key: str) -> defer.Deferred[bytes]:
         content_type, payload = parse_report_body(responses.read_json(request))
+        self.rules.check_report_key(key)
+        self.rules.check_report_put(key, payload)
         if_match = parse_if_match(request)
         d = self.reports.put(key, content_type, payload, if_match)
         return d.addCallback(lambda entry: responses.respond(request, entry))
 
     @app.route("/v1/state/report/<path:key>", methods=["DELETE"])
     def report_delete(self, request: IRequest, key: str) -> defer.Deferred[bytes]:
+        self.rules.check_report_key(key)
         if_match = parse_if_match(request)
 
         def deleted(_: Any) -> bytes:

@@ -1,5 +1,6 @@
 """
-The node secret key (NSK) and AES-256-GCM decryption of secret values.
+The node secret key (NSK) and AES-256-GCM decryption of secret values
+(12-byte nonce, tag appended, no associated data, standard base64).
 
 Plaintext exists only in memory for the duration of one request: it is never
 logged, written, cached or put in an exception message.
@@ -14,6 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from plexagent.config import ConfigError
+from plexagent.controlplane.gojson import std_b64decode
 
 
 class DecryptionFailed(Exception):
@@ -23,15 +25,31 @@ class DecryptionFailed(Exception):
         super().__init__("decryption failed")
 
 
-def parse_node_secret_key(text: str, key: str = "node.secret_key_file") -> bytes:
-    """Decode the NSK file's content: standard base64 of exactly 32 bytes."""
+def aes_key_from_nsk(text: str) -> bytes | None:
+    """
+    The AES-256 key a node secret key gives: its own 32 bytes (plexd uses
+    the string's bytes as they are), else the 32 bytes its standard base64
+    decodes to; None for anything else. No 32-character text is base64 of
+    32 bytes, so the two forms never overlap.
+    """
+    raw = text.encode("utf-8")
+    if len(raw) == 32:
+        return raw
     try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ConfigError(f"{key}: is not standard base64") from None
-    if len(raw) != 32:
-        raise ConfigError(f"{key}: must hold 32 bytes (base64, 44 characters), got {len(raw)} bytes")
-    return raw
+        decoded = std_b64decode(text)
+    except ValueError:
+        return None
+    return decoded if len(decoded) == 32 else None
+
+
+def parse_node_secret_key(text: str, key: str = "node.secret_key_file") -> bytes:
+    """The AES key in an NSK file's content (surrounding whitespace ignored); ConfigError naming ``key``."""
+    text = text.strip()
+    aes_key = aes_key_from_nsk(text)
+    if aes_key is None:
+        raise ConfigError(f"{key}: must hold the 32-character node secret key or standard base64 of 32 bytes "
+                          f"(44 characters); got {len(text.encode('utf-8'))} bytes")
+    return aes_key
 
 
 class SecretBox:
@@ -47,8 +65,9 @@ class SecretBox:
         try:
             if not isinstance(ciphertext_b64, str) or not isinstance(nonce_b64, str):
                 raise ValueError
-            ciphertext = base64.b64decode(ciphertext_b64, validate=True)
-            nonce = base64.b64decode(nonce_b64, validate=True)
+            # Go's StdEncoding: padding required, CR and LF skipped.
+            ciphertext = std_b64decode(ciphertext_b64)
+            nonce = std_b64decode(nonce_b64)
             if len(nonce) != 12:
                 raise ValueError
             return self._aead.decrypt(nonce, ciphertext, None)

@@ -96,9 +96,11 @@ class AgentSandbox:
             self.use_control_plane(control_plane)
 
     def use_control_plane(self, sim: Any) -> None:
-        write_secret_file(os.path.join(self.root, "node-token"), sim.token)
-        write_secret_file(os.path.join(self.root, "nsk"), sim.nsk_b64)
-        self.document["node"]["id"] = sim.node_id
+        """Talk to ``sim`` as its pre-registered node (``token_file`` and ``secret_key_file``)."""
+        node = sim.example_node
+        write_secret_file(os.path.join(self.root, "node-token"), node.nsk_text)
+        write_secret_file(os.path.join(self.root, "nsk"), node.nsk_text)
+        self.document["node"]["id"] = node.node_id
         self.document["node"]["secret_key_file"] = os.path.join(self.root, "nsk")
         self.document.setdefault("control_plane", {}).update(
             {
@@ -107,6 +109,13 @@ class AgentSandbox:
                 "request_timeout": 2.0,
                 "connect_timeout": 1.0,
             }
+        )
+
+    def enroll_with(self, sim: Any) -> None:
+        """Talk to ``sim`` as a new node that enrolls with a bootstrap token of its own."""
+        path = write_secret_file(os.path.join(self.root, "bootstrap-token"), sim.issue_bootstrap_token())
+        self.document.setdefault("control_plane", {}).update(
+            {"url": sim.url, "bootstrap_token_file": path, "request_timeout": 2.0, "connect_timeout": 1.0}
         )
 
     def enable_http(self, listen: str = "127.0.0.1:0") -> None:

@@ -1,357 +1,364 @@
 """
-A control-plane simulator that follows ``docs/control-plane.md``, on a real
-TCP port, with injectable faults.
-
-Importable by users' own tests::
+A control-plane simulator serving plexd's protocol (docs/control-plane.md)
+as plexd's own client expects it, on a real TCP port, with injectable
+faults. Importable by users' own tests::
 
     sim = ControlPlaneSimulator.example()
     await sim.start(reactor)
-    ... config control_plane.url = sim.url, node.id = sim.node_id ...
+    ... control_plane.url = sim.url; the bootstrap token: sim.bootstrap_token ...
     sim.faults.fail("state", status=503, times=2, retry_after=1)
+    sim.publish("node_state_updated", {"metadata": {...}, "data": [...]})
     await sim.stop()
 
-It records what the agent sent (``reports``, ``heartbeats``, ``requests``)
-so tests can assert on it.
+It issues bootstrap tokens and, at registration, a node id, a 32-character
+node secret key (NSK: the bearer of every later call and, as bytes, the
+AES-256-GCM key of secrets) and its signing key; ``example()`` also holds
+one pre-registered node (``node_id``, ``token``, ``nsk_b64``) for agents
+configured with ``control_plane.token_file``. Every node sees one state
+(``node``). Events are signed exactly as a Go control plane signs them.
+It records what agents sent (``registrations``, ``heartbeats``,
+``report_posts``, ``drift_reports``, ``requests``, ``violations``...).
 
-The event stream (``GET /v1/nodes/{id}/events``) is served as SSE; tests
-push events with ``publish(event_type, payload)``, which signs the envelope
-when the simulator was given an Ed25519 private key (``signing_key``) and,
-for ``node_state_updated``, also changes what a state fetch answers, as a
-real control plane would. Stream faults:
-``publish(..., bad_signature=True | issued_at=... | nonce=...)``,
-``drop_streams(mid_event=True)``, ``send_garbage()``, ``faults.silent_stream``;
-other faults: ``faults.fail(...)``, ``faults.slow(endpoint, seconds)``,
-``faults.heartbeat_reconcile``, ``faults.refuse_report_key(key, status)``
-(refuse, applying nothing, every report batch that holds that key),
-``faults.hold(endpoint)`` (answer only when the test says so).
-
-Like a real control plane it refuses (400) a report body that is not strict
-JSON: NaN, Infinity or a lone surrogate.
+Faults: down (``stop``), ``faults.fail`` (any status, an integer
+Retry-After), ``faults.slow``/``delay``, ``faults.hold``,
+``faults.tamper_secrets``, ``faults.revoke_bearer()``, gzip answers and a
+gzip bomb, heartbeat ``reconcile``/``rotate_keys``, refused report keys;
+on the stream: forged events (``inject_event_fault``, ``publish(...,
+bad_signature=...)``), cuts mid-event, silence, garbage, an over-long line.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime
 import itertools
-import json
-import os
-from typing import Any, cast
+import secrets
+from typing import Any, Callable, cast
 
-import attrs
-from klein import Klein
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, endpoints, task
 from twisted.internet.interfaces import IListeningPort
 from twisted.web import server
 from twisted.web.iweb import IRequest
 
-from plexagent.controlplane.events import sign_envelope
-from plexagent.fileio import decode_json
-from plexagent.node.secrets import SecretBox
+from plexagent.controlplane import gojson
+from plexagent.controlplane.gojson import GoTime
+from plexagent.testing.plexd_sim import PlexdRoutes, frame, plexd_envelope, public_b64
+from plexagent.testing.simstate import (
+    EXAMPLE_NODE_ID,
+    Failure,
+    Faults,
+    Hold,
+    NodeCredentials,
+    NodeRecord,
+    example_record,
+    new_nsk,
+)
 
-EXAMPLE_NODE_ID = "edge-us-west-42"
+__all__ = ["ControlPlaneSimulator", "EXAMPLE_NODE_ID", "EventStreamResponse", "Failure", "Faults", "Hold",
+           "NodeCredentials", "NodeRecord", "example_record"]
 
-
-@attrs.define
-class Failure:
-    status: int
-    times: int
-    retry_after: float | None = None
-
-
-class Hold:
-    """
-    Requests to one endpoint wait until ``release()``; ``arrived`` fires
-    (with the endpoint name) when the first of them has come in.
-    """
-
-    def __init__(self) -> None:
-        self.arrived: defer.Deferred[str] = defer.Deferred()
-        self._released = False
-        self._waiting: list[defer.Deferred[None]] = []
-
-    def wait(self, endpoint: str) -> defer.Deferred[None]:
-        if not self.arrived.called:
-            self.arrived.callback(endpoint)
-        if self._released:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._waiting.append(d)
-        return d
-
-    def release(self) -> None:
-        self._released = True
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
-
-
-@attrs.define
-class Faults:
-    """What the simulator does wrong, set by tests."""
-
-    #: seconds to wait before answering any request
-    delay: float = 0.0
-    #: per endpoint name ("state", "secret", "report", "heartbeat", "events"):
-    #: answer ``status`` for the next ``times`` requests
-    failures: dict[str, Failure] = attrs.field(factory=dict)
-    #: flip a bit of every secret ciphertext
-    tamper_secrets: bool = False
-    #: per endpoint name: seconds to wait before answering (beside ``delay``)
-    delays: dict[str, float] = attrs.field(factory=dict)
-    #: answer the next this-many heartbeats with ``{"reconcile": true}``
-    heartbeat_reconcile: int = 0
-    #: the event stream sends nothing at all, not even keep-alives
-    silent_stream: bool = False
-    #: report keys whose batches are refused with the given status
-    refused_report_keys: dict[str, int] = attrs.field(factory=dict)
-    #: per endpoint name: requests wait for the test to release them
-    holds: dict[str, Hold] = attrs.field(factory=dict)
-
-    def fail(self, endpoint: str, status: int = 503, times: int = 1, retry_after: float | None = None) -> None:
-        self.failures[endpoint] = Failure(status, times, retry_after)
-
-    def slow(self, endpoint: str, seconds: float) -> None:
-        """Answer requests to ``endpoint`` only after ``seconds``."""
-        self.delays[endpoint] = seconds
-
-    def refuse_report_key(self, key: str, status: int = 400) -> None:
-        """Refuse (``status``, applying nothing) every report batch holding ``key``, written or deleted."""
-        self.refused_report_keys[key] = status
-
-    def hold(self, endpoint: str) -> Hold:
-        """Keep requests to ``endpoint`` waiting until the returned hold is released."""
-        hold = self.holds[endpoint] = Hold()
-        return hold
-
-    def clear(self) -> None:
-        self.refused_report_keys.clear()
-        self.delay = 0.0
-        self.failures.clear()
-        self.tamper_secrets = False
-        self.delays.clear()
-        self.heartbeat_reconcile = 0
-        self.silent_stream = False
-        for hold in self.holds.values():
-            hold.release()
-        self.holds.clear()
-
-
-@attrs.define
-class NodeRecord:
-    """What the control plane holds for one node."""
-
-    metadata: dict[str, str] = attrs.field(factory=dict)
-    data: dict[str, dict[str, Any]] = attrs.field(factory=dict)
-    secrets: dict[str, tuple[bytes, int]] = attrs.field(factory=dict)
-    #: reports as the control plane has them: key -> entry
-    reports: dict[str, dict[str, Any]] = attrs.field(factory=dict)
-
-    def state_document(self) -> dict[str, Any]:
-        return {
-            "metadata": dict(self.metadata),
-            "data": [self.data[k] for k in sorted(self.data)],
-            "secret_refs": [{"key": k, "version": v} for k, (_, v) in sorted(self.secrets.items())],
-        }
-
-
-def example_record() -> NodeRecord:
-    """The example node of the Local Node API guide."""
-    return NodeRecord(
-        metadata={"node_id": EXAMPLE_NODE_ID, "region": "us-west-2", "role": "gateway"},
-        data={
-            "nginx.conf": {
-                "key": "nginx.conf",
-                "content_type": "text/plain",
-                "payload": "server {\n    listen 80;\n    location / { proxy_pass http://10.0.0.5:8080; }\n}\n",
-                "version": 3,
-                "updated_at": "2025-06-01T12:00:00Z",
-            },
-            "routes.json": {
-                "key": "routes.json",
-                "content_type": "application/json",
-                "payload": {"default_backend": "10.0.0.5:8080"},
-                "version": 1,
-                "updated_at": "2025-06-01T12:34:56Z",
-            },
-        },
-        secrets={
-            "tls/server.key": (b"-----BEGIN PRIVATE KEY-----\nexample\n-----END PRIVATE KEY-----\n", 1),
-            "db/password": (b"s3cret-p@ssw0rd", 2),
-        },
-    )
+#: Called on every event stream opened: (simulator, stream, node).
+StreamHook = Callable[["ControlPlaneSimulator", "EventStreamResponse", NodeCredentials], None]
 
 
 class ControlPlaneSimulator:
-    """The control plane of one node, faithful to control-plane.md."""
+    """A control plane for plexd nodes, faithful to docs/control-plane.md."""
 
-    app = Klein()
-
-    def __init__(
-        self,
-        node_id: str,
-        token: str,
-        nsk: bytes,
-        record: NodeRecord,
-        signing_key: Any = None,
-        keepalive: float = 15.0,
-        stream_retry_ms: int | None = None,
-    ) -> None:
-        self.node_id = node_id
-        self.token = token
-        self.nsk = nsk
-        self.node = record
+    def __init__(self, record: NodeRecord | None = None, *, protocol: str = "plexd",
+                 node_id: str = EXAMPLE_NODE_ID, nsk_text: str | None = None,
+                 bootstrap_tokens: list[str] | None = None, tokens: int = 1,
+                 signing_key: Ed25519PrivateKey | None = None, keepalive: float = 15.0) -> None:
+        if protocol != "plexd":
+            raise ValueError(f"the simulator serves the plexd protocol only, not {protocol!r}")
+        self.protocol = protocol
+        self.node = record if record is not None else NodeRecord()
         self.faults = Faults()
-        self.report_posts: list[dict[str, Any]] = []
-        #: report batches refused because of ``faults.refuse_report_key``
-        self.refused_report_posts: list[dict[str, Any]] = []
-        self.heartbeats: list[dict[str, Any]] = []
-        self.requests: list[tuple[str, str]] = []
-        #: (reactor time, endpoint) of every request, for timing assertions
-        self.request_times: list[tuple[float, str]] = []
-        self._port: IListeningPort | None = None
-        self._portnum = 0
-        self._reactor: Any = None
-        self._site: Any = None
-        self._box = SecretBox(nsk)
-        #: Ed25519PrivateKey signing envelopes (None: envelopes unsigned)
-        self.signing_key = signing_key
-        #: seconds between keep-alive comments on open streams
+        self.example_node = NodeCredentials(node_id, nsk_text or new_nsk(), mesh_ip="10.99.0.1")
+        self.nodes: dict[str, NodeCredentials] = {node_id: self.example_node}
+        self._current = self.example_node
+        self._node_numbers = itertools.count(1)
+        #: bootstrap token -> registrations it still allows
+        self._tokens: dict[str, int] = {}
+        self.bootstrap_tokens: list[str] = []
+        for given in bootstrap_tokens if bootstrap_tokens is not None else ["" for _ in range(tokens)]:
+            self.issue_bootstrap_token(token=given or None)
+        self.signing_key = signing_key or Ed25519PrivateKey.generate()
+        self.previous_key: Ed25519PrivateKey | None = None
+        #: when the previous key stops verifying (seconds since the epoch)
+        self.transition_expires: float | None = None
         self.keepalive = keepalive
-        #: ``retry:`` (ms) announced at the start of every stream
-        self.stream_retry_ms = stream_retry_ms
-        #: every event published: (event_id, SSE frame bytes)
-        self.events: list[tuple[str, bytes]] = []
-        #: the Last-Event-ID header of every stream request ("" when absent)
+        # records
+        self.registrations: list[dict[str, Any]] = []
+        self.heartbeats: list[Any] = []
+        #: accepted report batches, lists normalised (null -> [])
+        self.report_posts: list[dict[str, Any]] = []
+        #: accepted report batches exactly as sent (null kept)
+        self.raw_report_posts: list[Any] = []
+        self.refused_report_posts: list[Any] = []
+        self.drift_reports: list[Any] = []
+        self.deregistrations: list[str] = []
+        #: what the simulator found wrong in what an agent sent
+        self.violations: list[str] = []
+        self.requests: list[tuple[str, str]] = []
+        #: (reactor time, endpoint) of every request
+        self.request_times: list[tuple[float, str]] = []
+        #: the Last-Event-ID of every stream request ("" when absent)
         self.stream_requests: list[str] = []
-        self._streams: list[_EventStream] = []
+        #: every event published: (event id, SSE frame)
+        self.events: list[tuple[str, bytes]] = []
+        self.stream_hooks: list[StreamHook] = []
+        #: called after each registration is answered: (simulator, node)
+        self.registration_hooks: list[Callable[["ControlPlaneSimulator", NodeCredentials], None]] = []
+        self._streams: list[EventStreamResponse] = []
         self._event_ids = itertools.count(1)
         self._last_nonce = ""
+        self._routes = PlexdRoutes(self)
+        self._port: IListeningPort | None = None
+        self._portnum = 0
+        self._host = "127.0.0.1"
+        self._reactor: Any = None
+        self._site: Any = None
 
     @classmethod
-    def example(
-        cls, token: str = "node-token-example", nsk: bytes | None = None, **options: Any
-    ) -> "ControlPlaneSimulator":
-        return cls(EXAMPLE_NODE_ID, token, nsk if nsk is not None else os.urandom(32), example_record(), **options)
+    def example(cls, protocol: str = "plexd", **options: Any) -> "ControlPlaneSimulator":
+        """The guide's example node, pre-registered, and one bootstrap token for enrolling."""
+        return cls(example_record(), protocol=protocol, **options)
+
+    # -- credentials -------------------------------------------------------
 
     @property
-    def public_key_b64(self) -> str:
-        """The signing key's public half as control_plane.signing_public_key wants it."""
-        from cryptography.hazmat.primitives import serialization
+    def node_id(self) -> str:
+        """The current node: the last one registered, else the pre-registered one."""
+        return self._current.node_id
 
-        raw = self.signing_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        return base64.b64encode(raw).decode("ascii")
+    @property
+    def token(self) -> str:
+        """The current node's bearer: its NSK text."""
+        return self._current.nsk_text
+
+    @property
+    def nsk(self) -> bytes:
+        """The current node's AES key (its NSK's bytes)."""
+        return self._current.nsk_text.encode()
 
     @property
     def nsk_b64(self) -> str:
         return base64.b64encode(self.nsk).decode("ascii")
 
     @property
+    def bootstrap_token(self) -> str:
+        return self.bootstrap_tokens[0]
+
+    @property
+    def public_key_b64(self) -> str:
+        return public_b64(self.signing_key)
+
+    def issue_bootstrap_token(self, uses: int = 1, token: str | None = None) -> str:
+        token = token or secrets.token_urlsafe(32)
+        self._tokens[token] = uses
+        self.bootstrap_tokens.append(token)
+        return token
+
+    def use_bootstrap_token(self, token: str) -> bool:
+        left = self._tokens.get(token, 0)
+        if left <= 0:
+            return False
+        self._tokens[token] = left - 1
+        return True
+
+    def register_node(self, public_key: str) -> NodeCredentials:
+        number = next(self._node_numbers)
+        node = NodeCredentials(f"node-{number}", new_nsk(), mesh_ip=f"10.99.1.{number % 250 + 1}",
+                               public_key=public_key)
+        self.nodes[node.node_id] = node
+        self._current = node
+        return node
+
+    def signing_keys_document(self) -> dict[str, str]:
+        doc = {"current": self.public_key_b64}
+        if self.previous_key is not None:
+            doc["previous"] = public_b64(self.previous_key)
+            if self.transition_expires is not None:
+                doc["transition_expires"] = self._go_time(self.transition_expires)
+        return doc
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._portnum}"
+        return f"http://{self._host}:{self._portnum}"
 
     @property
     def port(self) -> int:
         return self._portnum
 
-    # -- lifecycle -------------------------------------------------------
+    def now(self) -> float:
+        import time
 
-    async def start(self, reactor: Any, port: int = 0) -> None:
-        """Listen on 127.0.0.1 (``port`` 0: any free port, remembered)."""
+        return cast(float, self._reactor.seconds()) if self._reactor is not None else time.time()
+
+    def _go_time(self, seconds: float) -> str:
+        return GoTime.from_unix_ns(round(seconds * 1e9)).marshal().decode("ascii")
+
+    async def start(self, reactor: Any, port: int = 0, host: str = "127.0.0.1") -> None:
+        """Listen on ``host`` (``port`` 0: any free port, kept for the next start)."""
         self._reactor = reactor
-        site = _TrackingSite(self.app.resource())
+        self._host = host
+        site = _TrackingSite(self._routes.resource())
         self._site = site
-        endpoint = endpoints.TCP4ServerEndpoint(reactor, port or self._portnum, interface="127.0.0.1")
+        endpoint = endpoints.TCP4ServerEndpoint(reactor, port or self._portnum, interface=host)
         self._port = await endpoint.listen(site)
         self._portnum = cast(Any, self._port.getHost()).port
 
     async def stop(self) -> None:
-        """Stop listening (``go down``); ``start`` again comes back on the same port."""
+        """Go down: stop listening and cut every connection; ``start`` comes back on the same port."""
         for stream in list(self._streams):
             stream.close()
         if self._port is not None:
             port, self._port = self._port, None
             await defer.maybeDeferred(port.stopListening)
-            # Also cut connections the agent holds open (pooled, streams).
             for channel in list(self._site.channels):
-                # Site builds a protocol that wraps the HTTP channel; the
-                # transport is on the inner one.
                 inner = getattr(channel, "_channel", channel)
                 transport = getattr(inner, "transport", None)
                 if transport is not None:
                     transport.abortConnection()
 
-    # -- control-plane side changes --------------------------------------
+    # -- request plumbing (for the protocol's routes) ---------------------------
 
-    def set_secret(self, key: str, plaintext: bytes, version: int) -> None:
-        self.node.secrets[key] = (plaintext, version)
+    def record_request(self, request: IRequest, endpoint: str) -> None:
+        self.requests.append((endpoint, request.method.decode()))
+        self.request_times.append((self.now(), endpoint))
+
+    async def delayed(self, value: bytes, endpoint: str = "") -> bytes:
+        delay = self.faults.delay + self.faults.delays.get(endpoint, 0.0)
+        if delay > 0:
+            await task.deferLater(self._reactor, delay, lambda: None)
+        hold = self.faults.holds.get(endpoint)
+        if hold is not None:
+            await hold.wait(endpoint)
+        return value
+
+    def open_stream(self, request: IRequest, node: NodeCredentials) -> Any:
+        last_id = (request.getHeader(b"last-event-id") or b"").decode("utf-8", "replace")
+        self.stream_requests.append(last_id)
+        node.streams += 1
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache")
+        stream = EventStreamResponse(self, request)
+        self._streams.append(stream)
+        opening = b": stream open\n\n"
+        if last_id:
+            ids = [eid for eid, _ in self.events]
+            if last_id in ids:
+                opening += b"".join(f for _, f in self.events[ids.index(last_id) + 1:])
+        delay = self.faults.delay + self.faults.delays.get("events", 0.0)
+        if delay > 0:
+            # Slow: no response headers until the delay has passed.
+            stream.pending = self._reactor.callLater(delay, stream.send, opening, True)
+        else:
+            stream.send(opening, force=True)
+        for hook in list(self.stream_hooks):
+            hook(self, stream, node)
+        return stream.done
+
+    # -- the control plane's side ----------------------------------------------
 
     def reported(self) -> dict[str, dict[str, Any]]:
         """The reports as the control plane now holds them."""
         return self.node.reports
 
-    # -- the event stream ------------------------------------------------
+    def set_metadata(self, metadata: dict[str, str]) -> None:
+        self.node.metadata = dict(metadata)
+
+    def set_data(self, key: str, payload: Any, version: int, content_type: str = "application/json") -> None:
+        self.node.data[key] = {"key": key, "content_type": content_type, "payload": payload, "version": version,
+                               "updated_at": self._go_time(self.now())}
+
+    def set_secret(self, key: str, plaintext: bytes, version: int) -> None:
+        self.node.secrets[key] = (plaintext, version)
+
+    def push_state(self, key: str = "current") -> str:
+        """
+        Tell the nodes of the state now held (a signed ``node_state_updated``),
+        signed with the ``current`` or the ``previous`` signing key.
+        """
+        doc = self.node.state_document()
+        signer = self.previous_key if key == "previous" else None
+        return self.publish("node_state_updated", {"metadata": doc["metadata"], "data": doc["data"]}, apply=False,
+                            sign_with=signer)
+
+    def push_secret_index(self) -> str:
+        return self.publish("node_secrets_updated", {"secret_refs": self.node.state_document()["secret_refs"]})
+
+    def rotate_signing_key(self, via: str = "event", transition: float = 3600.0) -> str:
+        """
+        Sign with a new key from now on; the old one stays valid for
+        ``transition`` seconds. ``via``: "event" (a ``signing_key_rotated``
+        signed with the old key), "state" (only the next state fetch names
+        it) or "both". Returns the new public key.
+        """
+        new = Ed25519PrivateKey.generate()
+        self.previous_key, self.signing_key = self.signing_key, new
+        self.transition_expires = self.now() + transition
+        if via in ("event", "both"):
+            keys = self.signing_keys_document()
+            self.publish("signing_key_rotated", keys, sign_with=self.previous_key)
+        return self.public_key_b64
+
+    def inject_event_fault(self, kind: str) -> str:
+        """
+        Publish a forged ``node_state_updated`` that must be dropped (its
+        metadata says ``{"forged": "yes"}``): bad_signature,
+        missing_signature, stale, future, unknown_key, malformed, replay.
+        """
+        forged = {"metadata": {"forged": "yes"}, "data": []}
+        faults: dict[str, dict[str, Any]] = {
+            "bad_signature": {"bad_signature": True}, "missing_signature": {"signature": ""},
+            "stale": {"issued_offset": -301.0}, "future": {"issued_offset": 301.0},
+            "unknown_key": {"sign_with": Ed25519PrivateKey.generate()}, "replay": {"replay_nonce": True},
+            "malformed": {"raw_data": b'{"event_type":"node_state_updated","event_id":'},
+        }
+        options = faults[kind]
+        return self.publish("node_state_updated", forged, apply=False, **options)
+
+    # -- the event stream ----------------------------------------------------
 
     @property
     def open_streams(self) -> int:
         return len(self._streams)
 
-    def _now(self) -> float:
-        import time
-
-        return self._reactor.seconds() if self._reactor is not None else time.time()
-
-    def issued_at(self, offset: float = 0.0) -> str:
-        """An RFC 3339 timestamp ``offset`` seconds from now (by the simulator's reactor)."""
-        moment = datetime.datetime.fromtimestamp(self._now() + offset, datetime.timezone.utc)
-        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-    def publish(
-        self,
-        event_type: str,
-        payload: dict[str, Any],
-        *,
-        apply: bool = True,
-        issued_at: str | None = None,
-        nonce: str | None = None,
-        replay_nonce: bool = False,
-        bad_signature: bool = False,
-    ) -> str:
+    def publish(self, event_type: str, payload: Any = None, *, payload_raw: bytes | None = None,
+                apply: bool = True, issued_offset: float = 0.0, issued: GoTime | None = None,
+                wire_issued_at: bytes | None = None,
+                nonce: str | None = None, replay_nonce: bool = False, sign_with: Ed25519PrivateKey | None = None,
+                bad_signature: bool = False, signature: str | None = None, raw_data: bytes | None = None) -> str:
         """
-        Send one event to every open stream (and keep it for Last-Event-ID
-        replays); returns its event id. With ``apply`` a
-        ``node_state_updated`` event also changes what a state fetch answers. ``issued_at``,
-        ``nonce``/``replay_nonce`` and ``bad_signature`` forge faulty
-        envelopes.
+        Send one signed event to every open stream (kept for Last-Event-ID
+        replays); returns its id. ``payload`` is written as Go marshals it
+        (``payload_raw``: these bytes instead). With ``apply`` a
+        ``node_state_updated`` also changes what a state fetch answers.
+        Forgeries: see ``plexd_envelope``; ``replay_nonce`` reuses the last
+        nonce; ``raw_data`` sends those bytes as the event's data.
         """
         event_id = str(next(self._event_ids))
-        if replay_nonce:
-            nonce = self._last_nonce
-        nonce = nonce if nonce is not None else base64.b64encode(os.urandom(16)).decode("ascii")
-        self._last_nonce = nonce
-        issued_at = issued_at if issued_at is not None else self.issued_at()
-        if self.signing_key is not None:
-            envelope = sign_envelope(self.signing_key, event_type, event_id, issued_at, nonce, payload)
+        if raw_data is not None:
+            wire = raw_data
         else:
-            envelope = {"event_type": event_type, "event_id": event_id, "issued_at": issued_at,
-                        "nonce": nonce, "payload": payload, "signature": ""}
-        if bad_signature:
-            raw = bytearray(base64.b64decode(envelope["signature"]) or b"\0" * 64)
-            raw[0] ^= 0x01
-            envelope["signature"] = base64.b64encode(bytes(raw)).decode("ascii")
-        if apply and event_type == "node_state_updated":
-            self.node.metadata = dict(payload["metadata"])
-            self.node.data = {e["key"]: e for e in payload["data"]}
-        frame = (
-            f"id: {event_id}\nevent: {event_type}\ndata: "
-            + json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
-            + "\n\n"
-        ).encode("utf-8")
-        self.events.append((event_id, frame))
+            if payload_raw is None:
+                payload_raw = gojson.marshal(payload)
+            wire, nonce = plexd_envelope(self, event_type, event_id, payload_raw, issued_offset=issued_offset,
+                                         issued=issued, wire_issued_at=wire_issued_at,
+                                         nonce=self._last_nonce if replay_nonce else nonce, sign_with=sign_with,
+                                         bad_signature=bad_signature, signature=signature)
+            self._last_nonce = nonce
+        if apply and event_type == "node_state_updated" and isinstance(payload, dict):
+            self.node.metadata = dict(payload.get("metadata") or {})
+            self.node.data = {e["key"]: e for e in payload.get("data") or []}
+        data = frame(event_id, event_type, wire)
+        self.events.append((event_id, data))
         for stream in list(self._streams):
-            stream.send(frame)
+            stream.send(data)
         return event_id
 
     def send_raw(self, data: bytes) -> None:
@@ -362,15 +369,19 @@ class ControlPlaneSimulator:
     def send_garbage(self) -> None:
         """Lines no event-stream parser should choke on, ending in a blank line."""
         self.send_raw(
-            b"garbage without a colon\r\n"
+            b"garbage without a colon\n"
             b"\xff\xfe\x00 binary \x80\x81\n"
-            b"unknownfield: value\r"
+            b"unknownfield: value\r\n"
             b"retry: not-a-number\n"
             b"data: {not json at all\n"
             b"\n"
             b"event: node_state_updated\ndata: {\"event_type\": 1}\n\n"
             + b"x" * 5000 + b"\n\n"
         )
+
+    def send_overlong_line(self) -> None:
+        """A line longer than plexd's parser takes (65535 bytes): the stream must end."""
+        self.send_raw(b"data: " + b"x" * 70000 + b"\n\n")
 
     def drop_streams(self, mid_event: bool = False) -> None:
         """Cut every open stream, after half an event when ``mid_event``."""
@@ -379,132 +390,8 @@ class ControlPlaneSimulator:
                 stream.send(b"id: 999999\nevent: node_state_updated\ndata: {\"event_type\":\"node_st")
             stream.close()
 
-    # -- request plumbing ------------------------------------------------
 
-    def _check(self, request: IRequest, endpoint: str, node_id: str) -> Any:
-        self.requests.append((endpoint, request.method.decode()))
-        self.request_times.append((self._now(), endpoint))
-        auth = request.getHeader(b"authorization") or b""
-        if auth != b"Bearer " + self.token.encode():
-            return self._json(request, {"error": "unauthorized"}, 401)
-        if node_id != self.node_id:
-            return self._json(request, {"error": "unknown node"}, 404)
-        failure = self.faults.failures.get(endpoint)
-        if failure is not None and failure.times > 0:
-            failure.times -= 1
-            if failure.retry_after is not None:
-                request.setHeader(b"retry-after", str(failure.retry_after).encode())
-            return self._json(request, {"error": "injected failure"}, failure.status)
-        return None
-
-    def _json(self, request: IRequest, value: Any, code: int = 200) -> bytes:
-        request.setResponseCode(code)
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(value).encode()
-
-    async def _delayed(self, value: bytes, endpoint: str = "") -> bytes:
-        delay = self.faults.delay + self.faults.delays.get(endpoint, 0.0)
-        if delay > 0:
-            await task.deferLater(self._reactor, delay, lambda: None)
-        hold = self.faults.holds.get(endpoint)
-        if hold is not None:
-            await hold.wait(endpoint)
-        return value
-
-    @app.route("/v1/nodes/<node_id>/state", methods=["GET"])
-    async def state(self, request: IRequest, node_id: str) -> bytes:
-        refused = self._check(request, "state", node_id)
-        if refused is not None:
-            return refused
-        return await self._delayed(self._json(request, self.node.state_document()), "state")
-
-    @app.route("/v1/nodes/<node_id>/secrets/<path:key>", methods=["GET"])
-    async def secret(self, request: IRequest, node_id: str, key: str) -> bytes:
-        refused = self._check(request, "secret", node_id)
-        if refused is not None:
-            return refused
-        if key not in self.node.secrets:
-            return self._json(request, {"error": "not found"}, 404)
-        plaintext, version = self.node.secrets[key]
-        ciphertext, nonce = self._box.encrypt(plaintext, os.urandom(12))
-        if self.faults.tamper_secrets:
-            raw = bytearray(base64.b64decode(ciphertext))
-            raw[0] ^= 0x01
-            ciphertext = base64.b64encode(bytes(raw)).decode()
-        body = {"key": key, "ciphertext": ciphertext, "nonce": nonce, "version": version}
-        return await self._delayed(self._json(request, body), "secret")
-
-    @app.route("/v1/nodes/<node_id>/report", methods=["POST"])
-    async def report(self, request: IRequest, node_id: str) -> bytes:
-        refused = self._check(request, "report", node_id)
-        if refused is not None:
-            return refused
-        try:
-            body = decode_json(request.content.read())
-            entries = body["entries"] or []
-            deleted = body["deleted"] or []
-            keys = [entry["key"] for entry in entries] + list(deleted)
-        except (ValueError, KeyError, TypeError):
-            return self._json(request, {"error": "bad report body"}, 400)
-        poisoned = [k for k in keys if k in self.faults.refused_report_keys]
-        if poisoned:
-            self.refused_report_posts.append(body)
-            return self._json(request, {"error": f"report {poisoned[0]} refused"},
-                              self.faults.refused_report_keys[poisoned[0]])
-        self.report_posts.append(body)
-        for entry in entries:
-            known = self.node.reports.get(entry["key"])
-            # A resend of the same (key, version) is a no-op.
-            if known is None or known["version"] < entry["version"]:
-                self.node.reports[entry["key"]] = entry
-        for key in deleted:
-            self.node.reports.pop(key, None)
-        return await self._delayed(self._json(request, {"ok": True}), "report")
-
-    @app.route("/v1/nodes/<node_id>/heartbeat", methods=["POST"])
-    async def heartbeat(self, request: IRequest, node_id: str) -> bytes:
-        refused = self._check(request, "heartbeat", node_id)
-        if refused is not None:
-            return refused
-        try:
-            body = json.loads(request.content.read())
-        except ValueError:
-            return self._json(request, {"error": "bad heartbeat body"}, 400)
-        self.heartbeats.append(body)
-        reconcile = self.faults.heartbeat_reconcile > 0
-        if reconcile:
-            self.faults.heartbeat_reconcile -= 1
-        return await self._delayed(self._json(request, {"reconcile": reconcile}), "heartbeat")
-
-    @app.route("/v1/nodes/<node_id>/events", methods=["GET"])
-    def events_stream(self, request: IRequest, node_id: str) -> Any:
-        refused = self._check(request, "events", node_id)
-        if refused is not None:
-            return refused
-        last_id = (request.getHeader(b"last-event-id") or b"").decode("utf-8", "replace")
-        self.stream_requests.append(last_id)
-        request.setResponseCode(200)
-        request.setHeader(b"content-type", b"text/event-stream")
-        request.setHeader(b"cache-control", b"no-cache")
-        stream = _EventStream(self, request)
-        self._streams.append(stream)
-        opening = b": stream open\n\n"
-        if self.stream_retry_ms is not None:
-            opening += f"retry: {self.stream_retry_ms}\n\n".encode()
-        if last_id:
-            ids = [eid for eid, _ in self.events]
-            if last_id in ids:
-                opening += b"".join(frame for _, frame in self.events[ids.index(last_id) + 1:])
-        delay = self.faults.delay + self.faults.delays.get("events", 0.0)
-        if delay > 0:
-            # Slow: no response headers until the delay has passed.
-            stream.pending = self._reactor.callLater(delay, stream.send, opening, True)
-        else:
-            stream.send(opening, force=True)
-        return stream.done
-
-
-class _EventStream:
+class EventStreamResponse:
     """One open event-stream response, with its keep-alive timer."""
 
     def __init__(self, sim: ControlPlaneSimulator, request: Any) -> None:
@@ -525,6 +412,12 @@ class _EventStream:
             return
         if self in self._sim._streams:
             self._request.write(data)
+
+    def end(self) -> None:
+        """End the response cleanly (the body is complete)."""
+        if self in self._sim._streams:
+            self._gone()
+            self._request.finish()
 
     def close(self) -> None:
         """Cut the connection (as a crash or a network drop would)."""

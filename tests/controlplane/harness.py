@@ -13,7 +13,6 @@ import tempfile
 from typing import Any, Callable
 
 import treq
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -87,29 +86,34 @@ def short_socket_dir() -> str:
 
 
 def agent_config_document(
-    base: str, sim: ControlPlaneSimulator, socket_dir: str | None = None, **control_plane: Any
+    base: str, sim: ControlPlaneSimulator, socket_dir: str | None = None, enroll: bool = True, **control_plane: Any
 ) -> dict[str, Any]:
-    """A config for an agent in directory ``base`` talking to ``sim``."""
+    """
+    A config for an agent in directory ``base`` talking to ``sim``: it
+    enrolls with a bootstrap token of its own (a restart uses the identity
+    it stored), or with ``enroll=False`` uses the simulator's pre-registered
+    node (``token_file`` and ``secret_key_file``).
+    """
     os.makedirs(base, exist_ok=True)
     socket_dir = socket_dir or base
-    cp = {
+    cp: dict[str, Any] = {
         "url": sim.url,
-        "token_file": write_private(os.path.join(base, "token"), sim.token + "\n"),
         "report_debounce": 0.05,
         "heartbeat_interval": 30.0,
         "reconcile_interval": 60.0,
         "request_timeout": 2.0,
     }
-    if sim.signing_key is not None:
-        cp["signing_public_key"] = sim.public_key_b64
+    node: dict[str, Any] = {"data_dir": os.path.join(base, "data"), "shutdown_timeout": 1.0}
+    if enroll:
+        cp["bootstrap_token_file"] = write_private(os.path.join(base, "bootstrap-token"),
+                                                   sim.issue_bootstrap_token() + "\n")
+    else:
+        node["id"] = sim.example_node.node_id
+        node["secret_key_file"] = write_private(os.path.join(base, "nsk"), sim.example_node.nsk_text)
+        cp["token_file"] = write_private(os.path.join(base, "token"), sim.example_node.nsk_text + "\n")
     cp.update(control_plane)
     return {
-        "node": {
-            "id": sim.node_id,
-            "data_dir": os.path.join(base, "data"),
-            "secret_key_file": write_private(os.path.join(base, "nsk"), sim.nsk_b64),
-            "shutdown_timeout": 1.0,
-        },
+        "node": node,
         "control_plane": cp,
         "node_api": {"socket": os.path.join(socket_dir, "api.sock"), "socket_group": "", "secrets_group": ""},
         "agent_api": {"enabled": False},
@@ -117,13 +121,15 @@ def agent_config_document(
 
 
 class AgentTestCase(unittest.TestCase):
-    """Starts a signing simulator; ``start_agent`` runs an agent against it."""
+    """Starts a simulator; ``start_agent`` runs an agent against it."""
 
     timeout = 60
 
     async def start_sim(self, **options: Any) -> ControlPlaneSimulator:
-        options.setdefault("signing_key", Ed25519PrivateKey.generate())
-        sim = ControlPlaneSimulator.example(**options)
+        """The simulator of this test's protocol (``self.protocol``, set by ``for_each_protocol``; else plexd)."""
+        from tests.controlplane.protocols import PLEXD
+
+        sim = getattr(self, "protocol", PLEXD).simulator(**options)
         await sim.start(reactor)
         self.addCleanup(lambda: defer.ensureDeferred(sim.stop()))
         return sim

@@ -16,6 +16,7 @@ from twisted.python import procutils
 
 from plexagent.testing.simulator import ControlPlaneSimulator
 from tests.controlplane.harness import AgentTestCase, SocketClient, agent_config_document, eventually, short_socket_dir
+from tests.controlplane.protocols import for_each_protocol
 
 WORKTREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -91,7 +92,9 @@ class Storm:
         )
 
 
-class CrashTests(AgentTestCase):
+@for_each_protocol()
+class CrashTests:
+    testcase_base = AgentTestCase
     timeout = 180
 
     def setUp(self) -> None:
@@ -189,8 +192,8 @@ class CrashTests(AgentTestCase):
                       f"e.g. {missing[:5]}; {len(sim.report_posts)} posts received")
 
     def assertNoSecretsIn(self, sim: ControlPlaneSimulator, output: bytes) -> None:
-        self.assertNotIn(sim.token.encode(), output)
-        self.assertNotIn(sim.nsk_b64.encode(), output)
+        for secret in [sim.token, sim.nsk_b64, *sim.bootstrap_tokens]:
+            self.assertNotIn(secret.encode(), output)
 
     async def test_sigkill_during_a_storm_loses_no_acknowledged_change(self) -> None:
         sim = await self.start_sim()
@@ -201,15 +204,19 @@ class CrashTests(AgentTestCase):
         self.assertGreater(len(storm.acked_deletes), 0)
         await self.kill(restarted)
         self.assertNoSecretsIn(sim, process[1].output + restarted[1].output)
+        self.assertEqual(len(sim.registrations), 1)  # enrolled once, whatever the restarts
 
     async def test_sigkill_before_any_sync_sends_everything_after_restart(self) -> None:
         sim = await self.start_sim()
         process, client = await self.launch(sim, report_debounce=300.0)
+        # Enrolled (changes made before it are sent at once, as after a restart).
+        await eventually(lambda: sim.open_streams == 1, timeout=30, what="agent enrolled and connected")
         storm = await self.storm_then_kill(client, process, acks=300)
         self.assertEqual(sim.report_posts, [])
         restarted, client = await self.launch(sim, report_debounce=300.0)
         await self.assertDelivered(sim, storm)
         await self.kill(restarted)
+        self.assertEqual(len(sim.registrations), 1)
 
     async def test_sigkill_during_a_control_plane_outage_loses_nothing(self) -> None:
         sim = await self.start_sim()
@@ -224,3 +231,4 @@ class CrashTests(AgentTestCase):
         final, client = await self.launch(sim, report_debounce=0.05)
         await self.assertDelivered(sim, storm, more, timeout=90)
         await self.kill(final)
+        self.assertEqual(len(sim.registrations), 1)

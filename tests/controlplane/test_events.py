@@ -1,28 +1,12 @@
-"""The SSE parser and envelope verification (docs/control-plane.md, Event stream)."""
+"""The SSE parser: plexd's reading of an event stream (docs/control-plane.md, Event stream)."""
 
 from __future__ import annotations
 
-import base64
-import json
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import task
 from twisted.trial import unittest
 
-from plexagent.controlplane.events import (
-    EnvelopeVerifier,
-    NonceMemory,
-    RejectedEnvelope,
-    ServerSentEvent,
-    SSEParser,
-    canonical_json,
-    parse_public_key,
-    sign_envelope,
-    signed_message,
-)
+from plexagent.controlplane.events import ServerSentEvent, SSEParser, header_safe_id
 
 NOW = 1_780_000_000.0  # 2026-05-28T...Z
 
@@ -35,85 +19,91 @@ def feed_all(parser: SSEParser, *chunks: bytes) -> list[ServerSentEvent]:
 
 
 class SSEFramingTests(unittest.TestCase):
+    """plexd's parser, rule by rule (plexd-sse.json holds what plexd's own code yields)."""
+
     def test_one_event_with_id_and_type(self) -> None:
         events = SSEParser().feed(b"id: 7\nevent: node_state_updated\ndata: {}\n\n")
-        self.assertEqual(events, [ServerSentEvent(data="{}", event="node_state_updated", id="7")])
+        self.assertEqual(events, [ServerSentEvent(data=b"{}", type=b"node_state_updated", id=b"7")])
 
     def test_multi_line_data_is_joined_with_newlines(self) -> None:
-        events = SSEParser().feed(b"data: one\ndata: two\ndata:three\n\n")
-        self.assertEqual([e.data for e in events], ["one\ntwo\nthree"])
+        events = SSEParser().feed(b"data: one\ndata: two\ndata:three\ndata\n\n")
+        self.assertEqual([e.data for e in events], [b"one\ntwo\nthree\n"])
 
     def test_event_type_defaults_to_message(self) -> None:
-        self.assertEqual(SSEParser().feed(b"data: x\n\n")[0].event, "message")
+        self.assertEqual(SSEParser().feed(b"data: x\n\n")[0].type, b"message")
 
-    def test_crlf_lf_and_cr_line_ends_are_equivalent(self) -> None:
-        for sep in (b"\r\n", b"\n", b"\r"):
-            events = SSEParser().feed(b"id: 1" + sep + b"data: a" + sep + sep)
-            self.assertEqual(events, [ServerSentEvent(data="a", id="1")], sep)
+    def test_lines_end_at_lf_and_one_cr_before_it_is_dropped(self) -> None:
+        self.assertEqual(SSEParser().feed(b"data: a\r\n\r\n")[0].data, b"a")
 
-    def test_crlf_split_across_reads_is_one_line_end(self) -> None:
-        events = feed_all(SSEParser(), b"data: a\r", b"\n\r", b"\n")
-        self.assertEqual([e.data for e in events], ["a"])
+    def test_a_lone_cr_is_not_a_line_end(self) -> None:
+        events = SSEParser().feed(b"data: a\rb\n\n")
+        self.assertEqual([e.data for e in events], [b"a\rb"])
 
     def test_comments_are_keepalives_and_dispatch_nothing(self) -> None:
         self.assertEqual(SSEParser().feed(b": keep-alive\n\n:\n\n"), [])
 
-    def test_retry_sets_reconnect_delay_only_when_digits(self) -> None:
-        parser = SSEParser()
-        parser.feed(b"retry: 2500\n\nretry: soon\n\n")
-        self.assertEqual(parser.retry, 2500)
+    def test_retry_is_ignored(self) -> None:
+        self.assertEqual(SSEParser().feed(b"retry: 2500\n\n"), [])
 
-    def test_id_persists_to_following_events_and_is_remembered(self) -> None:
+    def test_an_id_belongs_to_its_block_and_is_remembered_when_it_dispatches(self) -> None:
         parser = SSEParser()
         events = parser.feed(b"id: 4\ndata: a\n\ndata: b\n\n")
-        self.assertEqual([e.id for e in events], ["4", "4"])
-        self.assertEqual(parser.last_event_id, "4")
+        self.assertEqual([e.id for e in events], [b"4", b""])
+        self.assertEqual(parser.last_event_id, b"4")
 
-    def test_id_with_nul_is_ignored(self) -> None:
+    def test_an_id_in_a_block_without_data_is_forgotten_and_an_empty_id_clears_nothing(self) -> None:
         parser = SSEParser()
-        parser.feed(b"id: 1\n\nid: a\x00b\ndata: x\n\n")
-        self.assertEqual(parser.last_event_id, "1")
+        parser.feed(b"id: 1\ndata: x\n\nid: 2\n\nid:\ndata: y\n\n")
+        self.assertEqual(parser.last_event_id, b"1")
 
-    def test_event_without_data_is_not_dispatched(self) -> None:
-        self.assertEqual(SSEParser().feed(b"event: x\nid: 3\n\n"), [])
+    def test_field_names_are_case_sensitive(self) -> None:
+        self.assertEqual(SSEParser().feed(b"Data: x\n\n"), [])
 
     def test_incomplete_event_is_held_until_blank_line(self) -> None:
         parser = SSEParser()
         self.assertEqual(parser.feed(b"data: {\"a\""), [])
         self.assertEqual(parser.feed(b": 1}\n"), [])
-        self.assertEqual([e.data for e in parser.feed(b"\n")], ['{"a": 1}'])
+        self.assertEqual([e.data for e in parser.feed(b"\n")], [b'{"a": 1}'])
 
-    def test_leading_bom_is_stripped(self) -> None:
-        self.assertEqual(SSEParser().feed(b"\xef\xbb\xbfdata: x\n\n")[0].data, "x")
+    def test_a_leading_bom_is_not_stripped(self) -> None:
+        self.assertEqual(SSEParser().feed(b"\xef\xbb\xbfdata: x\n\n"), [])
 
-    def test_invalid_utf8_is_replaced_not_fatal(self) -> None:
-        events = SSEParser().feed(b"data: \xff\xfe\n\ndata: ok\n\n")
-        self.assertEqual([e.data for e in events], ["\ufffd\ufffd", "ok"])
+    def test_data_is_bytes_as_sent(self) -> None:
+        self.assertEqual(SSEParser().feed(b"data: \xff\xfe\n\n")[0].data, b"\xff\xfe")
 
-    def test_overlong_line_drops_its_event_and_stream_goes_on(self) -> None:
-        parser = SSEParser(max_line=64)
-        events = feed_all(parser, b"data: " + b"x" * 100, b"y" * 1000, b"\n\n", b"data: fine\n\n")
-        self.assertEqual([e.data for e in events], ["fine"])
-        self.assertEqual(parser.dropped, 1)
+    def test_a_line_of_65535_bytes_passes(self) -> None:
+        events = SSEParser().feed(b"data:" + b"x" * 65530 + b"\n\n")
+        self.assertEqual(len(events[0].data), 65530)
 
-    def test_buffered_partial_line_never_exceeds_the_line_limit(self) -> None:
-        parser = SSEParser(max_line=64)
-        for _ in range(1000):
-            parser.feed(b"z" * 50)
-        self.assertLessEqual(len(parser._buffer), 64)
+    def test_a_longer_line_ends_the_stream_and_nothing_after_it_is_read(self) -> None:
+        parser = SSEParser()
+        events = feed_all(parser, b"data: a\n\ndata:", b"x" * 65531, b"\n\ndata: b\n\n")
+        self.assertEqual([e.data for e in events], [b"a"])
+        self.assertTrue(parser.overflow)
+        self.assertEqual(parser.feed(b"data: c\n\n"), [])
 
-    def test_oversized_event_is_dropped(self) -> None:
-        parser = SSEParser(max_line=100, max_event=200)
-        events = parser.feed(b"data: " + b"a" * 90 + b"\n" * 1 + (b"data: " + b"b" * 90 + b"\n") * 5 + b"\ndata: next\n\n")
-        self.assertEqual([e.data for e in events], ["next"])
-        self.assertLessEqual(sum(len(d) for d in parser._data), 200)
+    def test_an_unterminated_line_past_the_limit_ends_the_stream_without_buffering_it(self) -> None:
+        parser = SSEParser()
+        for _ in range(100):
+            parser.feed(b"z" * 1000)
+        self.assertTrue(parser.overflow)
+        self.assertEqual(parser._buffer, b"")
+
+    def test_an_event_whose_data_passes_the_limit_is_dispatched_as_too_large_without_its_data(self) -> None:
+        parser = SSEParser(max_data=200)
+        events = parser.feed((b"data: " + b"b" * 90 + b"\n") * 5 + b"\ndata: next\n\n")
+        self.assertEqual([(e.too_large, e.data) for e in events], [(True, b""), (False, b"next")])
+
+    def test_header_safe_ids(self) -> None:
+        self.assertEqual(header_safe_id(b"evt-7"), "evt-7")
+        self.assertEqual(header_safe_id("ü".encode()), "ü")
+        for raw in (b"a\rb", b"a\x00", b"\xff", b"a\x7f"):
+            self.assertEqual(header_safe_id(raw), "", raw)
 
 
 # -- property tests ------------------------------------------------------
 
-_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x00"), max_size=40
-)
+_text = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b""))
 _events = st.lists(
     st.tuples(
         st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12),
@@ -122,15 +112,13 @@ _events = st.lists(
     ),
     max_size=8,
 )
-_line_end = st.sampled_from([b"\n", b"\r\n", b"\r"])
+_line_end = st.sampled_from([b"\n", b"\r\n"])
 # Garbage that is valid framing-wise but carries no event: comments, unknown
 # fields, blank lines, lines of bytes without a colon.
 _garbage = st.lists(
     st.one_of(
-        st.binary(max_size=30).map(lambda b: b":" + b.replace(b"\r", b"").replace(b"\n", b"")),
-        st.binary(max_size=30).map(
-            lambda b: b"x-" + b.replace(b"\r", b"").replace(b"\n", b"").replace(b":", b"")
-        ),
+        st.binary(max_size=30).map(lambda b: b":" + b.replace(b"\n", b"")),
+        st.binary(max_size=30).map(lambda b: b"x-" + b.replace(b"\n", b"").replace(b":", b"")),
         st.just(b"retry: nope"),
         st.just(b""),
     ),
@@ -142,19 +130,18 @@ _garbage = st.lists(
 def streams(draw: st.DrawFn) -> tuple[bytes, list[ServerSentEvent]]:
     expected = []
     out = bytearray()
-    # One line-end style per stream: a CR line end followed by an LF one
-    # would rightly read as a single CRLF.
-    eol = draw(_line_end)
     for event_type, event_id, lines in draw(_events):
+        eol = draw(_line_end)
         for junk in draw(_garbage):
             out += junk + eol
         out += eol  # ends any event the garbage began (it has no data)
-        end = eol
-        out += b"id: " + event_id.encode() + end + b"event: " + event_type.encode() + end
+        out += b"id: " + event_id.encode() + eol + b"event: " + event_type.encode() + eol
         for line in lines:
-            out += b"data: " + line.encode("utf-8") + eol
+            # A CR ending the data would be taken as part of a CRLF.
+            out += b"data: " + line + (b" " if line.endswith(b"\r") else b"") + eol
         out += eol
-        expected.append(ServerSentEvent(data="\n".join(lines), event=event_type, id=event_id))
+        data = b"\n".join(line + (b" " if line.endswith(b"\r") else b"") for line in lines)
+        expected.append(ServerSentEvent(data=data, type=event_type.encode(), id=event_id.encode()))
     return bytes(out), expected
 
 
@@ -180,12 +167,12 @@ class SSEPropertyTests(unittest.TestCase):
     @settings(max_examples=200, deadline=None)
     @given(st.lists(st.binary(max_size=200), max_size=30))
     def test_arbitrary_bytes_never_raise_and_stay_bounded(self, chunks: list[bytes]) -> None:
-        parser = SSEParser(max_line=128, max_event=512)
+        parser = SSEParser(max_data=512)
         for chunk in chunks:
             for event in parser.feed(chunk):
                 self.assertLessEqual(len(event.data), 512)
-        self.assertLessEqual(len(parser._buffer), 128)
-        self.assertLessEqual(parser._data_size, 512 + 129)
+        self.assertLessEqual(len(parser._buffer), 65535)
+        self.assertLessEqual(parser._size, 512 + 65536)
 
     @settings(max_examples=100, deadline=None)
     @given(streams(), st.binary(max_size=300), st.lists(st.integers(min_value=0, max_value=10_000), max_size=20))
@@ -195,148 +182,6 @@ class SSEPropertyTests(unittest.TestCase):
         data, expected = stream
         # Whatever the junk does to the event it falls into, two blank lines
         # end it, and everything after is parsed as usual.
-        prefix = junk.replace(b"\r", b"").replace(b"\n", b"") + b"\n\n"
+        prefix = junk.replace(b"\n", b"") + b"\n\n"
         events = feed_all(SSEParser(), *chunked(prefix + data, cuts))
         self.assertEqual(events[len(events) - len(expected):] if expected else [], expected)
-
-
-# -- envelopes -----------------------------------------------------------
-
-def keypair() -> tuple[Ed25519PrivateKey, str]:
-    private = Ed25519PrivateKey.generate()
-    raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return private, base64.b64encode(raw).decode()
-
-
-def envelope(private: Ed25519PrivateKey, **overrides: object) -> dict:
-    fields = dict(
-        event_type="node_state_updated",
-        event_id="e1",
-        issued_at="2026-05-28T20:26:40Z",
-        nonce="n-1",
-        payload={"metadata": {"région": "ünïcode"}, "data": []},
-    )
-    fields.update(overrides)
-    return sign_envelope(private, **fields)  # type: ignore[arg-type]
-
-
-class EnvelopeTests(unittest.TestCase):
-    def setUp(self) -> None:
-        self.clock = task.Clock()
-        self.clock.advance(NOW)
-        self.private, public_b64 = keypair()
-        self.verifier = EnvelopeVerifier(parse_public_key(public_b64), self.clock)
-
-    def verify(self, doc: dict) -> object:
-        return self.verifier.verify(json.dumps(doc))
-
-    def test_signed_message_is_exactly_the_spec_layout(self) -> None:
-        message = signed_message("t", "i", "2026-01-01T00:00:00Z", "n", {"b": "é", "a": [1, 2]})
-        self.assertEqual(
-            message,
-            'plexagent-event-v1\nt\ni\n2026-01-01T00:00:00Z\nn\n{"a":[1,2],"b":"é"}'.encode("utf-8"),
-        )
-
-    def test_canonical_json_writes_non_ascii_as_utf8(self) -> None:
-        self.assertEqual(canonical_json({"k": "ü", "a": {"z": 1, "b": None}}), '{"a":{"b":null,"z":1},"k":"ü"}')
-
-    def test_valid_envelope_is_accepted(self) -> None:
-        env = self.verify(envelope(self.private))
-        self.assertEqual(env.payload["metadata"], {"région": "ünïcode"})  # type: ignore[attr-defined]
-
-    def test_bad_signature_is_rejected(self) -> None:
-        doc = envelope(self.private)
-        raw = bytearray(base64.b64decode(doc["signature"]))
-        raw[5] ^= 0x10
-        doc["signature"] = base64.b64encode(bytes(raw)).decode()
-        self.assertRaises(RejectedEnvelope, self.verify, doc)
-
-    def test_payload_changed_after_signing_is_rejected(self) -> None:
-        doc = envelope(self.private)
-        doc["payload"]["data"] = [{"key": "k", "version": 1}]
-        self.assertRaises(RejectedEnvelope, self.verify, doc)
-
-    def test_signature_by_another_key_is_rejected(self) -> None:
-        other, _ = keypair()
-        self.assertRaises(RejectedEnvelope, self.verify, envelope(other))
-
-    def test_missing_signature_is_rejected(self) -> None:
-        doc = envelope(self.private)
-        del doc["signature"]
-        self.assertRaises(RejectedEnvelope, self.verify, doc)
-
-    def test_issued_at_just_inside_five_minutes_either_way_is_accepted(self) -> None:
-        self.verify(envelope(self.private, issued_at="2026-05-28T20:21:41Z", nonce="a"))
-        self.verify(envelope(self.private, issued_at="2026-05-28T20:31:39+00:00", nonce="b"))
-
-    def test_issued_at_more_than_five_minutes_old_is_rejected(self) -> None:
-        self.assertRaises(RejectedEnvelope, self.verify, envelope(self.private, issued_at="2026-05-28T20:21:39Z"))
-
-    def test_issued_at_more_than_five_minutes_ahead_is_rejected(self) -> None:
-        self.assertRaises(RejectedEnvelope, self.verify, envelope(self.private, issued_at="2026-05-28T20:31:41Z"))
-
-    def test_envelope_becomes_stale_as_the_clock_moves(self) -> None:
-        doc = envelope(self.private)
-        self.clock.advance(301)
-        self.assertRaises(RejectedEnvelope, self.verify, doc)
-
-    def test_issued_at_without_offset_is_rejected(self) -> None:
-        self.assertRaises(RejectedEnvelope, self.verify, envelope(self.private, issued_at="2026-05-28T20:26:40"))
-
-    def test_replayed_nonce_within_five_minutes_is_rejected(self) -> None:
-        self.verify(envelope(self.private, event_id="1"))
-        self.assertRaises(RejectedEnvelope, self.verify, envelope(self.private, event_id="2"))
-
-    def test_nonce_may_be_reused_after_five_minutes(self) -> None:
-        self.verify(envelope(self.private, issued_at="2026-05-28T20:26:40Z"))
-        self.clock.advance(300.5)
-        self.verify(envelope(self.private, issued_at="2026-05-28T20:31:40Z"))
-
-    def test_forged_envelopes_do_not_fill_the_nonce_memory(self) -> None:
-        other, _ = keypair()
-        for i in range(50):
-            self.assertRaises(RejectedEnvelope, self.verify, envelope(other, nonce=str(i)))
-        self.assertEqual(len(self.verifier.nonces), 0)
-
-    def test_without_a_key_well_formed_envelopes_pass_unverified(self) -> None:
-        verifier = EnvelopeVerifier(None, self.clock)
-        doc = envelope(self.private, issued_at="2001-01-01T00:00:00Z")
-        doc["signature"] = "garbage"
-        self.assertEqual(verifier.verify(json.dumps(doc)).event_id, "e1")
-
-    def test_malformed_envelopes_are_rejected(self) -> None:
-        for data in ("not json", "[]", '{"event_type": 1}', json.dumps({**envelope(self.private), "payload": []})):
-            self.assertRaises(RejectedEnvelope, self.verifier.verify, data)
-
-    def test_public_key_must_be_32_bytes_of_base64(self) -> None:
-        self.assertRaises(ValueError, parse_public_key, base64.b64encode(b"x" * 31).decode())
-        self.assertRaises(ValueError, parse_public_key, "not base64!")
-
-
-class NonceMemoryTests(unittest.TestCase):
-    def test_nonce_expires_after_the_window(self) -> None:
-        clock = task.Clock()
-        memory = NonceMemory(clock, window=300)
-        self.assertFalse(memory.seen("a"))
-        clock.advance(299)
-        self.assertTrue(memory.seen("a"))
-        clock.advance(1.5)
-        self.assertFalse(memory.seen("a"))
-
-    def test_expired_nonces_are_forgotten(self) -> None:
-        clock = task.Clock()
-        memory = NonceMemory(clock, window=300)
-        for i in range(100):
-            memory.seen(str(i))
-        clock.advance(301)
-        memory.seen("new")
-        self.assertEqual(len(memory), 1)
-
-    def test_memory_is_bounded_forgetting_the_oldest(self) -> None:
-        clock = task.Clock()
-        memory = NonceMemory(clock, window=300, capacity=10)
-        for i in range(25):
-            memory.seen(str(i))
-        self.assertEqual(len(memory), 10)
-        self.assertTrue(memory.seen("24"))
-        self.assertFalse(memory.seen("0"))

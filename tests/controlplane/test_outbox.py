@@ -9,17 +9,19 @@ from typing import Any
 from twisted.internet import task
 from twisted.trial import unittest
 
+from plexagent.controlplane.backoff import Backoff
 from plexagent.controlplane.outbox import ReportOutbox
-from plexagent.controlplane.sync import Backoff
 from plexagent.node.reports import ReportStore
-from tests.controlplane.fakes import FakeClient, sync_thread, unavailable
+from tests.controlplane.fakes import sync_thread, unavailable
+from tests.controlplane.protocols import for_each_protocol
 
 
-class OutboxTests(unittest.TestCase):
+@for_each_protocol()
+class OutboxTests:
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.dir = self.mktemp()
-        self.client = FakeClient()
+        self.client = self.protocol.fake_session()
         self.store = self.new_store()
         self.outbox = self.new_outbox()
         self.outbox.startService()
@@ -31,7 +33,7 @@ class OutboxTests(unittest.TestCase):
         return store
 
     def new_outbox(self) -> ReportOutbox:
-        outbox = ReportOutbox(self.store, self.client, self.clock, self.dir, debounce=5.0,
+        outbox = ReportOutbox(self.store, self.client.deliver_reports, self.clock, self.dir, debounce=5.0,
                               backoff=Backoff(rng=lambda: 1.0), run_in_thread=sync_thread)
         self.addCleanup(lambda: outbox.running and outbox.stopService())
         return outbox
@@ -117,7 +119,7 @@ class OutboxTests(unittest.TestCase):
         self.store.close()
         # A new process: the log and outbox.json are all that survived.
         self.store = self.new_store()
-        self.client = FakeClient()
+        self.client = self.protocol.fake_session()
         outbox = self.new_outbox()
         outbox.startService()
         self.clock.advance(0)
@@ -156,17 +158,18 @@ class OutboxTests(unittest.TestCase):
         self.assert_position_set_aside(b'{"synced_seq": 1e400}')
 
 
-class BacklogTests(unittest.TestCase):
+@for_each_protocol()
+class BacklogTests:
     """A long outage's backlog goes out in bounded requests, oldest first."""
 
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.dir = self.mktemp()
-        self.client = FakeClient()
+        self.client = self.protocol.fake_session()
         self.store = ReportStore(self.dir, self.clock, run_in_thread=sync_thread)
         self.store.load()
         self.addCleanup(self.store.close)
-        self.outbox = ReportOutbox(self.store, self.client, self.clock, self.dir, debounce=5.0,
+        self.outbox = ReportOutbox(self.store, self.client.deliver_reports, self.clock, self.dir, debounce=5.0,
                                    backoff=Backoff(rng=lambda: 1.0), max_batch=3, run_in_thread=sync_thread)
         self.outbox.startService()
         self.addCleanup(self.outbox.stopService)
@@ -274,7 +277,7 @@ class RefusedChangeTests(unittest.TestCase):
         self.store = ReportStore(self.dir, self.clock, run_in_thread=sync_thread)
         self.store.load()
         self.addCleanup(self.store.close)
-        self.outbox = ReportOutbox(self.store, self.client, self.clock, self.dir, debounce=5.0,
+        self.outbox = ReportOutbox(self.store, self.client.deliver_reports, self.clock, self.dir, debounce=5.0,
                                    backoff=Backoff(rng=lambda: 1.0), run_in_thread=sync_thread)
         self.outbox.startService()
         self.addCleanup(self.outbox.stopService)
@@ -371,16 +374,23 @@ class RefusingClient:
     def refuse(self, key: str, status: int = 400) -> None:
         self.refused[key] = status
 
+    def deliver_reports(self, changes: Any, set_aside: Any) -> Any:
+        from plexagent.controlplane.delivery import deliver_batch
+
+        return deliver_batch(self.send_report, changes, set_aside)
+
     def send_report(self, entries: list[Any], deleted: list[str]) -> Any:
         from twisted.internet import defer
+
+        from plexagent.controlplane.protocol import Call
 
         self.posts += 1
         keys = [e["key"] for e in entries] + deleted
         if self.refuse_everything:
-            return defer.fail(unavailable(400))
+            return defer.fail(unavailable(400, call=Call.REPORT))
         for key in keys:
             if key in self.refused:
-                return defer.fail(unavailable(self.refused[key]))
+                return defer.fail(unavailable(self.refused[key], call=Call.REPORT))
         self.delivered += [e["key"] for e in entries]
         self.deleted += deleted
         return defer.succeed((200, None))

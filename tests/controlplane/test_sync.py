@@ -6,13 +6,21 @@ import json
 import os
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import task
 from twisted.trial import unittest
 
-from plexagent.controlplane.events import EnvelopeVerifier
-from plexagent.controlplane.sync import Backoff, EventStream, Heartbeat, StateSync
+from plexagent.controlplane import gojson
+from plexagent.controlplane.backoff import Backoff
+from plexagent.controlplane.events import EventStream
+from plexagent.controlplane.gojson import GoTime
+from plexagent.controlplane.keys import KeyRing, KeySet
+from plexagent.controlplane.plexd_events import PlexdEventCodec, sign_plexd_event
+from plexagent.controlplane.protocol import DropReason, HeartbeatAnswer, PullState, ReplaceState
+from plexagent.controlplane.sync import Heartbeat, StateSync
 from plexagent.node.state import StateCache
-from tests.controlplane.fakes import FakeClient, FakeStreamResponse, sync_thread, unavailable
+from plexagent.testing.plexd_sim import public_b64
+from tests.controlplane.fakes import FakeSession, FakeStreamResponse, fetched, sync_thread, unavailable
 
 STATE = {
     "metadata": {"region": "eu"},
@@ -21,10 +29,15 @@ STATE = {
 }
 
 
-def frame(event_type: str, payload: dict[str, Any], event_id: str = "1", nonce: str = "n") -> bytes:
-    env = {"event_type": event_type, "event_id": event_id, "issued_at": "2026-01-01T00:00:00Z",
-           "nonce": nonce, "payload": payload, "signature": ""}
-    return f"id: {event_id}\nevent: {event_type}\ndata: {json.dumps(env)}\n\n".encode()
+SIGNER = Ed25519PrivateKey.generate()
+
+
+def frame(event_type: str, payload: Any, event_id: str = "1", at: float = 0.0) -> bytes:
+    """An event signed by SIGNER, issued at clock time ``at`` (a bytes payload goes as is)."""
+    raw = payload if isinstance(payload, bytes) else gojson.marshal(payload)
+    wire, _ = sign_plexd_event(SIGNER, event_type, event_id, GoTime.from_unix_ns(round(at * 1e9)),
+                               f"nonce-{event_id}", raw)
+    return f"id: {event_id}\nevent: {event_type}\ndata: ".encode() + wire + b"\n\n"
 
 
 class BackoffTests(unittest.TestCase):
@@ -59,10 +72,14 @@ class BackoffTests(unittest.TestCase):
 class SyncHarness(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
-        self.client = FakeClient()
-        self.cache = StateCache(self.mktemp(), run_in_thread=sync_thread)
+        self.client = FakeSession()
+        directory = self.mktemp()
+        self.cache = StateCache(directory, run_in_thread=sync_thread)
         self.cache.load()
-        self.sync = StateSync(self.client, self.cache, self.clock, Backoff(rng=lambda: 1.0), reconcile_interval=60)
+        self.ring = KeyRing(directory, run_in_thread=sync_thread)
+        self.ring.install(KeySet.from_strings(public_b64(SIGNER)), "config")
+        self.sync = StateSync(self.client, self.cache, self.ring, self.clock, Backoff(rng=lambda: 1.0),
+                              reconcile_interval=60)
 
     def tearDown(self) -> Any:
         if self.sync.running:
@@ -72,7 +89,7 @@ class SyncHarness(unittest.TestCase):
 class StateSyncTests(SyncHarness):
     def test_fetched_state_replaces_the_cache(self) -> None:
         self.sync.startService()
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         self.assertEqual(self.cache.current.metadata, {"region": "eu"})
         self.assertEqual(set(self.cache.current.data), {"a"})
 
@@ -84,7 +101,7 @@ class StateSyncTests(SyncHarness):
         self.clock.advance(0.01)
         self.client.fetches[1].errback(unavailable())
         self.clock.advance(2)
-        self.client.fetches[2].callback(STATE)
+        self.client.fetches[2].callback(fetched(STATE))
         self.clock.advance(59.9)
         self.assertEqual(len(self.client.fetches), 3)
         self.clock.advance(0.1)
@@ -108,16 +125,16 @@ class StateSyncTests(SyncHarness):
 
     def test_a_state_the_cache_cannot_store_is_retried_and_the_cache_kept(self) -> None:
         self.sync.startService()
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         self.clock.advance(60)
-        self.client.fetches[1].callback({**STATE, "metadata": {"region": "\udc80"}})
+        self.client.fetches[1].callback(fetched({**STATE, "metadata": {"region": "\udc80"}}))
         self.assertEqual(self.cache.current.metadata, {"region": "eu"})
         self.clock.advance(1)
         self.assertEqual(len(self.client.fetches), 3)
 
     def test_failure_keeps_serving_the_cache(self) -> None:
         self.sync.startService()
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         self.clock.advance(60)
         self.client.fetches[1].errback(unavailable())
         self.assertEqual(self.cache.current.metadata, {"region": "eu"})
@@ -126,17 +143,15 @@ class StateSyncTests(SyncHarness):
         self.sync.startService()
         self.sync.fetch_now()
         self.assertEqual(len(self.client.fetches), 1)
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         self.assertEqual(len(self.client.fetches), 2)
 
     def test_fetch_answer_older_than_an_applied_event_is_fetched_again(self) -> None:
-        from plexagent.controlplane.events import Envelope
-
         self.sync.startService()
-        self.sync.apply(Envelope("node_state_updated", "1", "", "n", {"metadata": {"region": "us"}, "data": []}))
-        self.client.fetches[0].callback(STATE)
+        self.sync.run(ReplaceState({"metadata": {"region": "us"}, "data": {}}), "event")
+        self.client.fetches[0].callback(fetched(STATE))
         self.assertEqual(self.cache.current.metadata, {"region": "us"})
-        self.client.fetches[1].callback({**STATE, "metadata": {"region": "us"}})
+        self.client.fetches[1].callback(fetched({**STATE, "metadata": {"region": "us"}}))
         self.assertEqual(self.cache.current.metadata, {"region": "us"})
 
 
@@ -154,10 +169,11 @@ class StopDuringWriteTests(unittest.TestCase):
         directory = self.mktemp()
         cache = StateCache(directory, run_in_thread=held_thread)
         cache.load()
-        client = FakeClient()
-        sync = StateSync(client, cache, task.Clock(), Backoff(rng=lambda: 1.0))
+        client = FakeSession()
+        sync = StateSync(client, cache, KeyRing(directory, run_in_thread=sync_thread), task.Clock(),
+                         Backoff(rng=lambda: 1.0))
         sync.startService()
-        client.fetches[0].callback(STATE)
+        client.fetches[0].callback(fetched(STATE))
         self.successResultOf(sync.stopService())
         idle = cache.idle()
         self.assertNoResult(idle)
@@ -172,8 +188,8 @@ class EventStreamTests(SyncHarness):
     def setUp(self) -> None:
         super().setUp()
         self.stream = EventStream(
-            self.client, self.clock, EnvelopeVerifier(None, self.clock), self.sync.apply,
-            on_reconnect=self.sync.stream_reconnected, idle_timeout=90, backoff=Backoff(rng=lambda: 1.0),
+            self.client, PlexdEventCodec(), self.ring, self.clock, self.sync.run,
+            on_reconnect=self.sync.fetch_now, idle_timeout=90, backoff=Backoff(rng=lambda: 1.0),
         )
         self.sync.stream = self.stream
         self.sync.startService()
@@ -185,11 +201,11 @@ class EventStreamTests(SyncHarness):
 
     def test_stream_starts_after_the_first_successful_fetch(self) -> None:
         self.assertEqual(self.client.streams, [])
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         self.assertEqual(len(self.client.streams), 1)
 
     def test_state_event_replaces_metadata_and_data(self) -> None:
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         response = self.connect()
         response.write(frame("node_state_updated", {"metadata": {"region": "us"}, "data": []}))
         self.assertEqual(self.cache.current.metadata, {"region": "us"})
@@ -197,13 +213,13 @@ class EventStreamTests(SyncHarness):
         self.assertEqual(dict(self.cache.current.secret_refs), {"s": 1})
 
     def test_secrets_event_replaces_the_secret_index_only(self) -> None:
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         self.connect().write(frame("node_secrets_updated", {"secret_refs": [{"key": "t", "version": 4}]}))
         self.assertEqual(dict(self.cache.current.secret_refs), {"t": 4})
         self.assertEqual(self.cache.current.metadata, {"region": "eu"})
 
     def test_unknown_event_types_and_bad_payloads_change_nothing(self) -> None:
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         response = self.connect()
         response.write(frame("node_rebooted", {"why": "x"}, "1"))
         response.write(frame("node_state_updated", {"metadata": {"x": 1}, "data": []}, "2"))
@@ -213,16 +229,48 @@ class EventStreamTests(SyncHarness):
         self.assertEqual(dict(self.cache.current.secret_refs), {"t": 4})
 
     def test_an_event_the_cache_cannot_store_is_dropped(self) -> None:
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         response = self.connect()
-        bad = {"metadata": {"region": "us"}, "data": [{"key": "a", "payload": float("nan"), "version": 2}]}
-        response.write(frame("node_state_updated", bad, "1"))
+        # Genuine, but JSON the cache cannot store (a lone surrogate).
+        response.write(frame("node_state_updated", b'{"metadata":{"region":"\\ud800"},"data":[]}', "1"))
         self.assertEqual(self.cache.current.metadata, {"region": "eu"})
+        self.assertEqual(self.stream.dropped, {DropReason.UNUSABLE_PAYLOAD: 1})
         response.write(frame("node_state_updated", {"metadata": {"region": "us"}, "data": []}, "2"))
         self.assertEqual(self.cache.current.metadata, {"region": "us"})
 
+    def test_events_that_do_not_verify_are_dropped_and_counted_by_reason(self) -> None:
+        self.client.fetches[0].callback(fetched(STATE))
+        response = self.connect()
+        response.write(frame("node_state_updated", {"metadata": {"region": "stale"}, "data": []}, "1", at=-301))
+        response.write(b"id: 2\ndata: {not json\n\n")
+        self.ring.install(KeySet.from_strings(public_b64(Ed25519PrivateKey.generate())), "state")
+        response.write(frame("node_state_updated", {"metadata": {"region": "forged"}, "data": []}, "3"))
+        self.assertEqual(self.cache.current.metadata, {"region": "eu"})
+        self.assertEqual(self.stream.dropped, {DropReason.STALE: 1, DropReason.INVALID_JSON: 1,
+                                               DropReason.BAD_SIGNATURE: 1})
+        self.assertEqual(self.stream.applied, {})
+
+    def test_a_failure_applying_one_event_costs_neither_the_stream_nor_the_next_event(self) -> None:
+        self.client.fetches[0].callback(fetched(STATE))
+        response = self.connect()
+        run = self.stream._run
+        calls: list[Any] = []
+
+        def failing_once(effect: Any, origin: str) -> None:
+            calls.append(effect)
+            if len(calls) == 1:
+                raise RuntimeError("a bug")
+            run(effect, origin)
+
+        self.stream._run = failing_once
+        response.write(frame("node_state_updated", {"metadata": {"region": "lost"}, "data": []}, "1"))
+        response.write(frame("node_state_updated", {"metadata": {"region": "us"}, "data": []}, "2"))
+        self.assertEqual(self.cache.current.metadata, {"region": "us"})
+        self.assertIsNotNone(response.protocol)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_drop_reconnects_with_last_event_id_and_reconciles(self) -> None:
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         response = self.connect()
         response.write(frame("node_rebooted", {}, "41"))
         response.write(b"id: 42\nevent: node_state_updated\ndata: {\"half")
@@ -232,19 +280,44 @@ class EventStreamTests(SyncHarness):
         self.connect()
         self.assertEqual(len(self.client.fetches), 2)
 
-    def test_retry_field_sets_the_reconnect_delay(self) -> None:
-        self.client.fetches[0].callback(STATE)
+    def test_a_clean_end_after_an_event_reconnects_at_once_ignoring_retry(self) -> None:
+        self.client.fetches[0].callback(fetched(STATE))
         response = self.connect()
         response.write(b"retry: 5000\n\n")
         response.write(frame("node_rebooted", {}))
         response.lose()
-        self.clock.advance(4.9)
+        self.clock.advance(0)
+        self.assertEqual(len(self.client.streams), 2)
+
+    def test_a_connection_that_lived_30_seconds_counts_as_useful(self) -> None:
+        self.client.fetches[0].callback(fetched(STATE))
+        response = self.connect()
+        self.clock.advance(30)
+        response.lose()
+        self.clock.advance(0)
+        self.assertEqual(len(self.client.streams), 2)
+
+    def test_a_connection_ending_before_any_event_backs_off(self) -> None:
+        self.client.fetches[0].callback(fetched(STATE))
+        self.connect().lose()
+        self.clock.advance(0.9)
+        self.assertEqual(len(self.client.streams), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.streams), 2)
+
+    def test_an_over_long_line_closes_the_stream_and_backs_off(self) -> None:
+        self.client.fetches[0].callback(fetched(STATE))
+        response = self.connect()
+        response.write(frame("node_rebooted", {}))
+        response.write(b"data: " + b"x" * 70000)
+        self.assertIsNone(response.protocol)
+        self.clock.advance(0.9)
         self.assertEqual(len(self.client.streams), 1)
         self.clock.advance(0.1)
         self.assertEqual(len(self.client.streams), 2)
 
     def test_repeated_connect_failures_back_off_honouring_retry_after(self) -> None:
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         self.client.streams[0][1].errback(unavailable(429, retry_after=20))
         self.clock.advance(19.9)
         self.assertEqual(len(self.client.streams), 1)
@@ -256,7 +329,7 @@ class EventStreamTests(SyncHarness):
         self.assertEqual(len(self.client.streams), 3)
 
     def test_silent_stream_is_dropped_after_the_idle_timeout(self) -> None:
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         response = self.connect()
         self.clock.advance(60)
         response.write(b": keep-alive\n\n")
@@ -269,7 +342,7 @@ class EventStreamTests(SyncHarness):
         self.assertEqual(len(self.client.streams), 2)
 
     def test_stop_closes_the_stream_and_stops_reconnecting(self) -> None:
-        self.client.fetches[0].callback(STATE)
+        self.client.fetches[0].callback(fetched(STATE))
         response = self.connect()
         d = self.sync.stopService()
         self.assertIsNone(response.protocol)
@@ -282,43 +355,35 @@ class HeartbeatTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.clock.advance(1_780_000_000)
-        self.client = FakeClient()
-        self.reconciles: list[None] = []
-        self.heartbeat = Heartbeat(self.client, self.clock, "node-1", 30, lambda: self.reconciles.append(None))
+        self.client = FakeSession()
+        self.effects: list[Any] = []
+        self.heartbeat = Heartbeat(self.client, self.clock, 30, lambda effect, origin: self.effects.append(effect))
         self.heartbeat.startService()
         self.addCleanup(self.heartbeat.stopService)
 
-    def test_body_has_the_spec_fields(self) -> None:
-        self.clock.advance(0)
-        self.client.heartbeats[0][1].callback({"reconcile": False})
-        self.clock.advance(30)
-        body = self.client.heartbeats[1][0]
-        self.assertEqual(set(body), {"node_id", "timestamp", "status", "uptime_s", "version"})
-        self.assertEqual(body["node_id"], "node-1")
-        self.assertEqual(body["uptime_s"], 30)
-        self.assertRegex(body["timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-
-    def test_sent_every_interval(self) -> None:
+    def test_sent_at_start_then_every_interval(self) -> None:
         self.clock.advance(0)
         for i in range(3):
-            self.client.heartbeats[i][1].callback({"reconcile": False})
+            self.client.heartbeats[i].callback(HeartbeatAnswer())
             self.clock.advance(29.9)
             self.assertEqual(len(self.client.heartbeats), i + 1)
             self.clock.advance(0.1)
         self.assertEqual(len(self.client.heartbeats), 4)
 
-    def test_reconcile_true_asks_for_a_fetch(self) -> None:
+    def test_what_the_answer_asks_for_is_run(self) -> None:
         self.clock.advance(0)
-        self.client.heartbeats[0][1].callback({"reconcile": True})
-        self.assertEqual(len(self.reconciles), 1)
+        self.client.heartbeats[0].callback(HeartbeatAnswer((PullState(),)))
+        self.assertEqual(self.effects, [PullState()])
+        self.assertEqual(self.heartbeat.last_success, self.clock.seconds())
 
     def test_failure_waits_for_retry_after_when_longer_than_the_interval(self) -> None:
         self.clock.advance(0)
-        self.client.heartbeats[0][1].errback(unavailable(429, retry_after=45))
+        self.client.heartbeats[0].errback(unavailable(429, retry_after=45))
         self.clock.advance(44.9)
         self.assertEqual(len(self.client.heartbeats), 1)
         self.clock.advance(0.1)
         self.assertEqual(len(self.client.heartbeats), 2)
+        self.assertEqual(self.heartbeat.failures, 1)
 
 
 class FetchRequestDuringFailureTests(SyncHarness):

@@ -1,0 +1,209 @@
+"""
+The agent's link to its control plane: one identity, one session, and the
+services that use it (state sync with its event stream, the heartbeat, the
+report outbox), over the protocol ``service.py`` built.
+
+The identity is pre-provisioned (``control_plane.token_file``), stored
+(``identity.json``, from an earlier enrollment) or enrolled now
+(``enrollment.Enrollment``); the services start once it is known. Until
+then, and whatever the control plane does later, the Local Node API serves
+its cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from plexagent.controlplane.backoff import cancel_call
+from plexagent.controlplane.enrollment import BootstrapToken, Enrollment, Token
+from plexagent.controlplane.events import EventStream
+from plexagent.controlplane.identity import IdentityMismatch, IdentityStore
+from plexagent.controlplane.keys import KeyRing
+from plexagent.controlplane.outbox import ReportOutbox
+from plexagent.controlplane.protocol import AuthFailurePolicy, Call, Identity
+from plexagent.controlplane.sync import Heartbeat, StateSync
+from plexagent.node.reports import ReportStore
+from plexagent.node.state import StateCache
+
+log = Logger()
+
+#: At most one warning per call this often when credentials are refused.
+AUTH_WARNING_EVERY = 60.0
+
+
+class ControlPlaneLink(service.MultiService):
+    """The identity, session and sync services of an agent with a control plane."""
+
+    #: seconds between attempts to save an enrolled identity the disk refused
+    SAVE_RETRY = 10.0
+
+    def __init__(self, config: Any, protocol: Any, transport: Any, cache: StateCache, reports: ReportStore,
+                 clock: IReactorTime, configured: Identity | None = None,
+                 run_in_thread: Callable[..., defer.Deferred[Any]] = threads.deferToThread) -> None:
+        super().__init__()
+        self.setName("control-plane")
+        self.config = config
+        self.cp = config.control_plane
+        self.protocol = protocol
+        self.transport = transport
+        self.cache = cache
+        self.reports = reports
+        self.clock = clock
+        self.configured = configured
+        self.run_in_thread = run_in_thread
+        self.ring = KeyRing(config.node.data_dir, run_in_thread)
+        # From now on the report store keeps each delete until the control
+        # plane has it, even before the node has an identity to send it with.
+        reports.synced(0)
+        self.identity: Identity | None = None
+        self.session: Any = None
+        self.sync: StateSync | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.outbox: ReportOutbox | None = None
+        #: refused credentials, by call
+        self.auth_failures: collections.Counter[str] = collections.Counter()
+        self._auth_warned: dict[str, float] = {}
+        self.store = IdentityStore(config.node.data_dir, protocol, run_in_thread)
+        self.token_source = BootstrapToken(config.bootstrap_token_env, self.cp.bootstrap_token_file)
+        self.enrollment: Enrollment | None = None
+        self._state = "configured" if configured is not None else "enrolling"
+        self._error: str | None = None
+        self._save_call: Any = None
+        self._saved = False
+
+    @property
+    def stream(self) -> EventStream | None:
+        return self.sync.stream if self.sync is not None else None
+
+    @property
+    def identity_state(self) -> str:
+        """configured, enrolled, waiting_for_token, enrolling or failed."""
+        if self.identity is None and self.enrollment is not None:
+            return self.enrollment.state
+        return self._state
+
+    @property
+    def identity_error(self) -> str | None:
+        if self.identity is None and self.enrollment is not None:
+            return self.enrollment.error
+        return self._error
+
+    def startService(self) -> None:
+        super().startService()
+        if self.configured is not None:
+            if os.path.exists(self.store.path):
+                log.info("control_plane.token_file is set: {path} is not used", path=self.store.path)
+            self.ready(self.configured, ("config", self.cp.signing_public_key))
+            return
+        try:
+            stored = self.store.load()
+        except IdentityMismatch as e:
+            self._state, self._error = "failed", str(e)
+            log.error("no control-plane identity: {error}", error=str(e))
+            return
+        if stored is not None:
+            if self.config.node.id and stored.node_id != self.config.node.id:
+                self._state = "failed"
+                self._error = (f"{self.store.path} is node {stored.node_id!r}, but node.id is "
+                               f"{self.config.node.id!r}: correct node.id or run `plexagent deregister`")
+                log.error("no control-plane identity: {error}", error=self._error)
+                return
+            # A restart never enrolls again.
+            self._state = "enrolled"
+            self.ready(stored, ("registration", stored.signing_public_key))
+            return
+        self.enrollment = Enrollment(self.protocol.enroller(), self.token_source, self.clock, self._enrolled,
+                                     pin=self.cp.signing_public_key, node_id=self.config.node.id)
+        self.enrollment.start()
+
+    def _enrolled(self, identity: Identity, token: Token) -> None:
+        """Keep the identity on disk before anything else, then drop the used token and start."""
+        self._state = "enrolled"
+
+        def saved(_: Any) -> None:
+            self._saved = True
+            self.token_source.delete(token)
+
+        def not_saved(failure: Any) -> None:
+            log.error("could not save the enrolled identity to {path}: {error}; running with it in memory and "
+                      "trying again in {seconds}s", path=self.store.path, error=failure.getErrorMessage(),
+                      seconds=self.SAVE_RETRY)
+            if self.running:
+                self._save_call = self.clock.callLater(self.SAVE_RETRY, save)
+
+        def save() -> defer.Deferred[None]:
+            self._save_call = None
+            d = self.store.save(identity)
+            d.addCallbacks(saved, not_saved)
+            return d
+
+        def start(_: Any) -> None:
+            if self.running and self.identity is None:
+                self.ready(identity, ("registration", identity.signing_public_key))
+
+        save().addBoth(start)
+
+    def ready(self, identity: Identity, *first_keys: tuple[str, str]) -> None:
+        """Start the session and its services for ``identity``; the ring starts from ``first_keys``."""
+        self.identity = identity
+        self.session = session = self.protocol.session(identity)
+        self.ring.seed(*first_keys)
+        log.info("control plane {url}: protocol {protocol}, node {node_id} ({source})", url=self.transport.base_url,
+                 protocol=self.protocol.name, node_id=identity.node_id, source=identity.source)
+        self.sync = StateSync(session, self.cache, self.ring, self.clock, reconcile_interval=self.cp.reconcile_interval,
+                              on_auth_failure=self.auth_failed, rotate_node_key=self.rotate_node_key)
+        self.sync.setName("state-sync")
+        if self.cp.events:
+            self.sync.stream = EventStream(session, self.protocol.event_codec, self.ring, self.clock, run=self.sync.run,
+                                           on_reconnect=self.sync.fetch_now, on_auth_failure=self.auth_failed,
+                                           idle_timeout=self.cp.events_idle_timeout)
+        self.heartbeat = Heartbeat(session, self.clock, self.cp.heartbeat_interval, run=self.sync.run,
+                                   on_auth_failure=self.auth_failed)
+        self.heartbeat.setName("heartbeat")
+        self.outbox = ReportOutbox(self.reports, session.deliver_reports, self.clock, self.config.node.data_dir,
+                                   self.cp.report_debounce, run_in_thread=self.run_in_thread,
+                                   on_auth_failure=self.auth_failed)
+        self.outbox.setName("report-outbox")
+        for child in (self.sync, self.heartbeat, self.outbox):
+            child.setServiceParent(self)  # started now if the link runs
+
+    def auth_failed(self, call: Call) -> None:
+        """The control plane refused the node's credentials on ``call``."""
+        self.auth_failures[call.value] += 1
+        now = self.clock.seconds()
+        if now - self._auth_warned.get(call.value, -AUTH_WARNING_EVERY) >= AUTH_WARNING_EVERY:
+            self._auth_warned[call.value] = now
+            log.warn("the control plane refused this node's credentials ({call}); keeping the identity and "
+                     "trying again", call=call.value)
+        if self.protocol.auth_failure_policy is AuthFailurePolicy.REENROLL_WITH_TOKEN:
+            self.reenroll_if_token()
+
+    def reenroll_if_token(self) -> None:
+        """Enroll again if a bootstrap token is at hand (protocols whose policy asks for it)."""
+
+    def rotate_node_key(self) -> None:
+        """Rotate the node's own key pair (protocols that ask for it)."""
+        if self.session is not None:
+            self.session.rotate_node_key().addErrback(
+                lambda f: log.warn("node key rotation failed: {error}", error=f.getErrorMessage()))
+
+    def stopService(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self.enrollment is not None:
+            self.enrollment.stop()
+        cancel_call(self._save_call)
+        await defer.maybeDeferred(super().stopService)
+        await self.ring.idle()
+        if self.session is not None:
+            await self.session.close()
+        # Last: the connections close after everything using them has stopped.
+        await self.transport.close()
