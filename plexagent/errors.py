@@ -41,6 +41,14 @@ class Conflict(PlexError):
     """The change conflicts with the current state (409)."""
 
 
+class RateLimited(PlexError):
+    """Too many requests: try again after ``retry_after`` seconds when it is known (429)."""
+
+    def __init__(self, message: str, details: Any = None, retry_after: int | None = None) -> None:
+        super().__init__(message, details)
+        self.retry_after = retry_after
+
+
 class TooLarge(PlexError):
     """The body or file exceeds a limit (413)."""
 

@@ -312,7 +312,7 @@ class EventStream:
                 raise Dropped(DropReason.TOO_LARGE)
             envelope = self.codec.decode(event.data)
             self.codec.verify(envelope, self.ring.keys, self.now_ns())
-            self._run(self.codec.effect(envelope), "event")
+            self._run(self.codec.effect(envelope, self.ring.keys), "event")
         except Dropped as dropped:
             self.dropped[dropped.reason] += 1
             # Why, never what: the event's content stays out of the log.

@@ -8,7 +8,10 @@ Keys arrive at enrollment, in state fetches and in ``signing_key_rotated``
 events. A key that is not 32 bytes is ignored (Go's verifier would crash on
 it); a set whose current key is unusable is refused whole, keeping the keys
 in force, so that one bad rotation never makes every later event
-unverifiable.
+unverifiable. A key may come as the 44-byte DER form of an Ed25519 public
+key (its SubjectPublicKeyInfo, as plexsphere's documents show it): the last
+32 bytes are the key. Where a protocol names its keys (``key_id``), an event
+names the key that signed it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from plexagent.fileio import atomic_write, decode_json, encode_json, read_stored
 
 log = Logger()
 
+#: What precedes the 32 key bytes in the DER SubjectPublicKeyInfo of an Ed25519 key.
+ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+
 
 @attrs.frozen
 class SigningKey:
@@ -44,11 +50,16 @@ class SigningKey:
 
     @classmethod
     def parse(cls, text: str, key_id: str = "") -> "SigningKey | None":
-        """A key from standard base64 of 32 bytes; None for anything else."""
+        """
+        A key from standard base64 of its 32 bytes or of its 44-byte DER
+        form; None for anything else.
+        """
         try:
             raw = std_b64decode(text)
         except ValueError:
             return None
+        if len(raw) == len(ED25519_SPKI_PREFIX) + 32 and raw.startswith(ED25519_SPKI_PREFIX):
+            raw = raw[len(ED25519_SPKI_PREFIX):]
         return cls(raw, key_id) if len(raw) == 32 else None
 
     @property
@@ -105,7 +116,13 @@ class KeySet:
         return keys
 
     def by_id(self, key_id: str, now_ns: int) -> SigningKey | None:
-        """The candidate named ``key_id`` (protocols whose events name their key)."""
+        """
+        The candidate named ``key_id`` (protocols whose events name their
+        key): the current key by its id, the previous one by its id only
+        inside its window. An empty id names no key.
+        """
+        if not key_id:
+            return None
         for key in self.candidates(now_ns):
             if key.key_id == key_id:
                 return key
@@ -178,18 +195,19 @@ class KeyRing:
             set_aside(self.path, f"unusable signing keys ({e}): starting from the enrollment's key")
             return None
 
-    def seed(self, *candidates: tuple[str, str]) -> str | None:
+    def seed(self, *candidates: tuple[str, ...]) -> str | None:
         """
         The keys the agent starts with: the persisted ones, else the first
-        of ``candidates`` ((source, base64 key)) that is a usable key. Returns
-        the source used, or None (no key until the control plane sends one).
+        of ``candidates`` ((source, base64 key[, key id])) that is a usable
+        key. Returns the source used, or None (no key until the control
+        plane sends one).
         """
         persisted = self.load()
         if persisted is not None:
             self.keys = persisted
             return "persisted"
-        for source, text in candidates:
-            key = SigningKey.parse(text) if text else None
+        for source, text, *key_id in candidates:
+            key = SigningKey.parse(text, *key_id) if text else None
             if key is not None:
                 self.install(KeySet(key), source)
                 return source

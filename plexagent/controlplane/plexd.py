@@ -6,6 +6,7 @@ the node secret key (NSK) as bearer, as plexd's own client makes them.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -295,7 +296,7 @@ class PlexdSession:
 
         return d.addCallback(answered)
 
-    def rotate_node_key(self) -> defer.Deferred[None]:
+    def rotate_node_key(self) -> defer.Deferred[Identity | None]:
         return defer.fail(NotImplementedError("plexd's protocol has no node key rotation"))
 
     def close(self) -> defer.Deferred[None]:
@@ -369,6 +370,15 @@ class PlexdLocalRules:
             return errors.NotFound("not found")
         return errors.Unavailable("control plane unavailable")
 
+    def secret_document(self, value: SecretValue, index: Mapping[str, int]) -> dict[str, Any]:
+        version = value.version if value.version is not None else index.get(value.key)
+        try:
+            return {"key": value.key, "value": value.plaintext.decode("utf-8"), "version": version}
+        except UnicodeDecodeError:
+            # Binary secrets cannot be a JSON string: say how they are encoded.
+            return {"key": value.key, "value": base64.b64encode(value.plaintext).decode("ascii"),
+                    "encoding": "base64", "version": version}
+
 
 #: The rules of a standalone agent (no control plane: nothing to restrict).
 PERMISSIVE_RULES = PlexdLocalRules()
@@ -379,6 +389,8 @@ class PlexdProtocol:
 
     name = NAME
     auth_failure_policy = AuthFailurePolicy.KEEP_IDENTITY
+    #: the first connection follows the first fetch; every reconnect pulls (events may have been missed)
+    pull_on_every_connect = False
 
     def __init__(self, config: Any, transport: Transport, clock: IReactorTime) -> None:
         import socket

@@ -181,7 +181,7 @@ class PlexdEventCodec:
         if not self.nonces.add(envelope.nonce, issued, now_ns):
             raise Dropped(DropReason.REPLAY)
 
-    def effect(self, envelope: Envelope) -> Effect:
+    def effect(self, envelope: Envelope, keys: KeySet | None = None) -> Effect:
         kind = envelope.event_type
         try:
             if kind == "node_state_updated":

@@ -69,11 +69,14 @@ class ControlPlaneError(Exception):
     """
     A control-plane call failed. The message names the call and what
     happened (a status, "timed out"), never a credential or a body.
-    ``retry_after`` is a floor for the next attempt.
+    ``retry_after`` is a floor for the next attempt; ``code`` the control
+    plane's own name for the failure, when it gives one; ``revoked`` says
+    the node's credential was revoked (not merely refused).
     """
 
     def __init__(self, call: Call, kind: ErrorKind, message: str, status: int | None = None,
-                 retry_after: float | None = None, code: str = "", pause: float | None = None) -> None:
+                 retry_after: float | None = None, code: str = "", pause: float | None = None,
+                 revoked: bool = False) -> None:
         super().__init__(message)
         self.call = call
         self.kind = kind
@@ -81,6 +84,7 @@ class ControlPlaneError(Exception):
         self.retry_after = retry_after
         self.code = code
         self.pause = pause
+        self.revoked = revoked
 
 
 # -- what a control plane says ----------------------------------------------
@@ -117,6 +121,13 @@ class FetchedState:
     keys: "KeySet | None" = None
     #: protocol-private facts for ``NodeSession.state_applied``
     facts: Any = None
+    #: for a protocol whose answer depends on what the agent already holds
+    #: (versions it keeps itself): the state to serve, given the one served now
+    rebase: "Callable[[NodeState], NodeState] | None" = attrs.field(default=None, eq=False)
+
+    def state_over(self, current: NodeState) -> NodeState:
+        """The state to serve in place of ``current``."""
+        return self.state if self.rebase is None else self.rebase(current)
 
 
 @attrs.frozen
@@ -260,7 +271,8 @@ class NodeSession(Protocol):
 
     def open_events(self, last_event_id: str) -> Deferred[Any]: ...
 
-    def rotate_node_key(self) -> Deferred[None]: ...
+    def rotate_node_key(self) -> Deferred[Identity | None]:
+        """The identity with the node's new key pair (to keep), or None when nothing changed."""
 
     def close(self) -> Deferred[None]: ...
 
@@ -275,8 +287,11 @@ class EventCodec(Protocol):
     def verify(self, envelope: Envelope, keys: "KeySet", now_ns: int) -> None:
         """Dropped unless the envelope is genuine and fresh (records replay state)."""
 
-    def effect(self, envelope: Envelope) -> Effect:
-        """What a verified envelope asks for; Dropped(UNUSABLE_PAYLOAD) if it cannot be used."""
+    def effect(self, envelope: Envelope, keys: "KeySet | None" = None) -> Effect:
+        """
+        What a verified envelope asks for, given the keys in force;
+        Dropped(UNUSABLE_PAYLOAD) if it cannot be used.
+        """
 
 
 class LocalRules(Protocol):
@@ -291,6 +306,9 @@ class LocalRules(Protocol):
     def secret_query(self, key: str, version: bytes | None, index: Mapping[str, int]) -> SecretQuery: ...
 
     def secret_error(self, error: ControlPlaneError) -> errors.PlexError: ...
+
+    def secret_document(self, value: SecretValue, index: Mapping[str, int]) -> dict[str, Any]:
+        """The Local Node API's answer for a secret read."""
 
 
 class ControlPlaneProtocol(Protocol):
@@ -308,6 +326,10 @@ class ControlPlaneProtocol(Protocol):
     @property
     def local_rules(self) -> LocalRules: ...
 
+    @property
+    def pull_on_every_connect(self) -> bool:
+        """Whether the state is pulled after every stream connection, the first too (else after reconnects)."""
+
     def enroller(self) -> Enroller: ...
 
     def session(self, identity: Identity) -> NodeSession: ...
@@ -317,6 +339,8 @@ class ControlPlaneProtocol(Protocol):
     def identity_from_document(self, doc: Mapping[str, Any]) -> Identity: ...
 
     def configured_identity(self, config: "Config", bearer: str, nsk_text: str) -> Identity: ...
+
+
 def build_protocol(config: "Config", transport: "Transport", clock: "IReactorTime") -> ControlPlaneProtocol:
     """The protocol ``control_plane.protocol`` names: the one place a name becomes code."""
     from plexagent.config import ConfigError

@@ -30,6 +30,7 @@ STATUS_FOR_ERROR: dict[type[errors.PlexError], int] = {
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.TooLarge: 413,
+    errors.RateLimited: 429,
     errors.StorageError: 500,
     errors.UpstreamFailed: 500,
     errors.Unavailable: 503,
@@ -65,6 +66,8 @@ def error_document(message: str, details: Any = None) -> dict[str, Any]:
 
 
 def respond_error(request: IRequest, error: errors.PlexError) -> bytes:
+    if isinstance(error, errors.RateLimited) and error.retry_after is not None:
+        request.setHeader(b"retry-after", b"%d" % error.retry_after)
     return respond(request, error_document(error.message, error.details), status_for(error))
 
 

@@ -85,19 +85,7 @@ class SecretReader:
             raise self._rules.secret_error(e) from None
         except DecryptionFailed:
             raise errors.UpstreamFailed("decryption failed") from None
-        version_served = value.version if value.version is not None else index.get(key)
-        try:
-            return {"key": key, "value": value.plaintext.decode("utf-8"), "version": version_served}
-        except UnicodeDecodeError:
-            import base64
-
-            # Binary secrets cannot be a JSON string: say how they are encoded.
-            return {
-                "key": key,
-                "value": base64.b64encode(value.plaintext).decode("ascii"),
-                "encoding": "base64",
-                "version": version_served,
-            }
+        return self._rules.secret_document(value, index)
 
 
 class NodeAPI:
