@@ -205,7 +205,7 @@ class Transport:
             try:
                 response = await self._agent.request(method.encode("ascii"), self.url(path).encode("ascii"),
                                                      Headers(sent), producer)
-                raw = await _read_limited(response, max_bytes)
+                raw = await read_limited(response, max_bytes)
             except _TooLarge:
                 raise ControlPlaneError(call, ErrorKind.TRANSIENT,
                                         f"{call.value}: control plane response too large (over {max_bytes} bytes)"
@@ -324,7 +324,7 @@ def _gunzip(data: bytes, limit: int, call: Call) -> bytes:
     return out
 
 
-def _read_limited(response: Any, limit: int) -> defer.Deferred[bytes]:
+def read_limited(response: Any, limit: int) -> defer.Deferred[bytes]:
     """The whole body, refusing (``_TooLarge``) to hold more than ``limit`` bytes of it."""
     finished: defer.Deferred[bytes] = defer.Deferred()
     response.deliverBody(_LimitedBody(limit, finished))

@@ -10,6 +10,7 @@ counted by reason, never applied.
 from __future__ import annotations
 
 import collections
+import math
 from typing import Any, Callable
 
 import attrs
@@ -185,6 +186,7 @@ class EventStream:
         on_auth_failure: Callable[[Call], None] = lambda call: None,
         idle_timeout: float = 90.0,
         backoff: Backoff | None = None,
+        pull_on_every_connect: bool = False,
     ) -> None:
         self.session = session
         self.codec = codec
@@ -195,6 +197,10 @@ class EventStream:
         self._on_auth_failure = on_auth_failure
         self.idle_timeout = idle_timeout
         self.backoff = backoff or Backoff()
+        #: whether the first connection is followed by a pull too (else only reconnects)
+        self.pull_on_every_connect = pull_on_every_connect
+        #: why the stream is not asked for again until the agent restarts, or None
+        self.given_up: str | None = None
         self.started = False
         self.connected = False
         self.last_event_id = b""
@@ -259,7 +265,7 @@ class EventStream:
         self._arm_watchdog()
         response.deliverBody(self._protocol)
         log.info("event stream connected")
-        if self.connections > 1:
+        if self.connections > 1 or self.pull_on_every_connect:
             self._on_reconnect()
 
     def _open_failed(self, failure: Any) -> None:
@@ -268,9 +274,25 @@ class EventStream:
             return
         retry_after = None
         if failure.check(ControlPlaneError):
-            retry_after = failure.value.retry_after
-            if failure.value.kind is ErrorKind.AUTH:
+            error = failure.value
+            retry_after = error.retry_after
+            if error.kind is ErrorKind.AUTH:
                 self._on_auth_failure(Call.EVENTS)
+            if error.kind is ErrorKind.REFUSED and self.last_event_id:
+                # The control plane refused where the stream was to resume: start from now.
+                log.warn("the control plane refused Last-Event-ID {id}: reconnecting without it",
+                         id=header_safe_id(self.last_event_id)[:64])
+                self.last_event_id = b""
+            if error.pause is not None and math.isinf(error.pause):
+                self.given_up = str(error)
+                log.error("event stream refused ({error}): not asking for it again until the agent restarts; "
+                          "the state is still fetched every reconcile_interval", error=str(error))
+                return
+            if error.pause is not None:
+                log.warn("event stream not offered ({error}): asking again in {seconds}s, fetching the state "
+                         "every reconcile_interval meanwhile", error=str(error), seconds=error.pause)
+                self._reconnect_later(max(error.pause, retry_after or 0.0))
+                return
         log.warn("event stream unavailable: {error}", error=failure.getErrorMessage())
         self._reconnect_later(self.backoff.next_delay(retry_after))
 

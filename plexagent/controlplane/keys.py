@@ -195,14 +195,14 @@ class KeyRing:
             set_aside(self.path, f"unusable signing keys ({e}): starting from the enrollment's key")
             return None
 
-    def seed(self, *candidates: tuple[str, ...]) -> str | None:
+    def seed(self, *candidates: tuple[str, ...], fresh: bool = False) -> str | None:
         """
         The keys the agent starts with: the persisted ones, else the first
         of ``candidates`` ((source, base64 key[, key id])) that is a usable
         key. Returns the source used, or None (no key until the control
-        plane sends one).
+        plane sends one). ``fresh`` (a new enrollment): the candidates only.
         """
-        persisted = self.load()
+        persisted = None if fresh else self.load()
         if persisted is not None:
             self.keys = persisted
             return "persisted"

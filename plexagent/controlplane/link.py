@@ -20,6 +20,7 @@ from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from plexagent.controlplane.backoff import cancel_call
 from plexagent.controlplane.enrollment import BootstrapToken, Enrollment, Token
@@ -77,6 +78,12 @@ class ControlPlaneLink(service.MultiService):
         self._error: str | None = None
         self._save_call: Any = None
         self._saved = False
+        self._reenrolled = False
+        self._rotating = False
+        #: enrollments after the control plane refused the credential
+        self.reenrollments = 0
+        #: node key pairs rotated and kept
+        self.node_key_rotations = 0
 
     @property
     def stream(self) -> EventStream | None:
@@ -97,10 +104,11 @@ class ControlPlaneLink(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
+        self._drop_unsyncable_reports()
         if self.configured is not None:
             if os.path.exists(self.store.path):
                 log.info("control_plane.token_file is set: {path} is not used", path=self.store.path)
-            self.ready(self.configured, ("config", self.cp.signing_public_key))
+            self.ready(self.configured, ("config", self.cp.signing_public_key, self.configured.signing_key_id))
             return
         try:
             stored = self.store.load()
@@ -117,11 +125,25 @@ class ControlPlaneLink(service.MultiService):
                 return
             # A restart never enrolls again.
             self._state = "enrolled"
-            self.ready(stored, ("registration", stored.signing_public_key))
+            self.ready(stored, ("registration", stored.signing_public_key, stored.signing_key_id))
             return
         self.enrollment = Enrollment(self.protocol.enroller(), self.token_source, self.clock, self._enrolled,
                                      pin=self.cp.signing_public_key, node_id=self.config.node.id)
         self.enrollment.start()
+
+    def _drop_unsyncable_reports(self) -> None:
+        """Reports kept from before that this protocol cannot carry are dropped, their deletes queued."""
+        rules = self.protocol.local_rules
+        for entry in self.reports.list():
+            key = entry["key"]
+            if not rules.report_key_syncable(key):
+                log.warn("dropping report {key}: the {protocol} protocol cannot carry its key",
+                         key=key[:128], protocol=self.protocol.name)
+                self.reports.delete(key).addErrback(self._not_dropped, key)
+
+    @staticmethod
+    def _not_dropped(failure: Failure, key: str) -> None:
+        log.error("could not drop report {key}: {error}", key=key[:128], error=failure.getErrorMessage())
 
     def _enrolled(self, identity: Identity, token: Token) -> None:
         """Keep the identity on disk before anything else, then drop the used token and start."""
@@ -146,15 +168,19 @@ class ControlPlaneLink(service.MultiService):
 
         def start(_: Any) -> None:
             if self.running and self.identity is None:
-                self.ready(identity, ("registration", identity.signing_public_key))
+                self.ready(identity, ("registration", identity.signing_public_key, identity.signing_key_id),
+                           fresh=self._reenrolled)
 
         save().addBoth(start)
 
-    def ready(self, identity: Identity, *first_keys: tuple[str, str]) -> None:
-        """Start the session and its services for ``identity``; the ring starts from ``first_keys``."""
+    def ready(self, identity: Identity, *first_keys: tuple[str, ...], fresh: bool = False) -> None:
+        """
+        Start the session and its services for ``identity``; the ring starts
+        from ``first_keys`` (``fresh``: even if other keys were persisted).
+        """
         self.identity = identity
         self.session = session = self.protocol.session(identity)
-        self.ring.seed(*first_keys)
+        self.ring.seed(*first_keys, fresh=fresh)
         log.info("control plane {url}: protocol {protocol}, node {node_id} ({source})", url=self.transport.base_url,
                  protocol=self.protocol.name, node_id=identity.node_id, source=identity.source)
         self.sync = StateSync(session, self.cache, self.ring, self.clock, reconcile_interval=self.cp.reconcile_interval,
@@ -163,7 +189,8 @@ class ControlPlaneLink(service.MultiService):
         if self.cp.events:
             self.sync.stream = EventStream(session, self.protocol.event_codec, self.ring, self.clock, run=self.sync.run,
                                            on_reconnect=self.sync.fetch_now, on_auth_failure=self.auth_failed,
-                                           idle_timeout=self.cp.events_idle_timeout)
+                                           idle_timeout=self.cp.events_idle_timeout,
+                                           pull_on_every_connect=self.protocol.pull_on_every_connect)
         self.heartbeat = Heartbeat(session, self.clock, self.cp.heartbeat_interval, run=self.sync.run,
                                    on_auth_failure=self.auth_failed)
         self.heartbeat.setName("heartbeat")
@@ -182,17 +209,75 @@ class ControlPlaneLink(service.MultiService):
             self._auth_warned[call.value] = now
             log.warn("the control plane refused this node's credentials ({call}); keeping the identity and "
                      "trying again", call=call.value)
-        if self.protocol.auth_failure_policy is AuthFailurePolicy.REENROLL_WITH_TOKEN:
+        # A refused heartbeat is what says the credential is gone (plexd re-registers on it).
+        if (self.protocol.auth_failure_policy is AuthFailurePolicy.REENROLL_WITH_TOKEN
+                and call is Call.HEARTBEAT):
             self.reenroll_if_token()
 
     def reenroll_if_token(self) -> None:
-        """Enroll again if a bootstrap token is at hand (protocols whose policy asks for it)."""
+        """
+        Enroll again if a bootstrap token is at hand: the services stop, a
+        new identity is enrolled and kept, and they start again with it.
+        Without a token the node keeps its identity and keeps trying.
+        """
+        if self.identity is None or self.configured is not None or not self.running:
+            return
+        try:
+            token = self.token_source.read()
+        except Exception:
+            token = None
+        if token is None:
+            return
+        log.warn("the control plane refused node {node_id}'s credential and a bootstrap token is at hand: "
+                 "enrolling again", node_id=self.identity.node_id)
+        self.reenrollments += 1
+        old_session, self.identity, self.session = self.session, None, None
+        children = [c for c in (self.sync, self.heartbeat, self.outbox) if c is not None]
+        self.sync = self.heartbeat = self.outbox = None
+        stopped = [defer.maybeDeferred(child.disownServiceParent) for child in children]
+
+        def enroll(_: Any) -> None:
+            if old_session is not None:
+                old_session.close()
+            if not self.running:
+                return
+            self._state, self._reenrolled = "enrolling", True
+            self.enrollment = Enrollment(self.protocol.enroller(), self.token_source, self.clock, self._enrolled,
+                                         pin=self.cp.signing_public_key, node_id=self.config.node.id)
+            self.enrollment.start()
+
+        defer.gatherResults(stopped).addBoth(enroll)
 
     def rotate_node_key(self) -> None:
-        """Rotate the node's own key pair (protocols that ask for it)."""
-        if self.session is not None:
-            self.session.rotate_node_key().addErrback(
-                lambda f: log.warn("node key rotation failed: {error}", error=f.getErrorMessage()))
+        """Rotate the node's own key pair (protocols that ask for it): one rotation at a time."""
+        if self.session is None or self._rotating:
+            return
+        self._rotating = True
+        session = self.session
+
+        def rotated(identity: Identity | None) -> Any:
+            if identity is None or session is not self.session:
+                return None
+            self.identity = identity
+            self.node_key_rotations += 1
+            return self._keep(identity, "the rotated node key")
+
+        def done(result: Any) -> None:
+            self._rotating = False
+            if isinstance(result, Failure):
+                log.warn("node key rotation failed: {error}", error=result.getErrorMessage())
+
+        session.rotate_node_key().addCallback(rotated).addBoth(done)
+
+    def _keep(self, identity: Identity, what: str) -> defer.Deferred[None]:
+        """Save ``identity``, retrying every SAVE_RETRY seconds while the disk refuses."""
+        def not_saved(failure: Any) -> None:
+            log.error("could not save {what} to {path}: {error}; trying again in {seconds}s", what=what,
+                      path=self.store.path, error=failure.getErrorMessage(), seconds=self.SAVE_RETRY)
+            if self.running:
+                self._save_call = self.clock.callLater(self.SAVE_RETRY, lambda: self._keep(identity, what))
+
+        return self.store.save(identity).addErrback(not_saved)
 
     def stopService(self) -> defer.Deferred[None]:
         return defer.ensureDeferred(self._stop())

@@ -7,18 +7,17 @@ the node secret key (NSK) as bearer, as plexd's own client makes them.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import os
 from typing import Any, Callable, Mapping
 
 import attrs
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from plexagent import errors, strictparse
 from plexagent.controlplane import gojson
+from plexagent.controlplane.build import BuildChecksum
 from plexagent.controlplane.client import Reply, Transport, discard_body, path_escape
 from plexagent.controlplane.delivery import deliver_batch
 from plexagent.controlplane.identity import NodeKeyPair
@@ -129,22 +128,6 @@ class _Facts:
 
 
 EMPTY_FACTS = _Facts(None, {}, {}, {})
-
-
-def package_checksum() -> str:
-    """Hex SHA-256 of the installed plexagent package (its .py and .yaml files, sorted by path)."""
-    import plexagent
-
-    root = os.path.dirname(os.path.abspath(plexagent.__file__))
-    digest = hashlib.sha256()
-    paths = []
-    for directory, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        paths += [os.path.join(directory, f) for f in files if f.endswith((".py", ".yaml"))]
-    for path in sorted(paths, key=lambda p: os.path.relpath(p, root)):
-        with open(path, "rb") as f:
-            digest.update(os.path.relpath(path, root).encode() + b"\0" + f.read() + b"\0")
-    return digest.hexdigest()
 
 
 class PlexdSession:
@@ -400,33 +383,13 @@ class PlexdProtocol:
         self.hostname = socket.gethostname()
         self.event_codec = PlexdEventCodec()
         self.local_rules = PlexdLocalRules()
-        self._checksum = ""
-        self._checksum_waiters: list[defer.Deferred[str]] | None = None
-
-    def checksum(self) -> defer.Deferred[str]:
-        """The package checksum, computed once in a thread."""
-        if self._checksum:
-            return defer.succeed(self._checksum)
-        waiter: defer.Deferred[str] = defer.Deferred()
-        if self._checksum_waiters is None:
-            self._checksum_waiters = []
-
-            def computed(result: Any) -> None:
-                waiters, self._checksum_waiters = self._checksum_waiters or [], None
-                if isinstance(result, str):
-                    self._checksum = result
-                for d in waiters:
-                    d.callback(result) if isinstance(result, str) else d.errback(result)
-
-            threads.deferToThread(package_checksum).addBoth(computed)
-        self._checksum_waiters.append(waiter)
-        return waiter
+        self.checksum = BuildChecksum()
 
     def enroller(self) -> PlexdEnroller:
         return PlexdEnroller(self.transport, self.hostname, self.clock)
 
     def session(self, identity: Identity) -> PlexdSession:
-        return PlexdSession(self.transport, identity, self.clock, self.checksum)
+        return PlexdSession(self.transport, identity, self.clock, self.checksum.hex)
 
     def identity_document(self, identity: Identity) -> dict[str, Any]:
         doc = {"format": 1, "protocol": NAME, "node_id": identity.node_id, "mesh_ip": identity.mesh_ip,

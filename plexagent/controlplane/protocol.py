@@ -70,8 +70,10 @@ class ControlPlaneError(Exception):
     A control-plane call failed. The message names the call and what
     happened (a status, "timed out"), never a credential or a body.
     ``retry_after`` is a floor for the next attempt; ``code`` the control
-    plane's own name for the failure, when it gives one; ``revoked`` says
-    the node's credential was revoked (not merely refused).
+    plane's own name for the failure, when it gives one; ``pause`` how long
+    the activity stops (``math.inf``: until the agent restarts) instead of
+    backing off; ``revoked`` says the node's credential was revoked (not
+    merely refused).
     """
 
     def __init__(self, call: Call, kind: ErrorKind, message: str, status: int | None = None,
@@ -354,5 +356,6 @@ def build_protocol(config: "Config", transport: "Transport", clock: "IReactorTim
 
 def _registry() -> dict[str, Callable[..., ControlPlaneProtocol]]:
     from plexagent.controlplane.plexd import PlexdProtocol
+    from plexagent.controlplane.plexsphere import PlexsphereProtocol
 
-    return {"plexd": PlexdProtocol}
+    return {"plexd": PlexdProtocol, "plexsphere": PlexsphereProtocol}

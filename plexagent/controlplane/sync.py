@@ -144,7 +144,7 @@ class StateSync(service.Service):
         try:
             # Not chained to the fetch: stopping the sync cancels the fetch,
             # and must not cancel the write (the store waits for it on stop).
-            self.cache.replace(fetched.state)
+            self.cache.replace(fetched.state_over(self.cache.current))
         except InvalidState as e:
             self.failures += 1
             log.warn("control plane sent a state the agent cannot store: {error}", error=str(e))

@@ -166,12 +166,13 @@ class NodeAPI:
 
     @app.route("/v1/state/report/<path:key>", methods=["GET"])
     def report_get(self, request: IRequest, key: str) -> bytes:
+        self.rules.check_report_key(key)
         return responses.respond(request, self.reports.get(key))
 
     @app.route("/v1/state/report/<path:key>", methods=["PUT"])
     def report_put(self, request: IRequest, key: str) -> defer.Deferred[bytes]:
-        content_type, payload = parse_report_body(responses.read_json(request))
         self.rules.check_report_key(key)
+        content_type, payload = parse_report_body(responses.read_json(request))
         self.rules.check_report_put(key, payload)
         if_match = parse_if_match(request)
         d = self.reports.put(key, content_type, payload, if_match)

@@ -74,6 +74,19 @@ class SecretBox:
         except (InvalidTag, ValueError, binascii.Error, TypeError, OverflowError):
             raise DecryptionFailed() from None
 
+    def decrypt_raw(self, blob: bytes) -> bytes:
+        """A secret sent as raw bytes: the 12-byte nonce, then the ciphertext with its 16-byte tag."""
+        if len(blob) < 12 + 16:
+            raise DecryptionFailed()
+        try:
+            return self._aead.decrypt(blob[:12], blob[12:], None)
+        except (InvalidTag, ValueError, OverflowError):
+            raise DecryptionFailed() from None
+
+    def encrypt_raw(self, plaintext: bytes, nonce: bytes) -> bytes:
+        """The raw form ``decrypt_raw`` reads (used by the simulator and tests)."""
+        return nonce + self._aead.encrypt(nonce, plaintext, None)
+
     def encrypt(self, plaintext: bytes, nonce: bytes) -> tuple[str, str]:
         """Encrypt (used by the simulator and tests): (ciphertext_b64, nonce_b64)."""
         ct = self._aead.encrypt(nonce, plaintext, None)

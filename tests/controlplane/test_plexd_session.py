@@ -18,9 +18,10 @@ from twisted.web import server
 from twisted.web.http_headers import Headers
 
 from plexagent.config import parse_config
+from plexagent.controlplane.build import package_checksum
 from plexagent.controlplane.client import Reply, Transport
 from plexagent.controlplane.identity import NodeKeyPair
-from plexagent.controlplane.plexd import PlexdProtocol, PlexdSession, classify, package_checksum
+from plexagent.controlplane.plexd import PlexdProtocol, PlexdSession, classify
 from plexagent.controlplane.protocol import (
     Call,
     ControlPlaneError,
@@ -336,9 +337,9 @@ class EventStreamOpenTests(Fixture):
 
 
 class RegistryTests(unittest.TestCase):
-    def test_a_protocol_not_in_this_version_stops_startup_naming_the_key(self) -> None:
-        from plexagent.config import ConfigError
+    def test_each_protocol_name_builds_its_protocol(self) -> None:
+        from plexagent.controlplane.plexsphere import PlexsphereProtocol
 
-        config = parse_config({"control_plane": {"protocol": "plexsphere"}})
-        e = self.assertRaises(ConfigError, build_protocol, config, None, task.Clock())
-        self.assertTrue(re.match(r'^control_plane\.protocol: "plexsphere" is not available', str(e)), str(e))
+        for name, cls in (("plexd", PlexdProtocol), ("plexsphere", PlexsphereProtocol)):
+            config = parse_config({"control_plane": {"protocol": name}})
+            self.assertIsInstance(build_protocol(config, None, task.Clock()), cls)

@@ -108,12 +108,21 @@ class WiringTests(unittest.TestCase):
         self.assertTrue(str(e).startswith("node.secret_key_file: must hold the 32-character node secret key"))
         self.assertNotIn("too short", str(e))
 
-    def test_a_protocol_not_in_this_version_stops_startup_naming_the_key(self) -> None:
+    def test_plexsphere_enrolls_with_the_protocol_s_own_session_and_rules(self) -> None:
+        from plexagent.controlplane.plexsphere import PlexsphereProtocol
+
+        document = self.document(enroll=True)
+        document["control_plane"].update(protocol="plexsphere", project_id="1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+                                         resource_handle="edge-1")
+        top = makeService(parse_config(document), MemoryReactorClock())
+        self.assertIsInstance(top.agent.link.protocol, PlexsphereProtocol)
+
+    def test_a_plexsphere_node_provisioned_in_advance_needs_a_uuid_node_id(self) -> None:
         document = self.document()
         document["control_plane"].update(protocol="plexsphere", project_id="1b4e28ba-2fa1-11d2-883f-0016d3cca427",
                                          resource_handle="edge-1")
         e = self.assertRaises(ConfigError, makeService, parse_config(document), MemoryReactorClock())
-        self.assertIn('control_plane.protocol: "plexsphere" is not available', str(e))
+        self.assertIn('node.id: must be the node\'s UUID with protocol "plexsphere"', str(e))
 
     def test_idle_timeout_must_be_positive(self) -> None:
         e = self.assertRaises(ConfigError, parse_config, {"control_plane": {"events_idle_timeout": 0}})
