@@ -50,6 +50,9 @@ def status_document(config: Any, link: Any, version: str) -> dict[str, Any]:
     }
     if enrollment is not None:
         doc["identity"]["enrollment_attempts"] = dict(enrollment.attempts)
+    if link.reenrollments or link.node_key_rotations:
+        doc["identity"]["reenrollments"] = link.reenrollments
+        doc["identity"]["node_key_rotations"] = link.node_key_rotations
     keys = link.ring.keys
     doc["signing_keys"] = {
         "current": keys.current.label if keys.current is not None else None,
@@ -67,7 +70,8 @@ def status_document(config: Any, link: Any, version: str) -> dict[str, Any]:
     if stream is None:
         stream_state = "off" if not cp.events else "not started"
     else:
-        stream_state = "connected" if stream.connected else "reconnecting" if stream.started else "not started"
+        stream_state = ("stopped until restart" if stream.given_up else "connected" if stream.connected
+                        else "reconnecting" if stream.started else "not started")
     doc["events"] = {
         "stream": stream_state,
         "last_event": _time(stream.last_event_at) if stream is not None else None,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
