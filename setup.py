@@ -35,6 +35,7 @@ setup(
             "hypothesis>=6.90",
             "mypy>=1.8",
             "mypy-zope>=1.0",
+            "openapi-core>=0.23",
             "openapi-spec-validator>=0.7",
             "schemathesis>=4.0",
             "ruff>=0.6",
