@@ -144,6 +144,33 @@ class SimulatorCommandTests(unittest.TestCase):
         agent.kill(15)
         self.assertEqual(await agent.wait(), 0)
 
+    async def test_in_plexsphere_mode_it_prints_the_enrollment_settings_and_its_token_registers(self) -> None:
+        import base64
+        import uuid
+
+        import treq
+
+        watcher = _ProcessWatcher()
+        argv = [sys.executable, "-m", "plexagent.testing", "--protocol", "plexsphere", "--port", "0"]
+        transport = reactor.spawnProcess(watcher, argv[0], argv, env=dict(os.environ))
+
+        async def stop() -> None:
+            if watcher.status is None:
+                transport.signalProcess("TERM")
+                await watcher.ended
+
+        self.addCleanup(lambda: defer.ensureDeferred(stop()))
+        match = await watcher.wait_for(r'url: +(http://127\.0\.0\.1:\d+)\n  bootstrap token: +(psb_\S+)\n(?s:.*)'
+                                       r'project_id = "([^"]+)"\n  resource_handle = "([^"]+)"\n')
+        url, token, project_id, handle = (g.decode() for g in match.groups())
+        self.assertIn(b'protocol = "plexsphere"', match.group(0))
+        body = {"project_id": project_id, "resource_handle": handle, "bootstrap_token": token,
+                "nonce": str(uuid.uuid4()), "public_key": base64.b64encode(os.urandom(32)).decode()}
+        response = await treq.post(url + "/v1/register", json=body, persistent=False)
+        answer = await response.json()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(str(uuid.UUID(answer["node_id"])), answer["node_id"])
+
     async def test_plexagent_simulator_is_the_same_command(self) -> None:
         code, out, err = await plexagent("simulator", "--help")
         self.assertEqual(code, 0)

@@ -24,6 +24,8 @@ class Failure:
     status: int
     times: int
     retry_after: int | None = None
+    #: the problem ``code`` (plexsphere; None: the usual code for the endpoint and status)
+    code: str | None = None
 
 
 class Hold:
@@ -54,7 +56,8 @@ class Hold:
 class Faults:
     """
     What the simulator does wrong, set by tests. Endpoint names: register,
-    state, secret, heartbeat, report, drift, events, deregister.
+    state, secret, heartbeat, report, drift, events, deregister; under
+    plexsphere also keys_rotate (and "report" covers PUT and DELETE).
     """
 
     #: seconds to wait before answering any request
@@ -81,9 +84,31 @@ class Faults:
     #: gzip state answers (to clients that accept it); a bomb: over 10 MiB gunzipped
     gzip_responses: bool = False
     gzip_bomb: bool = False
+    #: plexsphere: endpoints answering 501 (their ``*_not_provisioned`` code) until removed
+    not_provisioned: set[str] = attrs.field(factory=set)
+    #: plexsphere: per endpoint, cut the connection of the next this-many requests instead of answering
+    cuts: dict[str, int] = attrs.field(factory=dict)
+    #: plexsphere: the X-Plexsphere-Secret-Version header to send instead of the version
+    secret_version_header: str | None = None
 
-    def fail(self, endpoint: str, status: int = 503, times: int = 1, retry_after: int | None = None) -> None:
-        self.failures[endpoint] = Failure(status, times, retry_after)
+    def fail(self, endpoint: str, status: int = 503, times: int = 1, retry_after: int | None = None,
+             code: str | None = None) -> None:
+        self.failures[endpoint] = Failure(status, times, retry_after, code)
+
+    def unprovision(self, *endpoints: str) -> None:
+        """plexsphere: answer 501 ``<...>_not_provisioned`` on ``endpoints`` until ``not_provisioned`` drops them."""
+        self.not_provisioned.update(endpoints)
+
+    def cut(self, endpoint: str, times: int = 1) -> None:
+        """plexsphere: drop the connection of the next ``times`` requests to ``endpoint`` unanswered."""
+        self.cuts[endpoint] = times
+
+    def take_cut(self, endpoint: str) -> bool:
+        left = self.cuts.get(endpoint, 0)
+        if left > 0:
+            self.cuts[endpoint] = left - 1
+            return True
+        return False
 
     def take_failure(self, endpoint: str) -> Failure | None:
         failure = self.failures.get(endpoint)
@@ -142,9 +167,13 @@ class NodeRecord:
         }
 
 
-def example_record() -> NodeRecord:
-    """The example node of the Local Node API guide."""
-    return NodeRecord(
+def example_record(protocol: str = "plexd") -> NodeRecord:
+    """
+    The example node of the Local Node API guide. Under plexsphere its
+    secrets are named as that protocol's names go (``tls-server-key``,
+    ``db-password``: no ``/``).
+    """
+    record = NodeRecord(
         metadata={"node_id": EXAMPLE_NODE_ID, "region": "us-west-2", "role": "gateway"},
         data={
             "nginx.conf": {
@@ -167,6 +196,9 @@ def example_record() -> NodeRecord:
             "db/password": (b"s3cret-p@ssw0rd", 2),
         },
     )
+    if protocol == "plexsphere":
+        record.secrets = {name.replace("/", "-").replace(".", "-"): value for name, value in record.secrets.items()}
+    return record
 
 
 @attrs.define
@@ -180,3 +212,7 @@ class NodeCredentials:
     deregistered: bool = False
     #: event streams this node opened
     streams: int = 0
+    #: plexsphere: a node key rotation was asked for (heartbeat or event) and not yet made
+    rotation_pending: bool = False
+    #: plexsphere: the version of the key wrapping the node's secrets (+1 per key rotation)
+    wrap_key_version: int = 1

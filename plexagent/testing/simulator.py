@@ -1,7 +1,8 @@
 """
 A control-plane simulator serving plexd's protocol (docs/control-plane.md)
-as plexd's own client expects it, on a real TCP port, with injectable
-faults. Importable by users' own tests::
+as plexd's own client expects it, or plexsphere's node API
+(``protocol="plexsphere"``, docs/control-plane-plexsphere.md), on a real
+TCP port, with injectable faults. Importable by users' own tests::
 
     sim = ControlPlaneSimulator.example()
     await sim.start(reactor)
@@ -25,6 +26,17 @@ Retry-After), ``faults.slow``/``delay``, ``faults.hold``,
 gzip bomb, heartbeat ``reconcile``/``rotate_keys``, refused report keys;
 on the stream: forged events (``inject_event_fault``, ``publish(...,
 bad_signature=...)``), cuts mid-event, silence, garbage, an over-long line.
+
+plexsphere mode (plexsphere_sim.py, plexsphere_simstate.py): node ids are
+UUIDs, the NSK is 32 random bytes (``nsk_text`` their standard base64) and
+``token`` the node's ``nsk_plexd_`` bearer; bootstrap tokens have the
+platform's ``psb_`` form and registration checks ``project_id`` and
+``resource_handle``. The protocol-neutral operations (``set_metadata``,
+``set_data``, ``set_secret``, ``reported``, ``push_state``,
+``rotate_signing_key``, ``inject_event_fault``, ``publish``,
+``drop_streams``, ``faults``) work in both modes; plexsphere_simstate.py says
+how data values and reports read there. Each answer is also handed to
+``check_exchange`` (``exchange_checks``).
 """
 
 from __future__ import annotations
@@ -32,7 +44,8 @@ from __future__ import annotations
 import base64
 import itertools
 import secrets
-from typing import Any, Callable, cast
+import uuid
+from typing import Any, Callable, Iterable, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, endpoints, task
@@ -42,6 +55,7 @@ from twisted.web.iweb import IRequest
 
 from plexagent.controlplane import gojson
 from plexagent.controlplane.gojson import GoTime
+from plexagent.testing import plexsphere_simstate as ps
 from plexagent.testing.plexd_sim import PlexdRoutes, frame, plexd_envelope, public_b64
 from plexagent.testing.simstate import (
     EXAMPLE_NODE_ID,
@@ -59,20 +73,35 @@ __all__ = ["ControlPlaneSimulator", "EXAMPLE_NODE_ID", "EventStreamResponse", "F
 
 #: Called on every event stream opened: (simulator, stream, node).
 StreamHook = Callable[["ControlPlaneSimulator", "EventStreamResponse", NodeCredentials], None]
+#: Checks one answered request (plexsphere): (endpoint, method, path and query, request headers (lowercase
+#: names), request body, status, response headers, response body) -> what is wrong with it.
+ExchangeCheck = Callable[[str, str, str, dict[str, str], bytes, int, dict[str, str], bytes], Iterable[str]]
+PROTOCOLS = ("plexd", "plexsphere")
 
 
 class ControlPlaneSimulator:
-    """A control plane for plexd nodes, faithful to docs/control-plane.md."""
+    """A control plane for plexd nodes (or plexsphere's), faithful to its protocol's document."""
 
     def __init__(self, record: NodeRecord | None = None, *, protocol: str = "plexd",
                  node_id: str = EXAMPLE_NODE_ID, nsk_text: str | None = None,
                  bootstrap_tokens: list[str] | None = None, tokens: int = 1,
-                 signing_key: Ed25519PrivateKey | None = None, keepalive: float = 15.0) -> None:
-        if protocol != "plexd":
-            raise ValueError(f"the simulator serves the plexd protocol only, not {protocol!r}")
+                 signing_key: Ed25519PrivateKey | None = None, keepalive: float = 15.0,
+                 project_id: str = ps.EXAMPLE_PROJECT_ID, resource_handle: str = ps.EXAMPLE_RESOURCE_HANDLE,
+                 der_signing_key: bool = False) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"the simulator serves the protocols {', '.join(PROTOCOLS)}, not {protocol!r}")
         self.protocol = protocol
+        self.plexsphere = protocol == "plexsphere"
+        #: plexsphere: what registration must name
+        self.project_id = project_id
+        self.resource_handle = resource_handle
+        #: plexsphere: registration sends the signing key in its 44-byte DER form
+        self.der_signing_key = der_signing_key
         self.node = record if record is not None else NodeRecord()
         self.faults = Faults()
+        if self.plexsphere:
+            node_id = ps.EXAMPLE_NODE_UUID if node_id == EXAMPLE_NODE_ID else node_id
+            nsk_text = nsk_text or ps.new_nsk_b64()
         self.example_node = NodeCredentials(node_id, nsk_text or new_nsk(), mesh_ip="10.99.0.1")
         self.nodes: dict[str, NodeCredentials] = {node_id: self.example_node}
         self._current = self.example_node
@@ -84,6 +113,10 @@ class ControlPlaneSimulator:
             self.issue_bootstrap_token(token=given or None)
         self.signing_key = signing_key or Ed25519PrivateKey.generate()
         self.previous_key: Ed25519PrivateKey | None = None
+        #: the keys' ids (plexsphere's events name the key that signed them)
+        self._key_numbers = itertools.count(1)
+        self.signing_key_id = ps.key_id(next(self._key_numbers))
+        self.previous_key_id = ""
         #: when the previous key stops verifying (seconds since the epoch)
         self.transition_expires: float | None = None
         self.keepalive = keepalive
@@ -109,20 +142,40 @@ class ControlPlaneSimulator:
         self.stream_hooks: list[StreamHook] = []
         #: called after each registration is answered: (simulator, node)
         self.registration_hooks: list[Callable[["ControlPlaneSimulator", NodeCredentials], None]] = []
+        #: plexsphere: every registration body received (None when not JSON), accepted or not
+        self.registration_attempts: list[Any] = []
+        self.registration_nonces: set[str] = set()
+        #: plexsphere: every report call, in order: (method, key, value or None)
+        self.report_calls: list[tuple[str, str, str | None]] = []
+        #: plexsphere: every keys/rotate body: {"node_id", "new_public_key"}
+        self.key_rotations: list[dict[str, str]] = []
+        #: plexsphere: every event published, for Last-Event-ID replays
+        self.published: list[ps.PublishedEvent] = []
+        #: plexsphere: older secret versions, name -> version -> plaintext
+        self.secret_history: dict[str, dict[int, bytes]] = {}
+        #: plexsphere: the snapshot's ``state`` (and ``reports``) is null
+        self.null_state = False
+        self.policy_revision = str(uuid.uuid4())
+        self.exchange_checks: list[ExchangeCheck] = []
         self._streams: list[EventStreamResponse] = []
         self._event_ids = itertools.count(1)
         self._last_nonce = ""
-        self._routes = PlexdRoutes(self)
+        self._routes: Any = PlexdRoutes(self)
+        if self.plexsphere:
+            from plexagent.testing.plexsphere_sim import PlexsphereRoutes
+
+            self._routes = PlexsphereRoutes(self)
         self._port: IListeningPort | None = None
         self._portnum = 0
         self._host = "127.0.0.1"
         self._reactor: Any = None
         self._site: Any = None
+        self.started_at = self.now()
 
     @classmethod
     def example(cls, protocol: str = "plexd", **options: Any) -> "ControlPlaneSimulator":
         """The guide's example node, pre-registered, and one bootstrap token for enrolling."""
-        return cls(example_record(), protocol=protocol, **options)
+        return cls(example_record(protocol), protocol=protocol, **options)
 
     # -- credentials -------------------------------------------------------
 
@@ -133,13 +186,24 @@ class ControlPlaneSimulator:
 
     @property
     def token(self) -> str:
-        """The current node's bearer: its NSK text."""
+        """The current node's bearer: its NSK text (plexsphere: its ``nsk_plexd_`` bearer)."""
+        if self.plexsphere:
+            return ps.bearer(self._current.node_id, self.nsk)
         return self._current.nsk_text
 
     @property
     def nsk(self) -> bytes:
         """The current node's AES key (its NSK's bytes)."""
-        return self._current.nsk_text.encode()
+        return self.nsk_of(self._current)
+
+    def nsk_of(self, node: NodeCredentials) -> bytes:
+        """A node's AES key: plexd's NSK text as bytes, plexsphere's the 32 bytes its base64 says."""
+        return base64.b64decode(node.nsk_text) if self.plexsphere else node.nsk_text.encode()
+
+    @property
+    def bootstrap_uses(self) -> dict[str, int]:
+        """Bootstrap token -> registrations it still allows."""
+        return self._tokens
 
     @property
     def nsk_b64(self) -> str:
@@ -153,7 +217,18 @@ class ControlPlaneSimulator:
     def public_key_b64(self) -> str:
         return public_b64(self.signing_key)
 
+    @property
+    def signing_public_key_wire(self) -> str:
+        """The signing key as registration sends it: raw, or its DER form with ``der_signing_key``."""
+        if not self.der_signing_key:
+            return self.public_key_b64
+        from plexagent.controlplane.keys import ED25519_SPKI_PREFIX
+
+        return base64.b64encode(ED25519_SPKI_PREFIX + base64.b64decode(self.public_key_b64)).decode("ascii")
+
     def issue_bootstrap_token(self, uses: int = 1, token: str | None = None) -> str:
+        if token is None and self.plexsphere:
+            token = ps.new_bootstrap_token(self.project_id)
         token = token or secrets.token_urlsafe(32)
         self._tokens[token] = uses
         self.bootstrap_tokens.append(token)
@@ -168,8 +243,11 @@ class ControlPlaneSimulator:
 
     def register_node(self, public_key: str) -> NodeCredentials:
         number = next(self._node_numbers)
-        node = NodeCredentials(f"node-{number}", new_nsk(), mesh_ip=f"10.99.1.{number % 250 + 1}",
-                               public_key=public_key)
+        if self.plexsphere:
+            node_id, nsk_text = str(uuid.uuid4()), ps.new_nsk_b64()
+        else:
+            node_id, nsk_text = f"node-{number}", new_nsk()
+        node = NodeCredentials(node_id, nsk_text, mesh_ip=f"10.99.1.{number % 250 + 1}", public_key=public_key)
         self.nodes[node.node_id] = node
         self._current = node
         return node
@@ -200,8 +278,12 @@ class ControlPlaneSimulator:
     def _go_time(self, seconds: float) -> str:
         return GoTime.from_unix_ns(round(seconds * 1e9)).marshal().decode("ascii")
 
+    go_time = _go_time
+
     async def start(self, reactor: Any, port: int = 0, host: str = "127.0.0.1") -> None:
         """Listen on ``host`` (``port`` 0: any free port, kept for the next start)."""
+        if self._reactor is None:
+            self.started_at = cast(float, reactor.seconds())
         self._reactor = reactor
         self._host = host
         site = _TrackingSite(self._routes.resource())
@@ -238,20 +320,32 @@ class ControlPlaneSimulator:
             await hold.wait(endpoint)
         return value
 
+    def check_exchange(self, endpoint: str, method: str, path: str, request_headers: dict[str, str],
+                       request_body: bytes, status: int, response_headers: dict[str, str],
+                       response_body: bytes) -> None:
+        """Run every ``exchange_checks`` callable on one answered request; what they return are violations."""
+        for check in list(self.exchange_checks):
+            self.violations.extend(check(endpoint, method, path, request_headers, request_body, status,
+                                         response_headers, response_body))
+
     def open_stream(self, request: IRequest, node: NodeCredentials) -> Any:
         last_id = (request.getHeader(b"last-event-id") or b"").decode("utf-8", "replace")
         self.stream_requests.append(last_id)
-        node.streams += 1
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
-        stream = EventStreamResponse(self, request)
-        self._streams.append(stream)
         opening = b": stream open\n\n"
         if last_id:
             ids = [eid for eid, _ in self.events]
             if last_id in ids:
                 opening += b"".join(f for _, f in self.events[ids.index(last_id) + 1:])
+        return self.start_stream(request, node, opening)
+
+    def start_stream(self, request: IRequest, node: NodeCredentials, opening: bytes) -> Any:
+        """Keep ``request`` open as ``node``'s event stream, ``opening`` its first bytes; fires when it ends."""
+        node.streams += 1
+        stream = EventStreamResponse(self, request, node)
+        self._streams.append(stream)
         delay = self.faults.delay + self.faults.delays.get("events", 0.0)
         if delay > 0:
             # Slow: no response headers until the delay has passed.
@@ -276,6 +370,10 @@ class ControlPlaneSimulator:
                                "updated_at": self._go_time(self.now())}
 
     def set_secret(self, key: str, plaintext: bytes, version: int) -> None:
+        """Hold ``plaintext`` as version ``version`` of ``key`` (the one it replaces stays fetchable by version)."""
+        if key in self.node.secrets:
+            old, old_version = self.node.secrets[key]
+            self.secret_history.setdefault(key, {})[old_version] = old
         self.node.secrets[key] = (plaintext, version)
 
     def push_state(self, key: str = "current") -> str:
@@ -283,8 +381,11 @@ class ControlPlaneSimulator:
         Tell the nodes of the state now held (a signed ``node_state_updated``),
         signed with the ``current`` or the ``previous`` signing key.
         """
-        doc = self.node.state_document()
         signer = self.previous_key if key == "previous" else None
+        if self.plexsphere:
+            return self.publish("node_state_updated", {"node_id": self.node_id}, apply=False, sign_with=signer,
+                                key_id=self.previous_key_id if key == "previous" else None)
+        doc = self.node.state_document()
         return self.publish("node_state_updated", {"metadata": doc["metadata"], "data": doc["data"]}, apply=False,
                             sign_with=signer)
 
@@ -300,7 +401,16 @@ class ControlPlaneSimulator:
         """
         new = Ed25519PrivateKey.generate()
         self.previous_key, self.signing_key = self.signing_key, new
+        self.previous_key_id, self.signing_key_id = self.signing_key_id, ps.key_id(next(self._key_numbers))
         self.transition_expires = self.now() + transition
+        if self.plexsphere:
+            # The snapshot names no keys: "state" alone changes the key unannounced.
+            if via in ("event", "both"):
+                self.publish("signing_key_rotated", {
+                    "key_id": self.signing_key_id, "public_key": self.public_key_b64,
+                    "previous_key_id": self.previous_key_id, "transition_expires": self._go_time(
+                        self.transition_expires)}, sign_with=self.previous_key, key_id=self.previous_key_id)
+            return self.public_key_b64
         if via in ("event", "both"):
             keys = self.signing_keys_document()
             self.publish("signing_key_rotated", keys, sign_with=self.previous_key)
@@ -311,7 +421,15 @@ class ControlPlaneSimulator:
         Publish a forged ``node_state_updated`` that must be dropped (its
         metadata says ``{"forged": "yes"}``): bad_signature,
         missing_signature, stale, future, unknown_key, malformed, replay.
+        plexsphere (no replay): the payload is ``{"forged": "yes"}`` and the
+        state stays as it is; unknown_key names a key id the agent does not
+        hold (signed by a key nobody holds).
         """
+        if self.plexsphere:
+            options = dict(ps.FORGERIES[kind])
+            if kind == "unknown_key":
+                options["sign_with"] = Ed25519PrivateKey.generate()
+            return self.publish("node_state_updated", {"forged": "yes"}, apply=False, **options)
         forged = {"metadata": {"forged": "yes"}, "data": []}
         faults: dict[str, dict[str, Any]] = {
             "bad_signature": {"bad_signature": True}, "missing_signature": {"signature": ""},
@@ -332,7 +450,8 @@ class ControlPlaneSimulator:
                 apply: bool = True, issued_offset: float = 0.0, issued: GoTime | None = None,
                 wire_issued_at: bytes | None = None,
                 nonce: str | None = None, replay_nonce: bool = False, sign_with: Ed25519PrivateKey | None = None,
-                bad_signature: bool = False, signature: str | None = None, raw_data: bytes | None = None) -> str:
+                bad_signature: bool = False, signature: str | None = None, raw_data: bytes | None = None,
+                key_id: str | None = None) -> str:
         """
         Send one signed event to every open stream (kept for Last-Event-ID
         replays); returns its id. ``payload`` is written as Go marshals it
@@ -340,7 +459,15 @@ class ControlPlaneSimulator:
         ``node_state_updated`` also changes what a state fetch answers.
         Forgeries: see ``plexd_envelope``; ``replay_nonce`` reuses the last
         nonce; ``raw_data`` sends those bytes as the event's data.
+        plexsphere: the id is the event's numeric sequence; each node's
+        frame is signed for its own scope; ``key_id`` names another key
+        (default: the current key's id); a ``rotate_keys`` event makes a
+        node key rotation pending for every node.
         """
+        if self.plexsphere:
+            return ps.publish(self, event_type, payload, payload_raw=payload_raw, apply=apply,
+                              issued_offset=issued_offset, issued=issued, sign_with=sign_with,
+                              bad_signature=bad_signature, signature=signature, raw_data=raw_data, key_id=key_id)
         event_id = str(next(self._event_ids))
         if raw_data is not None:
             wire = raw_data
@@ -385,18 +512,20 @@ class ControlPlaneSimulator:
 
     def drop_streams(self, mid_event: bool = False) -> None:
         """Cut every open stream, after half an event when ``mid_event``."""
+        half = b'data: {"id":"' if self.plexsphere else b'data: {"event_type":"node_st'
         for stream in list(self._streams):
             if mid_event:
-                stream.send(b"id: 999999\nevent: node_state_updated\ndata: {\"event_type\":\"node_st")
+                stream.send(b"id: 999999\nevent: node_state_updated\n" + half)
             stream.close()
 
 
 class EventStreamResponse:
     """One open event-stream response, with its keep-alive timer."""
 
-    def __init__(self, sim: ControlPlaneSimulator, request: Any) -> None:
+    def __init__(self, sim: ControlPlaneSimulator, request: Any, node: NodeCredentials | None = None) -> None:
         self._sim = sim
         self._request = request
+        self.node = node
         self.done: defer.Deferred[bytes] = defer.Deferred(lambda _: self._gone())
         self._keepalive = task.LoopingCall(self._ping)
         self._keepalive.clock = sim._reactor
@@ -405,7 +534,7 @@ class EventStreamResponse:
         request.notifyFinish().addBoth(lambda _: self._gone())
 
     def _ping(self) -> None:
-        self.send(b": keep-alive\n\n")
+        self.send(b":keep-alive\n\n" if self._sim.plexsphere else b": keep-alive\n\n")
 
     def send(self, data: bytes, force: bool = False) -> None:
         if self._sim.faults.silent_stream and not force:

@@ -104,13 +104,16 @@ def agent_config_document(
         "request_timeout": 2.0,
     }
     node: dict[str, Any] = {"data_dir": os.path.join(base, "data"), "shutdown_timeout": 1.0}
+    if sim.protocol == "plexsphere":
+        cp.update(protocol="plexsphere", project_id=sim.project_id, resource_handle=sim.resource_handle)
     if enroll:
         cp["bootstrap_token_file"] = write_private(os.path.join(base, "bootstrap-token"),
                                                    sim.issue_bootstrap_token() + "\n")
     else:
         node["id"] = sim.example_node.node_id
         node["secret_key_file"] = write_private(os.path.join(base, "nsk"), sim.example_node.nsk_text)
-        cp["token_file"] = write_private(os.path.join(base, "token"), sim.example_node.nsk_text + "\n")
+        if sim.protocol == "plexd":  # plexsphere derives its bearer from the node id and the NSK
+            cp["token_file"] = write_private(os.path.join(base, "token"), sim.example_node.nsk_text + "\n")
     cp.update(control_plane)
     return {
         "node": node,

@@ -10,8 +10,10 @@ added to the agent adds one case here: every mixin then runs for it too.
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any, Callable
+from urllib.parse import quote
 
 import attrs
 from twisted.trial import unittest
@@ -23,10 +25,20 @@ from plexagent.testing.simulator import ControlPlaneSimulator
 @attrs.frozen
 class ProtocolCase:
     name: str
-    #: what the protocol has: "nonce_replay", "event_payloads", "batch_reports", "drift", "secret_index"
+    #: what the protocol has: "nonce_replay", "event_payloads", "batch_reports", "drift", "secret_index",
+    #: "state_signing_keys" (the state names the signing keys), "report_versions" (the control plane sees the
+    #: agent's report versions), "per_key_reports" (one call per report key), "node_key_rotation"
+    #: (keys/rotate), "key_ids" (events name their signing key)
     capabilities: frozenset[str]
     #: the reason the agent drops each forged event the simulator can inject
     drop_reasons: dict[str, DropReason] = attrs.field(factory=dict, hash=False)
+    #: a secret of the example node, named as the protocol's names go, and its value
+    secret_key: str = "db/password"
+    secret_value: bytes = b"s3cret-p@ssw0rd"
+    #: the status with which the control plane refuses a report so that the agent drops it
+    refused_report_status: int = 422
+    #: data payloads travel as strings (non-strings as compact JSON)
+    string_data: bool = False
 
     def simulator(self, **options: Any) -> ControlPlaneSimulator:
         return ControlPlaneSimulator.example(protocol=self.name, **options)
@@ -41,10 +53,22 @@ class ProtocolCase:
     def forgeries(self) -> list[str]:
         return sorted(self.drop_reasons)
 
+    @property
+    def secret_path(self) -> str:
+        """``secret_key`` as a Local Node API path segment."""
+        return quote(self.secret_key, safe="")
+
+    def data_payload(self, payload: Any) -> Any:
+        """What the agent serves as the payload of data the simulator was given as ``payload`` (``set_data``)."""
+        if not self.string_data or isinstance(payload, str):
+            return payload
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
 
 PLEXD = ProtocolCase(
     "plexd",
-    frozenset({"nonce_replay", "event_payloads", "batch_reports", "drift", "secret_index"}),
+    frozenset({"nonce_replay", "event_payloads", "batch_reports", "drift", "secret_index", "state_signing_keys",
+               "report_versions"}),
     {
         "bad_signature": DropReason.BAD_SIGNATURE,
         "missing_signature": DropReason.MISSING_FIELD,
@@ -55,6 +79,23 @@ PLEXD = ProtocolCase(
         "malformed": DropReason.INVALID_JSON,
         "replay": DropReason.REPLAY,
     },
+)
+
+PLEXSPHERE = ProtocolCase(
+    "plexsphere",
+    frozenset({"per_key_reports", "node_key_rotation", "key_ids"}),
+    {
+        "bad_signature": DropReason.BAD_SIGNATURE,
+        "missing_signature": DropReason.MISSING_FIELD,
+        "stale": DropReason.STALE,
+        "future": DropReason.FUTURE,
+        # Events name their key: an id the agent does not hold is unknown.
+        "unknown_key": DropReason.UNKNOWN_KEY,
+        "malformed": DropReason.INVALID_JSON,
+    },
+    secret_key="db-password",
+    refused_report_status=400,
+    string_data=True,
 )
 
 PROTOCOLS: tuple[ProtocolCase, ...] = (PLEXD,)
