@@ -133,9 +133,23 @@ class AgentTestCase(unittest.TestCase):
         from tests.controlplane.protocols import PLEXD
 
         sim = getattr(self, "protocol", PLEXD).simulator(**options)
+        if sim.protocol == "plexsphere":
+            # Every request the agent sends and every answer the simulator
+            # serves is checked against the protocol's OpenAPI document.
+            from plexagent.testing.openapi_check import ExchangeChecker
+
+            self.exchange_checker = ExchangeChecker()
+            sim.exchange_checks.append(self.exchange_checker)
+            self.addCleanup(lambda: self.assertEqual(sim.violations, []))
         await sim.start(reactor)
         self.addCleanup(lambda: defer.ensureDeferred(sim.stop()))
         return sim
+
+    def allow_fault(self, operation_id: str, status: int) -> None:
+        """A fault this test injects on purpose that the OpenAPI document does not declare."""
+        checker = getattr(self, "exchange_checker", None)
+        if checker is not None:
+            checker.allow_undeclared.add((operation_id, status))
 
     def start_agent(self, sim: ControlPlaneSimulator, base: str | None = None, **control_plane: Any) -> Any:
         base = base or self.mktemp()

@@ -39,6 +39,9 @@ class ProtocolCase:
     refused_report_status: int = 422
     #: data payloads travel as strings (non-strings as compact JSON)
     string_data: bool = False
+    #: the members of a heartbeat, in order
+    heartbeat_members: list[str] = attrs.field(factory=lambda: ["node_id", "timestamp", "status", "uptime",
+                                                                  "binary_checksum"], hash=False)
 
     def simulator(self, **options: Any) -> ControlPlaneSimulator:
         return ControlPlaneSimulator.example(protocol=self.name, **options)
@@ -96,9 +99,10 @@ PLEXSPHERE = ProtocolCase(
     secret_key="db-password",
     refused_report_status=400,
     string_data=True,
+    heartbeat_members=["client_now", "binary_checksum", "binary_version", "nat_summary"],
 )
 
-PROTOCOLS: tuple[ProtocolCase, ...] = (PLEXD,)
+PROTOCOLS: tuple[ProtocolCase, ...] = (PLEXD, PLEXSPHERE)
 
 
 def for_each_protocol(requires: frozenset[str] = frozenset()) -> Callable[[type], type]:

@@ -53,15 +53,6 @@ class EventStreamIntegrationTests(Fixture):
         code, metadata = await client.get("/v1/state/metadata")
         self.assertEqual(metadata, {"region": "test"})
 
-    async def test_secrets_event_replaces_the_secret_index(self) -> None:
-        sim = await self.start_sim()
-        agent, client = await self.connected_agent(sim)
-        sim.set_secret("api/key", b"k", 9)
-        sim.push_secret_index()
-        await eventually(lambda: "api/key" in agent.cache.current.secret_refs)
-        code, index = await client.get("/v1/state/secrets")
-        self.assertIn({"key": "api/key", "version": 9}, index)
-
     async def test_drop_mid_event_reconnects_with_last_event_id_and_reconciles(self) -> None:
         sim = await self.start_sim()
         agent, client = await self.connected_agent(sim)
@@ -114,6 +105,7 @@ class EventStreamIntegrationTests(Fixture):
 
     async def test_event_stream_refused_with_retry_after_is_retried_later(self) -> None:
         sim = await self.start_sim()
+        self.allow_fault("GetNodeEvents", 429)
         sim.faults.fail("events", status=429, times=1, retry_after=1)
         agent, client = self.start_agent(sim)
         await eventually(lambda: sim.open_streams == 1, what="stream after Retry-After")
@@ -131,6 +123,18 @@ class EventStreamIntegrationTests(Fixture):
         await eventually(lambda: agent.sync.stream.connected, timeout=20, what="stream connected")
         push(sim, "late", 1)
         await eventually(lambda: "config" in agent.cache.current.data)
+
+
+@for_each_protocol(requires=frozenset({"secret_index"}))
+class SecretIndexEventTests(Fixture):
+    async def test_secrets_event_replaces_the_secret_index(self) -> None:
+        sim = await self.start_sim()
+        agent, client = await self.connected_agent(sim)
+        sim.set_secret("api/key", b"k", 9)
+        sim.push_secret_index()
+        await eventually(lambda: "api/key" in agent.cache.current.secret_refs)
+        code, index = await client.get("/v1/state/secrets")
+        self.assertIn({"key": "api/key", "version": 9}, index)
 
 
 @for_each_protocol()
@@ -166,6 +170,7 @@ class StateFetchIntegrationTests(Fixture):
 
     async def test_state_429_retry_after_is_honoured(self) -> None:
         sim = await self.start_sim()
+        self.allow_fault("GetNodeState", 429)
         sim.faults.fail("state", status=429, times=1, retry_after=2)
         agent, client = self.start_agent(sim)
         await eventually(lambda: agent.cache.current.metadata.get("role") == "gateway", timeout=20)
@@ -190,7 +195,7 @@ class StateFetchIntegrationTests(Fixture):
         await eventually(lambda: agent.cache.current.metadata.get("role") == "edge", what="reconcile")
         self.assertGreater(sim.requests.count(("state", "GET")), fetches)
         body = sim.heartbeats[0]
-        self.assertEqual(list(body), ["node_id", "timestamp", "status", "uptime", "binary_checksum"])
+        self.assertEqual(list(body), self.protocol.heartbeat_members)  # type: ignore[attr-defined]
         self.assertEqual(sim.violations, [])
 
     async def test_reconcile_interval_fetches_periodically(self) -> None:
@@ -203,7 +208,7 @@ class StateFetchIntegrationTests(Fixture):
         sim = await self.start_sim()
         agent, client = await self.connected_agent(sim)
         sim.faults.tamper_secrets = True
-        code, body = await client.get("/v1/state/secrets/db%2Fpassword")
+        code, body = await client.get("/v1/state/secrets/" + self.protocol.secret_path)  # type: ignore
         self.assertEqual((code, body["error"]), (500, "decryption failed"))
         self.assertNotIn("s3cret", str(body))
 
@@ -226,17 +231,20 @@ class ReportSyncIntegrationTests(Fixture):
         sim = await self.start_sim()
         agent, client = await self.connected_agent(sim)
         sim.faults.fail("report", status=503, times=3)
-        acknowledged = {}
+        acknowledged, versions = {}, {}
         for i in range(10):
             code, body = await client.put_report(f"r{i}", i)
-            acknowledged[body["key"]] = body["version"]
+            acknowledged[body["key"]], versions[body["key"]] = i, body["version"]
         await eventually(lambda: agent.outbox.failures >= 1, what="first failure")
         self.assertGreater(agent.outbox.depth, 0)
         await eventually(lambda: agent.outbox.depth == 0, timeout=30, what="outbox drained")
-        self.assertEqual({k: e["version"] for k, e in sim.reported().items()}, acknowledged)
+        self.assertEqual({k: e["payload"] for k, e in sim.reported().items()}, acknowledged)
+        if "report_versions" in self.protocol.capabilities:  # type: ignore[attr-defined]
+            self.assertEqual({k: e["version"] for k, e in sim.reported().items()}, versions)
 
     async def test_report_429_waits_for_retry_after(self) -> None:
         sim = await self.start_sim()
+        self.allow_fault("PutNodeStateReport", 429)
         agent, client = await self.connected_agent(sim)
         sim.faults.fail("report", status=429, times=1, retry_after=1)
         await client.put_report("a", 1)
@@ -265,7 +273,7 @@ class PoisonedReportTests(Fixture):
     async def test_a_batch_refused_for_one_key_still_delivers_every_other(self) -> None:
         sim = await self.start_sim()
         agent, client = await self.connected_agent(sim)
-        sim.faults.refuse_report_key("poison", status=422)
+        sim.faults.refuse_report_key("poison", status=self.protocol.refused_report_status)  # type: ignore
         for key in ("a", "b", "poison", "c", "d"):
             self.assertEqual((await client.put_report(key, {"k": key}))[0], 200)
         await eventually(lambda: agent.outbox.depth == 0, timeout=20, what="outbox drained")
@@ -308,7 +316,7 @@ class NoSecretsInLogsTests(Fixture):
         agent, client = self.start_agent(sim, heartbeat_interval=0.1)
         await eventually(lambda: sim.open_streams == 1, timeout=20)
         await client.put_report("r", {"x": 1})
-        code, body = await client.get("/v1/state/secrets/db%2Fpassword")
+        code, body = await client.get("/v1/state/secrets/" + self.protocol.secret_path)  # type: ignore
         self.assertEqual((code, body["value"]), (200, "s3cret-p@ssw0rd"))
         sim.inject_event_fault("bad_signature")
         sim.drop_streams(mid_event=True)
