@@ -157,6 +157,8 @@ class AgentTestCase(unittest.TestCase):
         self.addCleanup(shutil.rmtree, socket_dir, True)
         config = parse_config(agent_config_document(base, sim, socket_dir, **control_plane))
         top = makeService(config, reactor)
+        #: the service tree of the agent started last
+        self.last_top = top
         top.startService()
         self.addCleanup(top.stopService)
         client = SocketClient(config.node_api.socket)
