@@ -189,6 +189,10 @@ class StateFetchIntegrationTests(Fixture):
     async def test_heartbeat_answering_reconcile_fetches_state(self) -> None:
         sim = await self.start_sim()
         agent, client = await self.connected_agent(sim, heartbeat_interval=0.1)
+        # Settled: the first heartbeat answered, the fetches of the start (and of the connection) done.
+        settled_fetches = 2 if agent.link.protocol.pull_on_every_connect else 1
+        await eventually(lambda: bool(sim.heartbeats) and agent.sync.fetches >= settled_fetches
+                         and agent.sync._inflight is None, what="the agent settled")
         fetches = sim.requests.count(("state", "GET"))
         sim.node.metadata["role"] = "edge"  # changed without an event
         sim.faults.heartbeat_reconcile = 1
