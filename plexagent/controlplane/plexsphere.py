@@ -222,6 +222,31 @@ def versioned(values: Mapping[str, str], current: NodeState, seen_at: str) -> di
     return out
 
 
+def read_identity(doc: Mapping[str, Any], texts: tuple[str, ...], **given: Any) -> Identity:
+    """
+    The identity in a registration answer or in identity.json: ``node_id``
+    (a UUID), ``nsk`` (standard base64 of 32 bytes) and the string members
+    ``texts`` (absent: ""); ValueError naming the first that is unusable.
+    """
+    node_id, nsk = doc.get("node_id"), doc.get("nsk")
+    if not isinstance(node_id, str) or not _UUID.fullmatch(node_id):
+        raise ValueError("node_id: must be a UUID")
+    try:
+        aes_key = nsk_bytes(nsk) if isinstance(nsk, str) else None
+    except ValueError:
+        aes_key = None
+    if aes_key is None or not isinstance(nsk, str):
+        raise ValueError("nsk: must be standard base64 of 32 bytes")
+    members: dict[str, Any] = {}
+    for name in texts:
+        value = doc.get(name, "")
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: must be a string")
+        members[name] = value
+    return Identity(NAME, node_id, bearer=bearer_token(node_id, aes_key), aes_key=aes_key, nsk_text=nsk,
+                    source="enrolled", **members, **given)
+
+
 class PlexsphereSession:
     """The calls of one node enrolled with a plexsphere platform."""
 
@@ -425,25 +450,11 @@ class PlexsphereEnroller:
             return ControlPlaneError(Call.REGISTER, ErrorKind.PERMANENT,
                                      f"register: unusable registration answer: {field}", status=reply.status)
 
-        node_id, nsk = doc.get("node_id"), doc.get("nsk")
-        if not isinstance(node_id, str) or not _UUID.fullmatch(node_id):
-            raise unusable("node_id (must be a UUID)")
         try:
-            aes_key = nsk_bytes(nsk) if isinstance(nsk, str) else None
-        except ValueError:
-            aes_key = None
-        if aes_key is None or not isinstance(nsk, str):
-            raise unusable("nsk (must be standard base64 of 32 bytes)")
-        texts = {}
-        for name in ("mesh_ip", "signing_public_key", "signing_key_id", "domain_mesh_cidr"):
-            value = doc.get(name, "")
-            if not isinstance(value, str):
-                raise unusable(name)
-            texts[name] = value
-        return Identity(NAME, node_id, bearer=bearer_token(node_id, aes_key), aes_key=aes_key,
-                        nsk_text=nsk, mesh_ip=texts["mesh_ip"], signing_public_key=texts["signing_public_key"],
-                        signing_key_id=texts["signing_key_id"], keypair=keypair, source="enrolled",
-                        enrolled_at=_go_now(self.clock))
+            return read_identity(doc, ("mesh_ip", "signing_public_key", "signing_key_id"), keypair=keypair,
+                                 enrolled_at=_go_now(self.clock))
+        except ValueError as e:
+            raise unusable(str(e)) from None
 
     def deregister(self, identity: Identity) -> defer.Deferred[None]:
         return defer.fail(ControlPlaneError(
@@ -485,30 +496,14 @@ class PlexsphereProtocol:
         return doc
 
     def identity_from_document(self, doc: Mapping[str, Any]) -> Identity:
-        node_id, nsk = doc.get("node_id"), doc.get("nsk")
-        if not isinstance(node_id, str) or not _UUID.fullmatch(node_id):
-            raise ValueError("node_id: must be a UUID")
-        try:
-            aes_key = nsk_bytes(nsk) if isinstance(nsk, str) else None
-        except ValueError:
-            aes_key = None
-        if aes_key is None or not isinstance(nsk, str):
-            raise ValueError("nsk: must be standard base64 of 32 bytes")
-        texts = {name: doc.get(name, "") for name in ("mesh_ip", "signing_public_key", "signing_key_id",
-                                                      "enrolled_at")}
-        for name, value in texts.items():
-            if not isinstance(value, str):
-                raise ValueError(f"{name}: must be a string")
         keypair = None
         if doc.get("private_key") is not None:
             try:
                 keypair = NodeKeyPair.from_private_b64(str(doc["private_key"]))
             except ValueError:
                 raise ValueError("private_key: must be standard base64 of 32 bytes") from None
-        return Identity(NAME, node_id, bearer=bearer_token(node_id, aes_key), aes_key=aes_key, nsk_text=nsk,
-                        mesh_ip=texts["mesh_ip"], signing_public_key=texts["signing_public_key"],
-                        signing_key_id=texts["signing_key_id"], keypair=keypair, source="enrolled",
-                        enrolled_at=texts["enrolled_at"])
+        return read_identity(doc, ("mesh_ip", "signing_public_key", "signing_key_id", "enrolled_at"),
+                             keypair=keypair)
 
     def configured_identity(self, config: Any, bearer: str, nsk_text: str) -> Identity:
         """A pre-provisioned node: its UUID and NSK; the bearer is derived from them (``bearer`` is unused)."""
