@@ -41,8 +41,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from plexagent import __version__
+from plexagent import __version__, errors, strictparse
 from plexagent.controlplane.protocol import Call, ControlPlaneError, ErrorKind
+from plexagent.fileio import STORED_MAX_DEPTH, STORED_MAX_VALUES
 
 log = Logger()
 
@@ -57,7 +58,8 @@ THREAD_OVER = 256 * 1024
 #: A Retry-After above this is taken as this.
 MAX_RETRY_AFTER = 3600.0
 
-__all__ = ["ControlPlaneError", "Reply", "Transport", "path_escape", "parse_retry_after"]
+__all__ = ["ControlPlaneError", "Reply", "Transport", "json_object", "parse_document", "path_escape",
+           "parse_retry_after"]
 
 
 class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
@@ -123,6 +125,28 @@ def parse_retry_after(value: bytes | None) -> float | None:
     if seconds <= 0:
         return None
     return min(float(seconds), MAX_RETRY_AFTER)
+
+
+def parse_document(data: bytes) -> Any:
+    """
+    A control-plane document, as strictly as client input, within the limits
+    of what the agent stores: a state holds many client documents, each
+    nested up to the client limit inside it.
+    """
+    return strictparse.parse_json(data, max_depth=STORED_MAX_DEPTH, max_values=STORED_MAX_VALUES)
+
+
+def json_object(call: Call, reply: Reply) -> dict[str, Any]:
+    """A 2xx answer that must be a JSON object (an empty or undecodable one is a failure, as in plexd)."""
+    try:
+        doc = parse_document(reply.body)
+    except errors.InvalidInput:
+        raise ControlPlaneError(call, ErrorKind.TRANSIENT, f"{call.value}: the answer is not JSON",
+                                status=reply.status) from None
+    if not isinstance(doc, dict):
+        raise ControlPlaneError(call, ErrorKind.TRANSIENT, f"{call.value}: the answer is not a JSON object",
+                                status=reply.status)
+    return doc
 
 
 @attrs.frozen

@@ -15,10 +15,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from plexagent import errors, strictparse
+from plexagent import errors
 from plexagent.controlplane import gojson
 from plexagent.controlplane.build import BuildChecksum
-from plexagent.controlplane.client import Reply, Transport, discard_body, path_escape
+from plexagent.controlplane.client import Reply, Transport, discard_body, json_object, path_escape
 from plexagent.controlplane.delivery import deliver_batch
 from plexagent.controlplane.identity import NodeKeyPair
 from plexagent.controlplane.keys import KeySet
@@ -36,7 +36,6 @@ from plexagent.controlplane.protocol import (
     SecretValue,
     SetAside,
 )
-from plexagent.fileio import STORED_MAX_DEPTH, STORED_MAX_VALUES
 from plexagent.node.reports import Changes
 from plexagent.node.secrets import DecryptionFailed, SecretBox, aes_key_from_nsk
 from plexagent.node.state import InvalidState, NodeState, parse_data_entries, parse_metadata, parse_secret_refs
@@ -70,28 +69,6 @@ def classify(call: Call, reply: Reply) -> ControlPlaneError:
     else:
         kind = ErrorKind.TRANSIENT
     return ControlPlaneError(call, kind, message, status=status, retry_after=retry_after)
-
-
-def parse_document(data: bytes) -> Any:
-    """
-    A control-plane document, as strictly as client input, within the limits
-    of what the agent stores: a state holds many client documents, each
-    nested up to the client limit inside it.
-    """
-    return strictparse.parse_json(data, max_depth=STORED_MAX_DEPTH, max_values=STORED_MAX_VALUES)
-
-
-def _json_object(call: Call, reply: Reply) -> dict[str, Any]:
-    """A 2xx answer that must be a JSON object (an empty or undecodable one is a failure, as in plexd)."""
-    try:
-        doc = parse_document(reply.body)
-    except errors.InvalidInput:
-        raise ControlPlaneError(call, ErrorKind.TRANSIENT, f"{call.value}: the answer is not JSON",
-                                status=reply.status) from None
-    if not isinstance(doc, dict):
-        raise ControlPlaneError(call, ErrorKind.TRANSIENT, f"{call.value}: the answer is not a JSON object",
-                                status=reply.status)
-    return doc
 
 
 def _checked(call: Call, reply: Reply) -> Reply:
@@ -163,7 +140,7 @@ class PlexdSession:
         return d.addCallback(lambda reply: self._parse_state(_checked(Call.STATE, reply)))
 
     def _parse_state(self, reply: Reply) -> FetchedState:
-        doc = _json_object(Call.STATE, reply)
+        doc = json_object(Call.STATE, reply)
         try:
             state = NodeState(parse_metadata(doc.get("metadata")), parse_data_entries(doc.get("data")),
                               parse_secret_refs(doc.get("secret_refs")))
@@ -227,7 +204,7 @@ class PlexdSession:
         return d.addCallback(lambda reply: self._decrypt(query, _checked(Call.SECRET, reply)))
 
     def _decrypt(self, query: SecretQuery, reply: Reply) -> SecretValue:
-        doc = _json_object(Call.SECRET, reply)
+        doc = json_object(Call.SECRET, reply)
         if self._box is None:
             raise DecryptionFailed()
         plaintext = self._box.decrypt(doc.get("ciphertext"), doc.get("nonce"))
@@ -246,7 +223,7 @@ class PlexdSession:
                                 "uptime": gojson.go_duration(int(now - self._started_at)),
                                 "binary_checksum": checksum})
             reply = _checked(Call.HEARTBEAT, await self._request(Call.HEARTBEAT, "POST", "/heartbeat", body))
-            answer = _json_object(Call.HEARTBEAT, reply)
+            answer = json_object(Call.HEARTBEAT, reply)
             # Either flag makes plexd fetch state at once (it never rotates its own key).
             if answer.get("reconcile") is True or answer.get("rotate_keys") is True:
                 return HeartbeatAnswer((PullState(),))
@@ -303,7 +280,7 @@ class PlexdEnroller:
         return d.addCallback(lambda reply: self._identity(_checked(Call.REGISTER, reply), keypair))
 
     def _identity(self, reply: Reply, keypair: NodeKeyPair) -> Identity:
-        doc = _json_object(Call.REGISTER, reply)
+        doc = json_object(Call.REGISTER, reply)
 
         def unusable(field: str) -> ControlPlaneError:
             return ControlPlaneError(Call.REGISTER, ErrorKind.PERMANENT,

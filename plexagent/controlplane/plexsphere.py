@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from plexagent import __version__, errors, strictparse
 from plexagent.controlplane import gojson
 from plexagent.controlplane.build import BuildChecksum
-from plexagent.controlplane.client import Reply, Transport, path_escape, read_limited
+from plexagent.controlplane.client import Reply, Transport, json_object, path_escape, read_limited
 from plexagent.controlplane.identity import NodeKeyPair
 from plexagent.controlplane.plexsphere_events import PlexsphereEventCodec
 from plexagent.controlplane.plexsphere_rules import PlexsphereLocalRules, compact_value
@@ -139,17 +139,6 @@ def _checked(call: Call, reply: Reply) -> Reply:
     if not 200 <= reply.status < 300:
         raise classify(call, reply)
     return reply
-
-
-def _json_object(call: Call, reply: Reply) -> dict[str, Any]:
-    try:
-        doc = strictparse.parse_json(reply.body)
-    except errors.InvalidInput:
-        doc = None
-    if not isinstance(doc, dict):
-        raise ControlPlaneError(call, ErrorKind.TRANSIENT, f"{call.value}: the answer is not a JSON object",
-                                status=reply.status)
-    return doc
 
 
 def encode_body(value: Any) -> bytes:
@@ -276,7 +265,7 @@ class PlexsphereSession:
         return d.addCallback(lambda reply: self._parse_state(_checked(Call.STATE, reply)))
 
     def _parse_state(self, reply: Reply) -> FetchedState:
-        doc = _json_object(Call.STATE, reply)
+        doc = json_object(Call.STATE, reply)
         seen_at = _go_now(self.clock)
         try:
             metadata, values = snapshot_state(doc)
@@ -331,7 +320,7 @@ class PlexsphereSession:
                     log.info("the control plane has no heartbeats provisioned ({code}); beating on",
                              code=read_problem(reply.body).code or "501")
                 return HeartbeatAnswer()
-            answer = _json_object(Call.HEARTBEAT, _checked(Call.HEARTBEAT, reply))
+            answer = json_object(Call.HEARTBEAT, _checked(Call.HEARTBEAT, reply))
             effects: list[Any] = []
             if answer.get("reconcile") is True:
                 effects.append(PullState())
@@ -407,7 +396,7 @@ class PlexsphereSession:
 
         def answered(reply: Reply) -> Identity | None:
             if 200 <= reply.status < 300:
-                doc = _json_object(Call.ROTATE_KEY, reply)
+                doc = json_object(Call.ROTATE_KEY, reply)
                 log.info("node key rotated (rotation {rotation}, key {kid})",
                          rotation=_printable(str(doc.get("rotation_id", "")), 64),
                          kid=_printable(str(doc.get("kid", "")), 64))
@@ -444,7 +433,7 @@ class PlexsphereEnroller:
         return d.addCallback(lambda reply: self._identity(_checked(Call.REGISTER, reply), keypair))
 
     def _identity(self, reply: Reply, keypair: NodeKeyPair) -> Identity:
-        doc = _json_object(Call.REGISTER, reply)
+        doc = json_object(Call.REGISTER, reply)
 
         def unusable(field: str) -> ControlPlaneError:
             return ControlPlaneError(Call.REGISTER, ErrorKind.PERMANENT,

@@ -239,6 +239,15 @@ class StateTests(Fixture):
         self.assertEqual(self.sent()["headers"][b"authorization"], [b"Bearer " + bearer_token(NODE, NSK).encode()])
         self.assertNotIn(b"accept-encoding", self.sent()["headers"])
 
+    async def test_a_snapshot_is_read_within_what_the_agent_stores_not_one_client_body(self) -> None:
+        # 40,000 peers hold more JSON values than one client body may.
+        peers = [{"node_id": NODE, "mesh_ip": "10.8.0.3", "public_key": NSK_B64}] * 40_000
+        doc = {"peers": peers, "state": {"metadata": [{"key": "region", "value": "eu-1"}], "data": [],
+                                         "reports": []}}
+        self.answers[(b"GET", PREFIX + b"/state")] = (200, json.dumps(doc).encode(), {})
+        state = (await self.session.fetch_state()).state_over(NodeState())
+        self.assertEqual(dict(state.metadata), {"region": "eu-1"})
+
     async def test_a_data_version_counts_changes_of_its_value_only(self) -> None:
         self.set_state({"metadata": [], "data": [{"key": "k", "value": "one"}], "reports": []})
         first = (await self.session.fetch_state()).state_over(NodeState())
