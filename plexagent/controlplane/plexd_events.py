@@ -32,6 +32,7 @@ from plexagent.controlplane.protocol import (
     Ignore,
     InstallSigningKeys,
     ReplaceState,
+    decode_envelope_fields,
 )
 from plexagent.fileio import STORED_MAX_DEPTH, STORED_MAX_VALUES
 from plexagent.node.state import InvalidState, parse_data_entries, parse_metadata, parse_secret_refs
@@ -61,12 +62,7 @@ class PlexdEnvelope(Envelope):
 
 def decode_envelope(data: bytes) -> PlexdEnvelope:
     """plexd's ``ParseEnvelope``: Dropped if Go could not decode it or it lacks a type or id."""
-    try:
-        fields = gojson.decode_struct(data, ENVELOPE)
-    except gojson.GoTimeError:
-        raise Dropped(DropReason.BAD_ISSUED_AT) from None
-    except (gojson.GoSyntaxError, gojson.GoTypeError):
-        raise Dropped(DropReason.INVALID_JSON) from None
+    fields = decode_envelope_fields(data, ENVELOPE)
     if fields["event_type"] == "":
         raise Dropped(DropReason.MISSING_FIELD, "event_type")
     if fields["event_id"] == "":

@@ -35,6 +35,7 @@ from plexagent.controlplane.protocol import (
     InstallSigningKeys,
     PullState,
     RotateNodeKey,
+    decode_envelope_fields,
 )
 
 _NS = 1_000_000_000
@@ -68,12 +69,7 @@ class PlexsphereEnvelope(Envelope):
 
 def decode_envelope(data: bytes) -> PlexsphereEnvelope:
     """The envelope in an event's data; Dropped if Go could not decode it."""
-    try:
-        fields = gojson.decode_struct(data, ENVELOPE)
-    except gojson.GoTimeError:
-        raise Dropped(DropReason.BAD_ISSUED_AT) from None
-    except (gojson.GoSyntaxError, gojson.GoTypeError):
-        raise Dropped(DropReason.INVALID_JSON) from None
+    fields = decode_envelope_fields(data, ENVELOPE)
     issued: GoTime | None = fields["issued_at"]
     return PlexsphereEnvelope(
         event_type=fields["type"], event_id=fields["id"],

@@ -20,6 +20,7 @@ import attrs
 from twisted.internet.defer import Deferred
 
 from plexagent import errors
+from plexagent.controlplane import gojson
 from plexagent.node.state import NodeState
 
 if TYPE_CHECKING:
@@ -217,6 +218,19 @@ class Dropped(Exception):
         super().__init__(reason.value + (f" ({detail})" if detail else ""))
         self.reason = reason
         self.detail = detail
+
+
+def decode_envelope_fields(data: bytes, schema: Mapping[str, str]) -> dict[str, Any]:
+    """
+    An envelope's members, decoded as Go decodes them into its struct
+    (``gojson.decode_struct``); Dropped when Go could not.
+    """
+    try:
+        return gojson.decode_struct(data, schema)
+    except gojson.GoTimeError:
+        raise Dropped(DropReason.BAD_ISSUED_AT) from None
+    except (gojson.GoSyntaxError, gojson.GoTypeError):
+        raise Dropped(DropReason.INVALID_JSON) from None
 
 
 class AuthFailurePolicy(enum.Enum):
