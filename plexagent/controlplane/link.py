@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from plexagent.controlplane.backoff import cancel_call
-from plexagent.controlplane.enrollment import BootstrapToken, Enrollment, Token
+from plexagent.controlplane.enrollment import BootstrapToken, Enrollment, Token, TokenError
 from plexagent.controlplane.events import EventStream
 from plexagent.controlplane.identity import IdentityMismatch, IdentityStore
 from plexagent.controlplane.keys import KeyRing
@@ -77,7 +77,6 @@ class ControlPlaneLink(service.MultiService):
         self._state = "configured" if configured is not None else "enrolling"
         self._error: str | None = None
         self._save_call: Any = None
-        self._saved = False
         self._reenrolled = False
         self._rotating = False
         #: enrollments after the control plane refused the credential
@@ -149,29 +148,13 @@ class ControlPlaneLink(service.MultiService):
         """Keep the identity on disk before anything else, then drop the used token and start."""
         self._state = "enrolled"
 
-        def saved(_: Any) -> None:
-            self._saved = True
-            self.token_source.delete(token)
-
-        def not_saved(failure: Any) -> None:
-            log.error("could not save the enrolled identity to {path}: {error}; running with it in memory and "
-                      "trying again in {seconds}s", path=self.store.path, error=failure.getErrorMessage(),
-                      seconds=self.SAVE_RETRY)
-            if self.running:
-                self._save_call = self.clock.callLater(self.SAVE_RETRY, save)
-
-        def save() -> defer.Deferred[None]:
-            self._save_call = None
-            d = self.store.save(identity)
-            d.addCallbacks(saved, not_saved)
-            return d
-
         def start(_: Any) -> None:
             if self.running and self.identity is None:
                 self.ready(identity, ("registration", identity.signing_public_key, identity.signing_key_id),
                            fresh=self._reenrolled)
 
-        save().addBoth(start)
+        self._keep(identity, "the enrolled identity (running with it in memory meanwhile)",
+                   lambda: self.token_source.delete(token)).addBoth(start)
 
     def ready(self, identity: Identity, *first_keys: tuple[str, ...], fresh: bool = False) -> None:
         """
@@ -224,8 +207,8 @@ class ControlPlaneLink(service.MultiService):
             return
         try:
             token = self.token_source.read()
-        except Exception:
-            token = None
+        except TokenError:
+            token = None  # the enrollment would only fail: keep the identity
         if token is None:
             return
         log.warn("the control plane refused node {node_id}'s credential and a bootstrap token is at hand: "
@@ -269,15 +252,25 @@ class ControlPlaneLink(service.MultiService):
 
         session.rotate_node_key().addCallback(rotated).addBoth(done)
 
-    def _keep(self, identity: Identity, what: str) -> defer.Deferred[None]:
-        """Save ``identity``, retrying every SAVE_RETRY seconds while the disk refuses."""
+    def _keep(self, identity: Identity, what: str,
+              then: Callable[[], None] = lambda: None) -> defer.Deferred[None]:
+        """
+        Save ``identity`` and then call ``then``, trying again every
+        SAVE_RETRY seconds while the disk refuses. Fires after the first
+        attempt, whatever its outcome.
+        """
+        self._save_call = None
+
+        def saved(_: Any) -> None:
+            then()
+
         def not_saved(failure: Any) -> None:
             log.error("could not save {what} to {path}: {error}; trying again in {seconds}s", what=what,
                       path=self.store.path, error=failure.getErrorMessage(), seconds=self.SAVE_RETRY)
             if self.running:
-                self._save_call = self.clock.callLater(self.SAVE_RETRY, lambda: self._keep(identity, what))
+                self._save_call = self.clock.callLater(self.SAVE_RETRY, self._keep, identity, what, then)
 
-        return self.store.save(identity).addErrback(not_saved)
+        return self.store.save(identity).addCallbacks(saved, not_saved)
 
     def stopService(self) -> defer.Deferred[None]:
         return defer.ensureDeferred(self._stop())
