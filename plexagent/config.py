@@ -336,7 +336,7 @@ def _check_networks(key: str, entries: tuple[str, ...]) -> None:
             raise ConfigError(f"{key}: {entry!r} is not an IP address or CIDR network") from None
 
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+UUID_PATTERN = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 def _signing_key_length(text: str) -> int | None:
@@ -362,7 +362,7 @@ def _validate_control_plane(config: Config) -> None:
         for key, value in (("node.id", config.node.id), ("node.secret_key_file", config.node.secret_key_file)):
             if not value:
                 raise ConfigError(f"{key}: required when control_plane.token_file is set")
-    if cp.project_id and not _UUID.fullmatch(cp.project_id):
+    if cp.project_id and not UUID_PATTERN.fullmatch(cp.project_id):
         raise ConfigError(f"control_plane.project_id: must be a UUID such as "
                           f"\"1b4e28ba-2fa1-11d2-883f-0016d3cca427\", got {cp.project_id!r}")
     if cp.protocol == "plexsphere" and cp.url:

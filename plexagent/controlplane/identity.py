@@ -41,6 +41,20 @@ class NodeKeyPair:
             raise ValueError("the private key must be 32 bytes")
         return cls(X25519PrivateKey.from_private_bytes(raw))
 
+    @classmethod
+    def from_document(cls, doc: Any) -> "NodeKeyPair | None":
+        """The pair an identity document keeps (``private_key``), None if it keeps none; ValueError if unusable."""
+        if doc.get("private_key") is None:
+            return None
+        try:
+            return cls.from_private_b64(str(doc["private_key"]))
+        except ValueError:
+            raise ValueError("private_key: must be standard base64 of 32 bytes") from None
+
+    def document(self) -> dict[str, str]:
+        """The members an identity document keeps the pair in."""
+        return {"private_key": self.private_b64, "public_key": self.public_b64}
+
     @property
     def public_b64(self) -> str:
         raw = self.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)

@@ -372,8 +372,7 @@ class PlexdProtocol:
         doc = {"format": 1, "protocol": NAME, "node_id": identity.node_id, "mesh_ip": identity.mesh_ip,
                "signing_public_key": identity.signing_public_key, "node_secret_key": identity.nsk_text}
         if identity.keypair is not None:
-            doc["private_key"] = identity.keypair.private_b64
-            doc["public_key"] = identity.keypair.public_b64
+            doc.update(identity.keypair.document())
         doc["enrolled_at"] = identity.enrolled_at
         return doc
 
@@ -388,12 +387,7 @@ class PlexdProtocol:
         for name, value in texts.items():
             if not isinstance(value, str):
                 raise ValueError(f"{name}: must be a string")
-        keypair = None
-        if doc.get("private_key") is not None:
-            try:
-                keypair = NodeKeyPair.from_private_b64(str(doc["private_key"]))
-            except ValueError:
-                raise ValueError("private_key: must be standard base64 of 32 bytes") from None
+        keypair = NodeKeyPair.from_document(doc)
         return Identity(NAME, node_id, bearer=nsk, aes_key=aes_key_from_nsk(nsk), nsk_text=nsk,
                         mesh_ip=texts["mesh_ip"], signing_public_key=texts["signing_public_key"], keypair=keypair,
                         source="enrolled", enrolled_at=texts["enrolled_at"])

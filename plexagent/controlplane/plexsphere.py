@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 import uuid
 from typing import Any, Mapping
 
@@ -27,12 +26,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from plexagent import __version__, errors, strictparse
+from plexagent.config import UUID_PATTERN, ConfigError
 from plexagent.controlplane import gojson
 from plexagent.controlplane.build import BuildChecksum
 from plexagent.controlplane.client import Reply, Transport, json_object, path_escape, read_limited
 from plexagent.controlplane.identity import NodeKeyPair
 from plexagent.controlplane.plexsphere_events import PlexsphereEventCodec
-from plexagent.controlplane.plexsphere_rules import PlexsphereLocalRules, compact_value
+from plexagent.controlplane.plexsphere_rules import POSITIVE_INTEGER, PlexsphereLocalRules, compact_value
 from plexagent.controlplane.protocol import (
     AuthFailurePolicy,
     Call,
@@ -67,8 +67,6 @@ EVENTS_PAUSE = 600.0
 #: A pause that lasts until the agent restarts.
 UNTIL_RESTART = math.inf
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-_POSITIVE = re.compile(r"[1-9][0-9]{0,17}")
 
 
 @attrs.frozen
@@ -218,7 +216,7 @@ def read_identity(doc: Mapping[str, Any], texts: tuple[str, ...], **given: Any) 
     ``texts`` (absent: ""); ValueError naming the first that is unusable.
     """
     node_id, nsk = doc.get("node_id"), doc.get("nsk")
-    if not isinstance(node_id, str) or not _UUID.fullmatch(node_id):
+    if not isinstance(node_id, str) or not UUID_PATTERN.fullmatch(node_id):
         raise ValueError("node_id: must be a UUID")
     try:
         aes_key = nsk_bytes(nsk) if isinstance(nsk, str) else None
@@ -294,7 +292,7 @@ class PlexsphereSession:
 
     def _decrypt(self, query: SecretQuery, reply: Reply) -> SecretValue:
         header = (reply.header(b"x-plexsphere-secret-version") or b"").strip()
-        if not _POSITIVE.fullmatch(header.decode("ascii", "replace")):
+        if not POSITIVE_INTEGER.fullmatch(header.decode("ascii", "replace")):
             raise ControlPlaneError(Call.SECRET, ErrorKind.TRANSIENT,
                                     "secret: the answer has no usable X-Plexsphere-Secret-Version",
                                     status=reply.status)
@@ -479,27 +477,19 @@ class PlexsphereProtocol:
                "mesh_ip": identity.mesh_ip, "signing_public_key": identity.signing_public_key,
                "signing_key_id": identity.signing_key_id}
         if identity.keypair is not None:
-            doc["private_key"] = identity.keypair.private_b64
-            doc["public_key"] = identity.keypair.public_b64
+            doc.update(identity.keypair.document())
         doc["enrolled_at"] = identity.enrolled_at
         return doc
 
     def identity_from_document(self, doc: Mapping[str, Any]) -> Identity:
-        keypair = None
-        if doc.get("private_key") is not None:
-            try:
-                keypair = NodeKeyPair.from_private_b64(str(doc["private_key"]))
-            except ValueError:
-                raise ValueError("private_key: must be standard base64 of 32 bytes") from None
+        keypair = NodeKeyPair.from_document(doc)
         return read_identity(doc, ("mesh_ip", "signing_public_key", "signing_key_id", "enrolled_at"),
                              keypair=keypair)
 
     def configured_identity(self, config: Any, bearer: str, nsk_text: str) -> Identity:
         """A pre-provisioned node: its UUID and NSK; the bearer is derived from them (``bearer`` is unused)."""
-        from plexagent.config import ConfigError
-
         node_id = config.node.id
-        if not _UUID.fullmatch(node_id or ""):
+        if not UUID_PATTERN.fullmatch(node_id or ""):
             raise ConfigError('node.id: must be the node\'s UUID with protocol "plexsphere"')
         try:
             aes_key = nsk_bytes(nsk_text.strip())

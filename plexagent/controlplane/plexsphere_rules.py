@@ -30,7 +30,8 @@ REPORT_KEY = re.compile(r"[a-z][a-z0-9._-]{0,127}")
 SECRET_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 #: The largest report value the platform takes, in bytes.
 MAX_REPORT_VALUE = 4096
-_VERSION = re.compile(r"[1-9][0-9]{0,17}")
+#: A version or count as plexsphere writes it: a positive integer in decimal.
+POSITIVE_INTEGER = re.compile(r"[1-9][0-9]{0,17}")
 
 
 def compact_value(payload: Any) -> str:
@@ -65,7 +66,7 @@ class PlexsphereLocalRules:
         number = None
         if version is not None:
             text = version.decode("ascii", "replace")
-            if not _VERSION.fullmatch(text):
+            if not POSITIVE_INTEGER.fullmatch(text):
                 raise errors.InvalidInput("invalid version")
             number = int(text)
         if not SECRET_KEY.fullmatch(key):
