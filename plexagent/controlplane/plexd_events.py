@@ -25,6 +25,7 @@ from plexagent.controlplane import gojson
 from plexagent.controlplane.gojson import GoTime
 from plexagent.controlplane.keys import KeySet
 from plexagent.controlplane.protocol import (
+    FRESHNESS_NS,
     Dropped,
     DropReason,
     Effect,
@@ -32,14 +33,13 @@ from plexagent.controlplane.protocol import (
     Ignore,
     InstallSigningKeys,
     ReplaceState,
+    check_fresh,
     decode_envelope_fields,
 )
 from plexagent.fileio import STORED_MAX_DEPTH, STORED_MAX_VALUES
 from plexagent.node.state import InvalidState, parse_data_entries, parse_metadata, parse_secret_refs
 
 _NS = 1_000_000_000
-#: How far issued_at may be from the agent's clock, either way (exactly 5 minutes is still fresh).
-FRESHNESS_NS = 300 * _NS
 #: plexd forgets old nonces at most this often, when an event arrives.
 NONCE_CLEANUP_NS = 60 * _NS
 #: The agent's bound on remembered nonces (plexd has none).
@@ -159,10 +159,7 @@ class PlexdEventCodec:
         if envelope.issued_at is None or envelope.issued_at.is_zero():
             raise Dropped(DropReason.MISSING_FIELD, "issued_at")
         issued = envelope.issued_at_ns
-        if now_ns - issued > FRESHNESS_NS:
-            raise Dropped(DropReason.STALE)
-        if issued > now_ns + FRESHNESS_NS:
-            raise Dropped(DropReason.FUTURE)
+        check_fresh(issued, now_ns)
         try:
             signature = gojson.std_b64decode(envelope.signature)
             message = signed_bytes(envelope.event_type, envelope.event_id, envelope.issued_at, envelope.nonce,

@@ -35,12 +35,10 @@ from plexagent.controlplane.protocol import (
     InstallSigningKeys,
     PullState,
     RotateNodeKey,
+    check_fresh,
     decode_envelope_fields,
 )
 
-_NS = 1_000_000_000
-#: How far issued_at may be from the agent's clock, either way (exactly 5 minutes is still fresh).
-FRESHNESS_NS = 300 * _NS
 #: The largest event the agent decodes.
 MAX_EVENT_BYTES = 1 << 20
 
@@ -133,11 +131,7 @@ class PlexsphereEventCodec:
             raise Dropped(DropReason.MISSING_FIELD, "signature")
         if envelope.issued_at is None or envelope.issued_at.is_zero():
             raise Dropped(DropReason.MISSING_FIELD, "issued_at")
-        issued = envelope.issued_at_ns
-        if now_ns - issued > FRESHNESS_NS:
-            raise Dropped(DropReason.STALE)
-        if issued > now_ns + FRESHNESS_NS:
-            raise Dropped(DropReason.FUTURE)
+        check_fresh(envelope.issued_at_ns, now_ns)
         if not keys.usable:
             raise Dropped(DropReason.NO_KEY)
         key = keys.by_id(envelope.key_id, now_ns)

@@ -233,6 +233,18 @@ def decode_envelope_fields(data: bytes, schema: Mapping[str, str]) -> dict[str, 
         raise Dropped(DropReason.INVALID_JSON) from None
 
 
+#: How far an event's issued_at may be from the agent's clock, either way (exactly 5 minutes is still fresh).
+FRESHNESS_NS = 300 * 1_000_000_000
+
+
+def check_fresh(issued_ns: int, now_ns: int) -> None:
+    """Dropped (STALE or FUTURE) unless ``issued_ns`` is within FRESHNESS_NS of ``now_ns``."""
+    if now_ns - issued_ns > FRESHNESS_NS:
+        raise Dropped(DropReason.STALE)
+    if issued_ns > now_ns + FRESHNESS_NS:
+        raise Dropped(DropReason.FUTURE)
+
+
 class AuthFailurePolicy(enum.Enum):
     """What the agent does when the control plane refuses the node's credentials."""
 
